@@ -1,0 +1,146 @@
+//! The admin listener (bind it to loopback; it can install tokens):
+//!
+//! | method + path                | answer |
+//! |------------------------------|--------|
+//! | GET  /healthz                | 200 `ok` while the process runs |
+//! | GET  /readyz                 | 200 when every credential holds a usable token and we are not shutting down; else 503 JSON naming the credentials that do not |
+//! | GET  /metrics                | Prometheus text format |
+//! | GET  /tokens                 | per credential `{state, expires_in_s, refreshed_at, refresh_count, last_error, generation}`; never token values |
+//! | GET  /tokens/{name}          | the same, for one credential |
+//! | POST /tokens/{name}/refresh  | force a refresh now: 200 with the new status, 502 with the token endpoint's error |
+//! | PUT  /tokens/{name}          | install a token response JSON (e.g. a login SDK's `oauth_token`); 200 with the status, 400 if unusable |
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::body::{self, ProxyBody};
+use crate::metrics::Metrics;
+use crate::token::{Credential, TokenStore};
+
+/// Largest token JSON accepted by `PUT /tokens/{name}`.
+const MAX_INSTALL_BODY: usize = 64 * 1024;
+
+#[derive(Clone)]
+pub struct Admin {
+    pub store: Arc<TokenStore>,
+    pub metrics: Arc<Metrics>,
+    /// Cancelled on SIGTERM: readiness fails at once so the kubelet stops sending traffic.
+    pub shutdown: CancellationToken,
+}
+
+impl Admin {
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let path = req.uri().path().trim_end_matches('/').to_string();
+        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        match (req.method().clone(), segments.as_slice()) {
+            (Method::GET, ["healthz"]) => text(StatusCode::OK, "ok\n"),
+            (Method::GET, ["readyz"]) => self.readyz(),
+            (Method::GET, ["metrics"]) => {
+                let mut r = text(StatusCode::OK, &self.metrics.encode(&self.store));
+                r.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                );
+                r
+            }
+            (Method::GET, ["tokens"]) => {
+                let all: serde_json::Map<String, Value> =
+                    self.store.all().iter().map(|c| (c.name.to_string(), status(c))).collect();
+                json_response(StatusCode::OK, Value::Object(all))
+            }
+            (Method::GET, ["tokens", name]) => match self.store.get(name) {
+                Some(c) => json_response(StatusCode::OK, status(&c)),
+                None => unknown(name),
+            },
+            (Method::POST, ["tokens", name, "refresh"]) => match self.store.get(name) {
+                Some(c) => match c.force_refresh().await {
+                    Ok(()) => json_response(StatusCode::OK, status(&c)),
+                    Err(e) => json_response(
+                        StatusCode::BAD_GATEWAY,
+                        json!({"error": "refresh_failed", "message": e, "credential": name, "status": status(&c)}),
+                    ),
+                },
+                None => unknown(name),
+            },
+            (Method::PUT, ["tokens", name]) => {
+                let Some(c) = self.store.get(name) else { return unknown(name) };
+                let body = match Limited::new(req.into_body(), MAX_INSTALL_BODY).collect().await {
+                    Ok(b) => b.to_bytes(),
+                    Err(_) => return bad_request(name, "body unreadable or larger than 64 KiB"),
+                };
+                match c.install(&body).await {
+                    Ok(()) => json_response(StatusCode::OK, status(&c)),
+                    Err(e) => bad_request(name, &e),
+                }
+            }
+            (_, ["healthz" | "readyz" | "metrics" | "tokens", ..]) => {
+                json_response(StatusCode::METHOD_NOT_ALLOWED, json!({"error": "method_not_allowed"}))
+            }
+            _ => json_response(StatusCode::NOT_FOUND, json!({"error": "not_found"})),
+        }
+    }
+
+    fn readyz(&self) -> Response<ProxyBody> {
+        if self.shutdown.is_cancelled() {
+            return json_response(StatusCode::SERVICE_UNAVAILABLE, json!({"ready": false, "reason": "shutting down"}));
+        }
+        let missing = self.store.not_ready();
+        if missing.is_empty() {
+            text(StatusCode::OK, "ready\n")
+        } else {
+            let names: Vec<&str> = missing.iter().map(|n| &**n).collect();
+            json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"ready": false, "reason": "credentials without a usable token", "credentials": names}),
+            )
+        }
+    }
+}
+
+/// A credential's status as JSON. Built from the snapshot only: no token material in it.
+pub fn status(c: &Credential) -> Value {
+    let now = SystemTime::now();
+    let snap = c.snapshot();
+    let expires_in_s = snap.token.as_ref().and_then(|t| t.expires_at).map(|exp| match exp.duration_since(now) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64),
+    });
+    json!({
+        "state": snap.state_name(now),
+        "expires_in_s": expires_in_s,
+        "refreshed_at": snap.refreshed_at.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+        "refresh_count": snap.refresh_count,
+        "last_error": snap.last_error,
+        "generation": snap.token.as_ref().map(|t| t.generation),
+    })
+}
+
+fn unknown(name: &str) -> Response<ProxyBody> {
+    json_response(StatusCode::NOT_FOUND, json!({"error": "unknown_credential", "credential": name}))
+}
+
+fn bad_request(name: &str, message: &str) -> Response<ProxyBody> {
+    json_response(StatusCode::BAD_REQUEST, json!({"error": "invalid_token_response", "message": message, "credential": name}))
+}
+
+fn text(status: StatusCode, body: &str) -> Response<ProxyBody> {
+    let mut r = Response::new(body::full(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+fn json_response(status: StatusCode, value: Value) -> Response<ProxyBody> {
+    let mut r = Response::new(body::full(Bytes::from(value.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}

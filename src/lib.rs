@@ -1,0 +1,121 @@
+//! token-proxy: a sidecar HTTP proxy that attaches OAuth 2.0 bearer tokens to an app's
+//! requests, refreshes them ahead of expiry (single flight), and replays once on 401.
+//!
+//! `App::spawn(config)` binds the listeners and returns a handle with the real addresses,
+//! so tests and the demo run the whole proxy in-process on port 0.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod body;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod metrics;
+pub mod mock;
+pub mod proxy;
+pub mod routes;
+pub mod server;
+pub mod token;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::routes::RouteTable;
+use crate::server::ConnLimits;
+use crate::token::TokenStore;
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Bad configuration discovered while building (exit 2).
+    #[error("{0}")]
+    Config(String),
+    /// Could not bind a listener, read a state file... (exit 1).
+    #[error("{0}")]
+    Runtime(String),
+}
+
+/// A running proxy.
+pub struct AppHandle {
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    pub store: Arc<TokenStore>,
+    pub metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+pub struct App;
+
+impl App {
+    /// Build everything from `config`, bind the listeners, start refreshers and servers.
+    pub async fn spawn(config: Config) -> Result<AppHandle, StartError> {
+        let metrics = Arc::new(Metrics::new());
+        let store = Arc::new(TokenStore::from_config(&config, &metrics).map_err(StartError::Runtime)?);
+        let routes = RouteTable::from_config(&config).map_err(StartError::Config)?;
+        let proxy_listener = TcpListener::bind(config.server.listen)
+            .await
+            .map_err(|e| StartError::Runtime(format!("cannot listen on {}: {e}", config.server.listen)))?;
+        let admin_listener = match config.server.admin_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| StartError::Runtime(format!("cannot listen on {addr} (admin): {e}")))?,
+            ),
+            None => None,
+        };
+        let proxy_addr = proxy_listener.local_addr().map_err(|e| StartError::Runtime(e.to_string()))?;
+        let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+
+        let shutdown = CancellationToken::new();
+        store.spawn_refreshers(&shutdown);
+        let limits = ConnLimits { max_header_size: config.server.max_header_size };
+        let grace = config.server.shutdown_grace;
+        let mut tasks = Vec::new();
+
+        let proxy = proxy::Proxy::new(routes, store.clone(), metrics.clone());
+        let handler = move |req| {
+            let proxy = proxy.clone();
+            async move { proxy.handle(req).await }
+        };
+        tasks.push(tokio::spawn(server::serve(proxy_listener, handler, limits, shutdown.clone(), grace)));
+
+        if let Some(listener) = admin_listener {
+            let admin = admin::Admin { store: store.clone(), metrics: metrics.clone(), shutdown: shutdown.clone() };
+            let handler = move |req| {
+                let admin = admin.clone();
+                async move { admin.handle(req).await }
+            };
+            tasks.push(tokio::spawn(server::serve(listener, handler, limits, shutdown.clone(), grace)));
+        }
+        tracing::info!(proxy = %proxy_addr, admin = ?admin_addr, "listening");
+        Ok(AppHandle { proxy_addr, admin_addr, store, metrics, shutdown, tasks })
+    }
+}
+
+impl AppHandle {
+    /// Begin a graceful shutdown: readiness fails, listeners close, in-flight requests finish.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Wait until every server has drained (bounded by `shutdown_grace`).
+    pub async fn wait(self) {
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+
+    /// `shutdown()` then `wait()`.
+    pub async fn stop(self) {
+        self.shutdown();
+        self.wait().await;
+    }
+}

@@ -1,0 +1,137 @@
+//! The `token-proxy` binary: CLI, logging, run until a signal.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use token_proxy::config::{config_path, Config};
+use token_proxy::{App, StartError};
+
+#[derive(Parser)]
+#[command(name = "token-proxy", version, about = "Sidecar proxy that attaches and refreshes OAuth 2.0 tokens")]
+struct Cli {
+    /// Config file (default: $TOKEN_PROXY_CONFIG, then ./proxy.toml)
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (the default)
+    Run,
+    /// Validate the config, print a summary of routes and credentials, exit 0 or 2
+    Check,
+    /// Self-contained demo: embedded token server + upstream + proxy, short-lived tokens
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The demo prints its own narrative; its log lines would only repeat it.
+    init_logging(if matches!(cli.command, Some(Command::Demo)) { "warn" } else { "info" });
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("token-proxy: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Demo => runtime.block_on(token_proxy::demo::run()),
+        Command::Check => check(config_path(cli.config)),
+        Command::Run => runtime.block_on(run(config_path(cli.config))),
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("token-proxy: config error in {}: {e}", path.display());
+        ExitCode::from(2)
+    })
+}
+
+fn check(path: PathBuf) -> ExitCode {
+    let config = match load(&path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    println!("{}: ok", path.display());
+    println!("listen {}", config.server.listen);
+    if let Some(a) = config.server.admin_listen {
+        println!("admin  {a}");
+    }
+    for r in &config.routes {
+        let upstream = format!("{}://{}{}", r.upstream.scheme, r.upstream.authority, r.upstream.base_path);
+        let matcher = match (&r.prefix, r.hosts.is_empty()) {
+            (Some(p), true) => format!("prefix {p}"),
+            (None, false) => format!("hosts {}", r.hosts.join(",")),
+            (Some(p), false) => format!("prefix {p} hosts {}", r.hosts.join(",")),
+            (None, true) => String::new(),
+        };
+        println!(
+            "route {:<12} {matcher} -> {upstream} credential={}",
+            r.name,
+            r.credential.as_deref().unwrap_or("(none)")
+        );
+    }
+    for c in config.credentials.values() {
+        let url = c.token_url.as_ref().map(|u| u.to_string()).unwrap_or_default();
+        println!(
+            "credential {:<8} grant={:?} {url} state_file={}",
+            c.name,
+            c.grant,
+            c.state_file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(none)".into())
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+async fn run(path: PathBuf) -> ExitCode {
+    let config = match load(&path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let handle = match App::spawn(config).await {
+        Ok(h) => h,
+        Err(StartError::Config(e)) => {
+            eprintln!("token-proxy: config error: {e}");
+            return ExitCode::from(2);
+        }
+        Err(StartError::Runtime(e)) => {
+            eprintln!("token-proxy: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    wait_for_signal().await;
+    tracing::info!("shutting down: finishing in-flight requests");
+    handle.stop().await;
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// `TOKEN_PROXY_LOG` is the filter (default `info`, `warn` for the demo); `TOKEN_PROXY_LOG_FORMAT=json` for JSON.
+fn init_logging(default_filter: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("TOKEN_PROXY_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("TOKEN_PROXY_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,166 @@
+//! Prometheus metrics. Counters are updated on the request and refresh paths; gauges that
+//! describe token state are computed at scrape time from the store, so they are never stale.
+//! Labels carry route and credential *names* only, never token material.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+use crate::token::TokenStore;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteStatus {
+    route: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CredentialOutcome {
+    credential: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CredentialLabel {
+    credential: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CredentialState {
+    credential: String,
+    state: String,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RouteStatus, Counter>,
+    duration: Family<RouteLabel, Histogram>,
+    retries: Family<RouteLabel, Counter>,
+    refreshes: Family<CredentialOutcome, Counter>,
+    expires_in: Family<CredentialLabel, FloatGauge>,
+    since_refresh: Family<CredentialLabel, FloatGauge>,
+    state: Family<CredentialState, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let requests = Family::<RouteStatus, Counter>::default();
+        // 1 ms to ~16 s, doubling.
+        let duration =
+            Family::<RouteLabel, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 15)));
+        let retries = Family::<RouteLabel, Counter>::default();
+        let refreshes = Family::<CredentialOutcome, Counter>::default();
+        let expires_in = Family::<CredentialLabel, FloatGauge>::default();
+        let since_refresh = Family::<CredentialLabel, FloatGauge>::default();
+        let state = Family::<CredentialState, Gauge>::default();
+        registry.register("token_proxy_requests", "Requests answered, by route and status code", requests.clone());
+        registry.register(
+            "token_proxy_request_duration_seconds",
+            "Time from request head to response head, by route",
+            duration.clone(),
+        );
+        registry.register("token_proxy_upstream_retries", "Requests replayed after a 401, by route", retries.clone());
+        registry.register(
+            "token_proxy_token_refresh",
+            "Token fetches by credential and outcome (ok | error)",
+            refreshes.clone(),
+        );
+        registry.register(
+            "token_proxy_token_expires_in_seconds",
+            "Seconds until the current token expires (negative: expired; absent: no expiry known)",
+            expires_in.clone(),
+        );
+        registry.register(
+            "token_proxy_token_seconds_since_refresh",
+            "Seconds since the last successful token fetch or install",
+            since_refresh.clone(),
+        );
+        registry.register(
+            "token_proxy_token_state",
+            "1 for the state each credential is in (fresh | refreshing | expired | needs_reauth)",
+            state.clone(),
+        );
+        registry.register(
+            "token_proxy_build",
+            "Build information",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        Metrics { registry, requests, duration, retries, refreshes, expires_in, since_refresh, state }
+    }
+
+    pub fn request(&self, route: &str, status: u16, elapsed: Duration) {
+        self.requests.get_or_create(&RouteStatus { route: route.into(), status: status.to_string() }).inc();
+        self.duration.get_or_create(&RouteLabel { route: route.into() }).observe(elapsed.as_secs_f64());
+    }
+
+    pub fn retry(&self, route: &str) {
+        self.retries.get_or_create(&RouteLabel { route: route.into() }).inc();
+    }
+
+    pub fn refresh(&self, credential: &str, ok: bool) {
+        let outcome = if ok { "ok" } else { "error" };
+        self.refreshes
+            .get_or_create(&CredentialOutcome { credential: credential.into(), outcome: outcome.into() })
+            .inc();
+    }
+
+    /// Prometheus text exposition, with token gauges computed from `store` now.
+    pub fn encode(&self, store: &TokenStore) -> String {
+        let now = SystemTime::now();
+        for cred in store.all() {
+            let snap = cred.snapshot();
+            let label = CredentialLabel { credential: cred.name.to_string() };
+            match snap.token.as_ref().and_then(|t| t.expires_at) {
+                Some(exp) => {
+                    let secs = match exp.duration_since(now) {
+                        Ok(d) => d.as_secs_f64(),
+                        Err(e) => -e.duration().as_secs_f64(),
+                    };
+                    self.expires_in.get_or_create(&label).set(secs);
+                }
+                None => {
+                    self.expires_in.remove(&label);
+                }
+            }
+            if let Some(at) = snap.refreshed_at {
+                let age = now.duration_since(at).unwrap_or_default().as_secs_f64();
+                self.since_refresh.get_or_create(&label).set(age);
+            }
+            let current = snap.state_name(now);
+            for state in ["fresh", "refreshing", "expired", "needs_reauth"] {
+                let key = CredentialState { credential: cred.name.to_string(), state: state.into() };
+                self.state.get_or_create(&key).set(i64::from(state == current));
+            }
+        }
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Shared handle.
+pub type SharedMetrics = Arc<Metrics>;

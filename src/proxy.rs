@@ -1,0 +1,186 @@
+//! The request path: pick a route, attach the token, forward (streaming), replay once on 401.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::HeaderMap;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use hyper::body::Incoming;
+
+use crate::body::{self, ProxyBody, ReplayBuffer, TeeBody};
+use crate::error::ProxyError;
+use crate::metrics::Metrics;
+use crate::routes::{rewrite_request_headers, strip_hop_by_hop, Route, RouteTable};
+use crate::token::grant::error_chain;
+use crate::token::{ActiveToken, Credential, TokenStore};
+
+/// Cheap to clone: one per connection.
+#[derive(Clone)]
+pub struct Proxy {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    routes: RouteTable,
+    store: Arc<TokenStore>,
+    metrics: Arc<Metrics>,
+}
+
+/// What one request did, for the metrics and the log line.
+#[derive(Default)]
+struct Trace {
+    route: Option<Arc<str>>,
+    credential: Option<Arc<str>>,
+    replayed: bool,
+}
+
+impl Proxy {
+    pub fn new(routes: RouteTable, store: Arc<TokenStore>, metrics: Arc<Metrics>) -> Proxy {
+        Proxy { inner: Arc::new(Inner { routes, store, metrics }) }
+    }
+
+    /// Serve one request from the app. Never fails: errors become JSON responses.
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let mut trace = Trace::default();
+        let response = match self.forward(req, &mut trace).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                let resp = e.to_response(trace.route.as_deref(), trace.credential.as_deref());
+                resp.map(body::full)
+            }
+        };
+        let status = response.status().as_u16();
+        let route = trace.route.as_deref().unwrap_or("-");
+        let elapsed = started.elapsed();
+        self.inner.metrics.request(route, status, elapsed);
+        tracing::info!(
+            route,
+            method = %method,
+            path = %path,
+            status,
+            latency_ms = elapsed.as_secs_f64() * 1000.0,
+            replayed = trace.replayed,
+            "request"
+        );
+        response
+    }
+
+    async fn forward(&self, req: Request<Incoming>, trace: &mut Trace) -> Result<Response<ProxyBody>, ProxyError> {
+        let route = self.select_route(&req)?.clone();
+        trace.route = Some(route.name.clone());
+        trace.credential = route.credential.clone();
+        let credential = match &route.credential {
+            Some(name) => Some(self.inner.store.get(name).ok_or_else(|| ProxyError::TokenUnavailable {
+                reason: format!("credential {name} is not loaded"),
+                retry_after: std::time::Duration::from_secs(5),
+            })?),
+            None => None,
+        };
+        let lease = match &credential {
+            Some(c) => Some(lease(c).await?),
+            None => None,
+        };
+
+        let (mut parts, incoming) = req.into_parts();
+        parts.uri = route.upstream_uri(&parts.uri)?;
+        parts.version = Version::HTTP_11; // the client negotiates h2 upstream via ALPN itself
+        rewrite_request_headers(&mut parts.headers, header_of(&credential, &lease));
+
+        // Only requests that can be replayed keep a copy of what they sent.
+        let replay = match (&credential, route.retry_on_401) {
+            (Some(_), true) => Some((
+                ReplayBuffer::new(route.max_retry_body, &incoming.size_hint()),
+                parts.method.clone(),
+                parts.uri.clone(),
+                parts.headers.clone(),
+            )),
+            _ => None,
+        };
+        let body = match &replay {
+            Some((buffer, ..)) => body::boxed(TeeBody::new(incoming, buffer.clone())),
+            None => body::boxed(incoming),
+        };
+        let response = send(&route, Request::from_parts(parts, body)).await?;
+
+        let (Some(credential), Some(lease), Some((buffer, method, uri, mut headers))) = (credential, lease, replay) else {
+            return Ok(finish(response));
+        };
+        if response.status() != StatusCode::UNAUTHORIZED || !credential.reject(lease.generation) {
+            return Ok(finish(response));
+        }
+        // Our token was refused and a new one is coming. Replay only a body we hold whole.
+        let Some(bytes) = buffer.lock().unwrap_or_else(|e| e.into_inner()).replayable() else {
+            tracing::info!(route = %route.name, "401 not replayed: body too large or still streaming");
+            return Ok(finish(response));
+        };
+        drop(response);
+        let fresh = self::lease(&credential).await?;
+        headers.insert(credential.header.clone(), fresh.header_value.clone());
+        trace.replayed = true;
+        self.inner.metrics.retry(&route.name);
+        let response = send(&route, build(method, uri, headers, bytes)).await?;
+        Ok(finish(response))
+    }
+
+    fn select_route(&self, req: &Request<Incoming>) -> Result<&Arc<Route>, ProxyError> {
+        if req.method() == Method::CONNECT {
+            let host = req.uri().authority().map(|a| a.to_string()).unwrap_or_default();
+            return Err(ProxyError::ConnectNotSupported { host });
+        }
+        let uri = req.uri();
+        // Absolute-form over HTTP/1 means the app uses us as HTTP_PROXY. (HTTP/2 requests
+        // always carry an authority; they are reverse-mode requests.)
+        let forward = req.version() < Version::HTTP_2 && uri.scheme().is_some();
+        match (forward, uri.host()) {
+            (true, Some(host)) => self.inner.routes.by_host(host, uri.port_u16(), uri.path()),
+            (true, None) => Err(ProxyError::BadRequest("absolute URI without a host".into())),
+            (false, _) => self.inner.routes.by_path(uri.path()),
+        }
+    }
+}
+
+async fn lease(credential: &Credential) -> Result<Arc<ActiveToken>, ProxyError> {
+    credential
+        .lease()
+        .await
+        .map_err(|u| ProxyError::TokenUnavailable { reason: u.reason, retry_after: u.retry_after })
+}
+
+fn header_of<'a>(
+    credential: &'a Option<Arc<Credential>>,
+    lease: &'a Option<Arc<ActiveToken>>,
+) -> Option<(&'a http::HeaderName, &'a http::HeaderValue)> {
+    match (credential, lease) {
+        (Some(c), Some(l)) => Some((&c.header, &l.header_value)),
+        _ => None,
+    }
+}
+
+fn build(method: Method, uri: Uri, headers: HeaderMap, bytes: Bytes) -> Request<ProxyBody> {
+    let mut req = Request::new(body::full(bytes));
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    req
+}
+
+/// Send upstream; the response head must arrive within the route's timeout.
+async fn send(route: &Route, req: Request<ProxyBody>) -> Result<Response<Incoming>, ProxyError> {
+    match tokio::time::timeout(route.timeout, route.client.request(req)).await {
+        Err(_) => Err(ProxyError::UpstreamTimeout(route.timeout)),
+        Ok(Err(e)) => Err(ProxyError::UpstreamUnreachable(error_chain(&e))),
+        Ok(Ok(resp)) => Ok(resp),
+    }
+}
+
+/// The upstream's response, streamed back with hop-by-hop headers removed.
+fn finish(response: Response<Incoming>) -> Response<ProxyBody> {
+    let (mut parts, incoming) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, body::boxed(incoming))
+}

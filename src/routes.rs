@@ -1,0 +1,239 @@
+//! The route table (plain data built from config) and the pure request/response rewrites.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{PathAndQuery, Uri};
+use hyper_util::client::legacy::Client;
+
+use crate::body::ProxyBody;
+use crate::config::{Config, RouteConfig, UpstreamUrl};
+use crate::error::ProxyError;
+use crate::upstream::{self, Connector};
+
+pub struct Route {
+    pub name: Arc<str>,
+    prefix: Option<String>,
+    hosts: Vec<String>,
+    upstream: UpstreamUrl,
+    strip_prefix: bool,
+    pub credential: Option<Arc<str>>,
+    pub retry_on_401: bool,
+    pub max_retry_body: usize,
+    pub timeout: Duration,
+    /// Pooled per route: each route may trust its own CA and have its own connect timeout.
+    pub client: Client<Connector, ProxyBody>,
+}
+
+impl Route {
+    pub fn from_config(c: &RouteConfig) -> Result<Route, String> {
+        Ok(Route {
+            name: Arc::from(c.name.as_str()),
+            prefix: c.prefix.clone(),
+            hosts: c.hosts.clone(),
+            upstream: c.upstream.clone(),
+            strip_prefix: c.strip_prefix,
+            credential: c.credential.as_deref().map(Arc::from),
+            retry_on_401: c.retry_on_401,
+            max_retry_body: c.max_retry_body,
+            timeout: c.timeout,
+            client: upstream::client(c.ca_file.as_deref(), c.connect_timeout)
+                .map_err(|e| format!("routes.{}: {e}", c.name))?,
+        })
+    }
+
+    fn prefix_len(&self) -> usize {
+        self.prefix.as_ref().map_or(0, String::len)
+    }
+
+    fn matches_path(&self, path: &str) -> bool {
+        self.prefix.as_deref().is_none_or(|p| path.starts_with(p))
+    }
+
+    /// The upstream URI for a request to `original` (path and query kept, prefix stripped
+    /// if configured, upstream base path prepended).
+    pub fn upstream_uri(&self, original: &Uri) -> Result<Uri, ProxyError> {
+        let mut path = original.path();
+        if self.strip_prefix {
+            if let Some(p) = &self.prefix {
+                path = path.strip_prefix(p.as_str()).unwrap_or(path);
+            }
+        }
+        let mut pq = String::with_capacity(self.upstream.base_path.len() + path.len() + 32);
+        pq.push_str(&self.upstream.base_path);
+        if !path.starts_with('/') {
+            pq.push('/');
+        }
+        pq.push_str(path);
+        if let Some(q) = original.query() {
+            pq.push('?');
+            pq.push_str(q);
+        }
+        let pq = PathAndQuery::try_from(pq).map_err(|_| ProxyError::BadRequest("invalid path".into()))?;
+        Uri::builder()
+            .scheme(self.upstream.scheme.clone())
+            .authority(self.upstream.authority.clone())
+            .path_and_query(pq)
+            .build()
+            .map_err(|_| ProxyError::BadRequest("invalid path".into()))
+    }
+}
+
+pub struct RouteTable {
+    /// Longest prefix first, so the first match is the most specific.
+    routes: Vec<Arc<Route>>,
+}
+
+impl RouteTable {
+    pub fn from_config(config: &Config) -> Result<RouteTable, String> {
+        let mut routes = config
+            .routes
+            .iter()
+            .map(|c| Route::from_config(c).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix_len()));
+        Ok(RouteTable { routes })
+    }
+
+    /// Reverse mode (origin-form request): the longest `prefix` that starts `path`.
+    pub fn by_path(&self, path: &str) -> Result<&Arc<Route>, ProxyError> {
+        self.routes
+            .iter()
+            .find(|r| r.prefix.is_some() && r.matches_path(path))
+            .ok_or(ProxyError::NoRoute)
+    }
+
+    /// Forward mode (absolute-form request, the app uses us as HTTP_PROXY): the route whose
+    /// `hosts` names this host exactly (case-insensitive; an entry without a port matches any
+    /// port), most specific prefix first. A host no route names is refused.
+    pub fn by_host(&self, host: &str, port: Option<u16>, path: &str) -> Result<&Arc<Route>, ProxyError> {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let with_port = port.map(|p| format!("{host}:{p}"));
+        let names_host = |r: &&Arc<Route>| {
+            r.hosts.iter().any(|h| *h == host || with_port.as_deref() == Some(h.as_str()))
+        };
+        let mut candidates = self.routes.iter().filter(names_host).peekable();
+        if candidates.peek().is_none() {
+            return Err(ProxyError::HostNotAllowed { host: with_port.unwrap_or(host) });
+        }
+        candidates.find(|r| r.matches_path(path)).ok_or(ProxyError::NoRoute)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.routes.iter()
+    }
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+];
+
+/// Remove hop-by-hop headers, including any the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove("proxy-connection");
+}
+
+/// Prepare request headers for the upstream: hop-by-hop and `Host` removed (the client
+/// sets `Host` from the upstream URI), and the app's own copy of our header replaced by ours.
+pub fn rewrite_request_headers(headers: &mut HeaderMap, token: Option<(&HeaderName, &HeaderValue)>) {
+    strip_hop_by_hop(headers);
+    headers.remove(header::HOST);
+    if let Some((name, value)) = token {
+        headers.remove(name);
+        headers.insert(name.clone(), value.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(toml: &str) -> RouteTable {
+        let config = Config::parse(toml, &|_| None).unwrap();
+        RouteTable::from_config(&config).unwrap()
+    }
+
+    const ROUTES: &str = r#"
+        [[routes]]
+        name = "root"
+        prefix = "/"
+        upstream = "http://127.0.0.1:1"
+        [[routes]]
+        name = "api"
+        prefix = "/api"
+        strip_prefix = true
+        upstream = "https://api.example.com/v2"
+        hosts = ["api.example.com"]
+        [[routes]]
+        name = "fwd"
+        hosts = ["Other.example.com:8443"]
+        upstream = "https://other.example.com"
+    "#;
+
+    #[test]
+    fn longest_prefix_wins() {
+        let t = table(ROUTES);
+        assert_eq!(&*t.by_path("/api/x").unwrap().name, "api");
+        assert_eq!(&*t.by_path("/other").unwrap().name, "root");
+    }
+
+    #[test]
+    fn upstream_uri_strips_prefix_and_adds_base_path() {
+        let t = table(ROUTES);
+        let api = t.by_path("/api/x").unwrap();
+        let uri: Uri = "/api/users?id=1".parse().unwrap();
+        assert_eq!(api.upstream_uri(&uri).unwrap().to_string(), "https://api.example.com/v2/users?id=1");
+        let uri: Uri = "/api".parse().unwrap();
+        assert_eq!(api.upstream_uri(&uri).unwrap().to_string(), "https://api.example.com/v2/");
+        let root = t.by_path("/x").unwrap();
+        let uri: Uri = "/a/b".parse().unwrap();
+        assert_eq!(root.upstream_uri(&uri).unwrap().to_string(), "http://127.0.0.1:1/a/b");
+    }
+
+    #[test]
+    fn hosts_match_exactly() {
+        let t = table(ROUTES);
+        assert_eq!(&*t.by_host("API.example.com", None, "/api/x").unwrap().name, "api");
+        assert!(matches!(t.by_host("api.example.com.evil.test", None, "/"), Err(ProxyError::HostNotAllowed { .. })));
+        assert!(matches!(t.by_host("evil.api.example.com", None, "/"), Err(ProxyError::HostNotAllowed { .. })));
+        assert_eq!(&*t.by_host("other.example.com", Some(8443), "/").unwrap().name, "fwd");
+        assert!(matches!(t.by_host("other.example.com", Some(80), "/"), Err(ProxyError::HostNotAllowed { .. })));
+        assert!(matches!(t.by_host("api.example.com", None, "/nope"), Err(ProxyError::NoRoute)));
+    }
+
+    #[test]
+    fn headers_rewritten() {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer app-own"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:8080"));
+        h.insert("x-keep", HeaderValue::from_static("yes"));
+        let ours = HeaderValue::from_static("Bearer ours");
+        rewrite_request_headers(&mut h, Some((&header::AUTHORIZATION, &ours)));
+        assert_eq!(h.get_all(header::AUTHORIZATION).iter().collect::<Vec<_>>(), vec!["Bearer ours"]);
+        assert!(h.get("x-secret-hop").is_none());
+        assert!(h.get(header::CONNECTION).is_none());
+        assert!(h.get(header::HOST).is_none());
+        assert_eq!(h["x-keep"], "yes");
+    }
+}

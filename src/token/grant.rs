@@ -1,0 +1,280 @@
+//! How a credential obtains a token: the `Grant` seam.
+//!
+//! Today: refresh_token (RFC 6749 §6, form or Cotter-style JSON), client_credentials (§4.4)
+//! and static (inline or a file re-read on every fetch). Later grants (token exchange,
+//! JWT bearer) are new variants here.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use http::{Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use secrecy::{ExposeSecret, SecretString};
+
+use super::response::{ensure_not_expired, parse_token_response, ResponseError, TokenSet};
+use crate::config::{ClientAuth, CredentialConfig, Encoding, GrantKind};
+use crate::upstream::{self, Connector};
+
+/// Token responses larger than this are refused (a token endpoint is not a file server).
+pub const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
+
+/// Why a fetch failed, and so what the refresher does next.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GrantError {
+    /// Worth retrying with backoff: network trouble, 5xx, 429.
+    #[error("{message}")]
+    Transient { message: String, retry_after: Option<Duration> },
+    /// Retrying will not help (invalid_grant, revoked token, bad client): re-authentication needed.
+    #[error("{0}")]
+    Rejected(String),
+    /// No refresh token to present: install one with `PUT /tokens/{name}`.
+    #[error("no refresh token: install one with PUT /tokens/{{name}}")]
+    NoRefreshToken,
+}
+
+pub enum Grant {
+    RefreshToken(Endpoint),
+    ClientCredentials(Endpoint),
+    Static(StaticSource),
+}
+
+/// A token endpoint and how to talk to it.
+pub struct Endpoint {
+    url: Uri,
+    encoding: Encoding,
+    client_id: Option<String>,
+    client_secret: Option<SecretString>,
+    client_auth: ClientAuth,
+    scope: Option<String>,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    timeout: Duration,
+    client: Client<Connector, Full<Bytes>>,
+}
+
+pub enum StaticSource {
+    Inline(SecretString),
+    /// Re-read on every fetch, so a rotated file (Kubernetes symlink swap) takes effect.
+    File(PathBuf),
+}
+
+impl Grant {
+    pub fn from_config(c: &CredentialConfig) -> Result<Grant, String> {
+        let endpoint = || -> Result<Endpoint, String> {
+            Ok(Endpoint {
+                url: c.token_url.clone().ok_or("token_url is required")?,
+                encoding: c.encoding,
+                client_id: c.client_id.clone(),
+                client_secret: c.client_secret.clone(),
+                client_auth: c.client_auth,
+                scope: c.scope.clone(),
+                headers: c.headers.clone(),
+                timeout: c.timeout,
+                client: upstream::client(c.ca_file.as_deref(), c.timeout)?,
+            })
+        };
+        Ok(match c.grant {
+            GrantKind::RefreshToken => Grant::RefreshToken(endpoint()?),
+            GrantKind::ClientCredentials => Grant::ClientCredentials(endpoint()?),
+            GrantKind::Static => match (&c.access_token_file, &c.access_token) {
+                (Some(path), _) => Grant::Static(StaticSource::File(path.clone())),
+                (None, Some(token)) => Grant::Static(StaticSource::Inline(token.clone())),
+                (None, None) => return Err("access_token is required".into()),
+            },
+        })
+    }
+
+    /// Whether this grant needs a refresh token to fetch.
+    pub fn uses_refresh_token(&self) -> bool {
+        matches!(self, Grant::RefreshToken(_))
+    }
+
+    /// Obtain a new token set. `refresh_token` is the current one, for the refresh grant.
+    pub async fn fetch(&self, refresh_token: Option<&SecretString>) -> Result<TokenSet, GrantError> {
+        match self {
+            Grant::RefreshToken(ep) => {
+                let rt = refresh_token.ok_or(GrantError::NoRefreshToken)?;
+                ep.call("refresh_token", Some(rt)).await
+            }
+            Grant::ClientCredentials(ep) => ep.call("client_credentials", None).await,
+            Grant::Static(source) => source.read(),
+        }
+    }
+}
+
+impl StaticSource {
+    fn read(&self) -> Result<TokenSet, GrantError> {
+        let token = match self {
+            StaticSource::Inline(t) => t.expose_secret().to_string(),
+            StaticSource::File(path) => std::fs::read_to_string(path)
+                .map_err(|e| GrantError::Transient {
+                    message: format!("cannot read access_token_file {}: {e}", path.display()),
+                    retry_after: None,
+                })?
+                .trim()
+                .to_string(),
+        };
+        if token.is_empty() {
+            return Err(GrantError::Transient { message: "access token file is empty".into(), retry_after: None });
+        }
+        let now = SystemTime::now();
+        let expires_at = super::response::jwt_expiry(&token);
+        if expires_at.is_some_and(|at| at <= now) {
+            return Err(GrantError::Transient { message: "static token's JWT exp has passed".into(), retry_after: None });
+        }
+        Ok(TokenSet { access_token: SecretString::from(token), refresh_token: None, expires_at, received_at: now })
+    }
+}
+
+impl Endpoint {
+    fn body(&self, grant_type: &str, refresh_token: Option<&SecretString>) -> (Bytes, &'static str) {
+        let mut fields: Vec<(&str, &str)> = vec![("grant_type", grant_type)];
+        if let Some(rt) = refresh_token {
+            fields.push(("refresh_token", rt.expose_secret()));
+        }
+        if let Some(scope) = &self.scope {
+            fields.push(("scope", scope));
+        }
+        if self.client_auth == ClientAuth::Body {
+            if let Some(id) = &self.client_id {
+                fields.push(("client_id", id));
+            }
+            if let Some(secret) = &self.client_secret {
+                fields.push(("client_secret", secret.expose_secret()));
+            }
+        }
+        match self.encoding {
+            Encoding::Form => {
+                let mut ser = form_urlencoded::Serializer::new(String::new());
+                for (k, v) in &fields {
+                    ser.append_pair(k, v);
+                }
+                (Bytes::from(ser.finish()), "application/x-www-form-urlencoded")
+            }
+            Encoding::Json => {
+                let map: serde_json::Map<String, serde_json::Value> =
+                    fields.iter().map(|(k, v)| (k.to_string(), serde_json::Value::from(*v))).collect();
+                (Bytes::from(serde_json::Value::Object(map).to_string()), "application/json")
+            }
+        }
+    }
+
+    fn basic_auth(&self) -> Option<HeaderValue> {
+        if self.client_auth != ClientAuth::Basic {
+            return None;
+        }
+        // RFC 6749 §2.3.1: id and secret are form-urlencoded before Basic encoding.
+        let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+        let id = enc(self.client_id.as_deref().unwrap_or(""));
+        let secret = enc(self.client_secret.as_ref().map(|s| s.expose_secret()).unwrap_or(""));
+        let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"));
+        let mut v = HeaderValue::from_str(&format!("Basic {b64}")).ok()?;
+        v.set_sensitive(true);
+        Some(v)
+    }
+
+    async fn call(&self, grant_type: &str, refresh_token: Option<&SecretString>) -> Result<TokenSet, GrantError> {
+        let (body, content_type) = self.body(grant_type, refresh_token);
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(self.url.clone())
+            .header(CONTENT_TYPE, content_type)
+            .header(ACCEPT, "application/json")
+            .body(Full::new(body))
+            .map_err(|e| GrantError::Rejected(format!("cannot build token request: {e}")))?;
+        if let Some(auth) = self.basic_auth() {
+            req.headers_mut().insert(AUTHORIZATION, auth);
+        }
+        for (k, v) in &self.headers {
+            req.headers_mut().insert(k.clone(), v.clone());
+        }
+        let transient = |message: String| GrantError::Transient { message, retry_after: None };
+        let exchange = async {
+            let resp = self.client.request(req).await.map_err(|e| transient(format!("token endpoint unreachable: {}", error_chain(&e))))?;
+            let status = resp.status();
+            let retry_after = resp.headers().get(RETRY_AFTER).and_then(parse_retry_after);
+            let body = Limited::new(resp.into_body(), MAX_TOKEN_RESPONSE)
+                .collect()
+                .await
+                .map_err(|e| transient(format!("reading token response: {e}")))?
+                .to_bytes();
+            Ok::<_, GrantError>((status, retry_after, body))
+        };
+        let (status, retry_after, body) = tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| transient(format!("token endpoint did not answer within {:?}", self.timeout)))??;
+        if status.is_success() {
+            return parse_token_response(&body, SystemTime::now()).and_then(ensure_not_expired).map_err(|e| match e {
+                ResponseError::NotJson(_) | ResponseError::AlreadyExpired => transient(e.to_string()),
+                other => GrantError::Rejected(other.to_string()),
+            });
+        }
+        let detail = describe_error_body(&body);
+        let message = format!("token endpoint answered {}{}", status.as_u16(), detail);
+        if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::REQUEST_TIMEOUT {
+            Err(GrantError::Transient { message, retry_after })
+        } else if status.is_redirection() {
+            Err(GrantError::Rejected(format!("{message} (redirects are not followed; fix token_url)")))
+        } else {
+            Err(GrantError::Rejected(message))
+        }
+    }
+}
+
+/// `Retry-After` as seconds (the HTTP-date form is rare from token endpoints; ignored).
+pub fn parse_retry_after(v: &HeaderValue) -> Option<Duration> {
+    let secs: u64 = v.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_secs(secs.min(3600)))
+}
+
+/// The error code of an RFC 6749 §5.2 body, or the `msg`/`type` of Cotter's. Only these
+/// short fields are quoted (an error body could echo a token back).
+fn describe_error_body(body: &[u8]) -> String {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return String::new();
+    };
+    let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(|s| s.chars().take(200).collect::<String>());
+    if let Some(code) = field("error") {
+        match field("error_description") {
+            Some(d) => format!(": {code}: {d}"),
+            None => format!(": {code}"),
+        }
+    } else if let Some(msg) = field("msg") {
+        match field("type") {
+            Some(t) => format!(": {msg} ({t})"),
+            None => format!(": {msg}"),
+        }
+    } else {
+        String::new()
+    }
+}
+
+/// An error and its sources on one line (hyper's top-level messages are terse).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        let m = inner.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = inner.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_bodies_are_described() {
+        assert_eq!(describe_error_body(br#"{"error":"invalid_grant","error_description":"revoked"}"#), ": invalid_grant: revoked");
+        assert_eq!(describe_error_body(br#"{"msg":"refresh token is not valid","type":"auth"}"#), ": refresh token is not valid (auth)");
+        assert_eq!(describe_error_body(b"<html>"), "");
+    }
+}

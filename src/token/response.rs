@@ -1,0 +1,188 @@
+//! Token responses: RFC 6749 §5.1, Cotter's JSON variant, and what a login SDK hands over.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+/// A set of tokens as received (or loaded from the state file).
+#[derive(Clone)]
+pub struct TokenSet {
+    pub access_token: SecretString,
+    /// `None` when the response carried none (keep the old one).
+    pub refresh_token: Option<SecretString>,
+    /// `None`: valid until the upstream answers 401.
+    pub expires_at: Option<SystemTime>,
+    pub received_at: SystemTime,
+}
+
+impl std::fmt::Debug for TokenSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenSet")
+            .field("access_token", &"...")
+            .field("refresh_token", &self.refresh_token.as_ref().map(|_| "..."))
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+/// `expires_in` arrives as a number or, from some servers, a string.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumOrString {
+    Num(f64),
+    Str(String),
+}
+
+#[derive(Deserialize)]
+struct RawResponse {
+    access_token: Option<String>,
+    refresh_token: Option<String>,
+    expires_in: Option<NumOrString>,
+    token_type: Option<String>,
+}
+
+/// Why a token response was not accepted. Messages never contain token values.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ResponseError {
+    #[error("token response is not a JSON object: {0}")]
+    NotJson(String),
+    #[error("token response has no access_token")]
+    MissingAccessToken,
+    #[error("token response has token_type {0:?}; only Bearer is supported")]
+    UnsupportedTokenType(String),
+    #[error("token response has an invalid expires_in")]
+    BadExpiresIn,
+    #[error("token is already expired on arrival (check the clocks)")]
+    AlreadyExpired,
+}
+
+/// Parse a token response body received at `now`.
+pub fn parse_token_response(body: &[u8], now: SystemTime) -> Result<TokenSet, ResponseError> {
+    let raw: RawResponse =
+        serde_json::from_slice(body).map_err(|e| ResponseError::NotJson(e.classify_str()))?;
+    let access = raw
+        .access_token
+        .filter(|s| !s.is_empty())
+        .ok_or(ResponseError::MissingAccessToken)?;
+    if let Some(tt) = &raw.token_type {
+        if !tt.eq_ignore_ascii_case("bearer") {
+            // RFC 6749 §7.1: a client must not use a token whose type it does not understand.
+            let shown: String = tt.chars().take(32).collect();
+            return Err(ResponseError::UnsupportedTokenType(shown));
+        }
+    }
+    let expires_in = match raw.expires_in {
+        None => None,
+        Some(NumOrString::Num(n)) => Some(n),
+        Some(NumOrString::Str(s)) => Some(s.trim().parse::<f64>().map_err(|_| ResponseError::BadExpiresIn)?),
+    };
+    let expires_at = match expires_in {
+        Some(n) if !(n.is_finite() && n >= 0.0 && n < 1e10) => return Err(ResponseError::BadExpiresIn),
+        Some(n) if n > 0.0 => Some(now + Duration::from_secs_f64(n)),
+        // Absent or zero: fall back to the JWT's own `exp`, if it is a JWT.
+        _ => jwt_expiry(&access),
+    };
+    Ok(TokenSet {
+        access_token: SecretString::from(access),
+        refresh_token: raw.refresh_token.filter(|s| !s.is_empty()).map(SecretString::from),
+        expires_at,
+        received_at: now,
+    })
+}
+
+/// A token fresh from an endpoint must not be dead on arrival (clock skew, or a server
+/// bug): such a token is refused, never attached.
+pub fn ensure_not_expired(set: TokenSet) -> Result<TokenSet, ResponseError> {
+    match set.expires_at {
+        Some(at) if at <= set.received_at => Err(ResponseError::AlreadyExpired),
+        _ => Ok(set),
+    }
+}
+
+trait ClassifyStr {
+    fn classify_str(&self) -> String;
+}
+
+impl ClassifyStr for serde_json::Error {
+    /// The category and position only: serde_json messages can quote input (a token).
+    fn classify_str(&self) -> String {
+        format!("{:?} error at line {} column {}", self.classify(), self.line(), self.column())
+    }
+}
+
+/// The `exp` claim of a JWT access token, read without verifying the signature: it only
+/// schedules refreshes; verification (when configured) is a separate step.
+pub fn jwt_expiry(token: &str) -> Option<SystemTime> {
+    #[derive(Deserialize)]
+    struct Claims {
+        exp: Option<f64>,
+    }
+    let header = jsonwebtoken::decode_header(token).ok()?;
+    let mut validation = jsonwebtoken::Validation::new(header.alg);
+    validation.insecure_disable_signature_validation();
+    validation.validate_exp = false;
+    validation.validate_aud = false;
+    validation.required_spec_claims.clear();
+    let data = jsonwebtoken::decode::<Claims>(token, &jsonwebtoken::DecodingKey::from_secret(&[]), &validation).ok()?;
+    let exp = data.claims.exp?;
+    if !(exp.is_finite() && exp > 0.0 && exp < 1e11) {
+        return None;
+    }
+    Some(UNIX_EPOCH + Duration::from_secs_f64(exp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    fn now() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+    }
+
+    #[test]
+    fn cotter_response() {
+        let body = br#"{"access_token":"a.b.c","id_token":"x","refresh_token":"235:abc","expires_in":3600,"token_type":"Bearer","auth_method":"OTP"}"#;
+        let t = parse_token_response(body, now()).unwrap();
+        assert_eq!(t.access_token.expose_secret(), "a.b.c");
+        assert_eq!(t.refresh_token.unwrap().expose_secret(), "235:abc");
+        assert_eq!(t.expires_at, Some(now() + Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn expires_in_as_string_and_missing_refresh_token() {
+        let t = parse_token_response(br#"{"access_token":"x","expires_in":"60","refresh_token":""}"#, now()).unwrap();
+        assert_eq!(t.expires_at, Some(now() + Duration::from_secs(60)));
+        assert!(t.refresh_token.is_none());
+    }
+
+    #[test]
+    fn rejects_bad_responses() {
+        assert_eq!(parse_token_response(br#"{"token_type":"Bearer"}"#, now()).unwrap_err(), ResponseError::MissingAccessToken);
+        assert!(matches!(
+            parse_token_response(br#"{"access_token":"x","token_type":"mac"}"#, now()).unwrap_err(),
+            ResponseError::UnsupportedTokenType(_)
+        ));
+        assert_eq!(parse_token_response(br#"{"access_token":"x","expires_in":-5}"#, now()).unwrap_err(), ResponseError::BadExpiresIn);
+        let e = parse_token_response(b"<html>secret-token</html>", now()).unwrap_err().to_string();
+        assert!(!e.contains("secret-token"), "{e}");
+    }
+
+    #[test]
+    fn expiry_from_jwt_exp() {
+        let key = jsonwebtoken::EncodingKey::from_secret(b"k");
+        let exp = 1_800_000_100u64;
+        let jwt = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &serde_json::json!({"exp": exp, "sub": "u"}), &key).unwrap();
+        let body = serde_json::json!({"access_token": jwt}).to_string();
+        let t = parse_token_response(body.as_bytes(), now()).unwrap();
+        assert_eq!(t.expires_at, Some(UNIX_EPOCH + Duration::from_secs(exp)));
+        // A JWT already expired on arrival is refused, not attached.
+        let old = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &serde_json::json!({"exp": 1_700_000_000u64}), &key).unwrap();
+        let body = serde_json::json!({"access_token": old}).to_string();
+        let set = parse_token_response(body.as_bytes(), now()).unwrap();
+        assert_eq!(ensure_not_expired(set).unwrap_err(), ResponseError::AlreadyExpired);
+        // Opaque tokens without expires_in live until a 401.
+        assert_eq!(parse_token_response(br#"{"access_token":"opaque"}"#, now()).unwrap().expires_at, None);
+    }
+}
