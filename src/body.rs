@@ -102,14 +102,18 @@ where
     type Error = B::Error;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 let mut buf = lock(this.buffer);
                 match frame.data_ref() {
                     Some(data) => buf.record(data),
                     None => buf.given_up = true, // trailers: not worth replaying
+                }
+                // hyper stops polling once a sized body reports its end; it may never see `None`.
+                if this.inner.is_end_stream() {
+                    buf.complete = true;
                 }
             }
             Poll::Ready(None) => lock(this.buffer).complete = true,

@@ -1,0 +1,353 @@
+//! Shared test harness: the mock servers live in `token_proxy::mock` (the demo uses them
+//! too); this adds clients, a proxy launcher (in-process or the real binary) and polling.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use token_proxy::config::Config;
+use token_proxy::{App, AppHandle};
+
+pub use token_proxy::mock::{token_server, upstream_server, MockAuth, MockServer, MockUpstream};
+
+/// An HTTP/1.1 client as an app would use.
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// An h2c (prior knowledge) client.
+pub fn h2c_client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).http2_only(true).build_http()
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not JSON: {:?}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+    send_with(&client(), method, url, headers, body).await
+}
+
+pub async fn send_with(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Reply {
+    let mut req = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(body.into())).expect("request");
+    let resp = tokio::time::timeout(Duration::from_secs(60), client.request(req))
+        .await
+        .expect("request timed out")
+        .expect("request failed");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Reply { status: parts.status, headers: parts.headers, body }
+}
+
+pub async fn get(url: &str) -> Reply {
+    send(Method::GET, url, &[], Bytes::new()).await
+}
+
+/// Poll `cond` until it holds, or panic after `timeout` naming `what`.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An IdP and an API that trusts it.
+pub struct World {
+    pub auth: Arc<MockAuth>,
+    pub idp: MockServer,
+    pub api: Arc<MockUpstream>,
+    pub api_server: MockServer,
+}
+
+impl World {
+    pub async fn new(lifetime: Duration) -> World {
+        Self::with_auth(MockAuth::new(lifetime)).await
+    }
+
+    pub async fn with_auth(auth: Arc<MockAuth>) -> World {
+        let idp = token_server(auth.clone()).await;
+        let api = MockUpstream::new("api", Some(auth.clone()));
+        let api_server = upstream_server(api.clone()).await;
+        World { auth, idp, api, api_server }
+    }
+
+    /// A config with one route to the API and one refresh_token credential `main`;
+    /// `extra_cred` is appended to `[credentials.main]`, `extra_route` to the route.
+    pub fn config(&self, extra_route: &str, extra_cred: &str) -> String {
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+shutdown_grace = "5s"
+
+[[routes]]
+name = "api"
+prefix = "/"
+upstream = "{api}"
+credential = "main"
+{extra_route}
+
+[credentials.main]
+grant = "refresh_token"
+token_url = "{idp}/oauth/token"
+client_id = "cid"
+client_secret = "client-secret-value-123"
+{extra_cred}
+"#,
+            api = self.api_server.url,
+            idp = self.idp.url,
+        )
+    }
+}
+
+/// Run the proxy in-process from config text.
+pub async fn start(toml: &str) -> AppHandle {
+    let config = Config::parse(toml, &|name| std::env::var(name).ok()).expect("valid config");
+    App::spawn(config).await.expect("proxy starts")
+}
+
+pub fn url(app: &AppHandle, path: &str) -> String {
+    format!("http://{}{}", app.proxy_addr, path)
+}
+
+pub fn admin(app: &AppHandle, path: &str) -> String {
+    format!("http://{}{}", app.admin_addr.expect("admin listener"), path)
+}
+
+// ------------------------------------------------------------------ the real binary
+
+/// The `token-proxy` binary running as a child process; killed when dropped.
+pub struct Binary {
+    pub child: Child,
+    pub proxy: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    /// Everything it wrote to stderr so far (its logs).
+    pub logs: Arc<Mutex<String>>,
+}
+
+impl Binary {
+    /// Start with `config` and extra environment; waits for the "listening" log line.
+    pub fn start(config: &Path, env: &[(&str, &str)]) -> Binary {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_token-proxy"));
+        cmd.arg("--config").arg(config).stdout(Stdio::null()).stderr(Stdio::piped()).env("NO_COLOR", "1");
+        cmd.env_remove("TOKEN_PROXY_LISTEN").env_remove("TOKEN_PROXY_ADMIN_LISTEN");
+        if !env.iter().any(|(k, _)| *k == "TOKEN_PROXY_LOG") {
+            cmd.env("TOKEN_PROXY_LOG", "debug");
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn token-proxy");
+        let stderr = child.stderr.take().expect("stderr");
+        let logs = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("listening") {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(line.clone());
+                    }
+                }
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("token-proxy did not start; logs:\n{}", logs.lock().unwrap());
+            }
+        };
+        let proxy = field(&line, "proxy=").parse().expect("proxy addr");
+        let admin = field(&line, "admin=Some(").trim_end_matches(')').parse().ok();
+        Binary { child, proxy, admin, logs }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.proxy, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin.expect("admin"), path)
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().expect("kill");
+        assert!(status.success());
+    }
+
+    /// Wait for exit (bounded) and return the exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                panic!("token-proxy did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Peak resident memory of the process so far, in KiB (from /proc).
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("proc status");
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .expect("VmHWM")
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    let start = line.find(key).map(|i| i + key.len()).unwrap_or_else(|| panic!("no {key} in {line}"));
+    let rest = &line[start..];
+    rest.split_whitespace().next().unwrap_or(rest)
+}
+
+/// Run the binary to completion with args; returns (exit code, stdout, stderr).
+pub fn run_binary(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_token-proxy"));
+    cmd.args(args).env("NO_COLOR", "1").env_remove("TOKEN_PROXY_CONFIG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run token-proxy");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Send raw bytes on a new connection and read until the peer closes or `timeout`.
+pub async fn raw(addr: SocketAddr, request: &[u8], timeout: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let _ = s.write_all(request).await;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => {
+                out.extend_from_slice(&buf[..n]);
+                // One response is enough: stop at the end of a content-length body.
+                if let Some(text) = std::str::from_utf8(&out).ok() {
+                    if let Some(head_end) = text.find("\r\n\r\n") {
+                        let len = text[..head_end]
+                            .lines()
+                            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)));
+                        if let Some(len) = len {
+                            if out.len() >= head_end + 4 + len {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A request body of `len` bytes produced chunk by chunk (never held in memory).
+pub struct RepeatBody {
+    pub remaining: u64,
+    pub chunk: Bytes,
+}
+
+impl RepeatBody {
+    pub fn new(len: u64) -> RepeatBody {
+        RepeatBody { remaining: len, chunk: Bytes::from(vec![b'y'; 64 * 1024]) }
+    }
+}
+
+impl http_body::Body for RepeatBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if self.remaining == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.remaining.min(self.chunk.len() as u64) as usize;
+        self.remaining -= n as u64;
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(self.chunk.slice(..n)))))
+    }
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.remaining)
+    }
+}
+
+/// Write `text` to a file in `dir` and return its path.
+pub fn write_file(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write file");
+    p
+}
