@@ -347,6 +347,7 @@ pub async fn token_server(auth: Arc<MockAuth>) -> MockServer {
 #[derive(Clone, Debug)]
 pub struct SeenRequest {
     pub method: Method,
+    pub version: http::Version,
     /// Path and query as received.
     pub uri: String,
     pub headers: HeaderMap,
@@ -417,6 +418,7 @@ impl MockUpstream {
         }
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).push(SeenRequest {
             method: parts.method.clone(),
+            version: parts.version,
             uri: parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(),
             headers: parts.headers.clone(),
             body: Bytes::from(kept),

@@ -1,6 +1,6 @@
 //! Shared test harness: the mock servers live in `token_proxy::mock` (the demo uses them
 //! too); this adds clients, a proxy launcher (in-process or the real binary) and polling.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::future::Future;
 use std::io::{BufRead, BufReader};
@@ -19,7 +19,7 @@ use hyper_util::rt::TokioExecutor;
 use token_proxy::config::Config;
 use token_proxy::{App, AppHandle};
 
-pub use token_proxy::mock::{token_server, upstream_server, MockAuth, MockServer, MockUpstream};
+pub use token_proxy::mock::{token_server, upstream_server, ErrorStyle, MockAuth, MockServer, MockUpstream};
 
 /// An HTTP/1.1 client as an app would use.
 pub fn client() -> Client<HttpConnector, Full<Bytes>> {

@@ -1,0 +1,117 @@
+//! The admin listener: health, readiness, token status, metrics, forced refresh, install.
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_without_a_token_becomes_live_when_one_is_put() {
+    let world = World::new(Duration::from_secs(300)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state/main.json");
+    let app = start(&world.config("", &format!("state_file = \"{}\"", state.display()))).await;
+
+    assert_eq!(get(&admin(&app, "/healthz")).await.status, 200);
+    let ready = get(&admin(&app, "/readyz")).await;
+    assert_eq!(ready.status, 503);
+    assert_eq!(ready.json()["credentials"][0], "main");
+    let r = get(&url(&app, "/v1/x")).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["error"], "token_unavailable");
+    assert_eq!(get(&admin(&app, "/tokens")).await.json()["main"]["state"], "needs_reauth");
+
+    // What a login SDK returns (Cotter's oauth_token shape carries extra fields).
+    let mut login = world.auth.login();
+    login["id_token"] = "eyJhbGciOiJFUzI1NiJ9.e30.sig".into();
+    login["auth_method"] = "OTP".into();
+    let rt = login["refresh_token"].as_str().unwrap().to_string();
+    let r = send(Method::PUT, &admin(&app, "/tokens/main"), &[("content-type", "application/json")], login.to_string()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["state"], "fresh");
+    assert_eq!(get(&admin(&app, "/readyz")).await.status, 200);
+    assert_eq!(get(&url(&app, "/v1/x")).await.status, 200);
+    // Its refresh token is persisted, privately.
+    let saved = std::fs::read_to_string(&state).unwrap();
+    assert!(saved.contains(&rt));
+    assert_eq!(std::fs::metadata(&state).unwrap().permissions().mode() & 0o777, 0o600);
+
+    // Bad installs are refused with a reason.
+    let r = send(Method::PUT, &admin(&app, "/tokens/main"), &[], "{\"token_type\":\"Bearer\"}").await;
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("access_token"));
+    assert_eq!(send(Method::PUT, &admin(&app, "/tokens/nope"), &[], "{}").await.status, 404);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_refresh_reports_success_and_the_endpoints_error() {
+    let world = World::new(Duration::from_secs(300)).await;
+    let rt = world.auth.new_refresh_token();
+    let app = start(&world.config("", &format!("refresh_token = \"{rt}\""))).await;
+    assert_eq!(get(&url(&app, "/a")).await.status, 200);
+
+    let r = send(Method::POST, &admin(&app, "/tokens/main/refresh"), &[], "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["refresh_count"], 2);
+    assert_eq!(world.auth.refresh_calls.load(Ordering::SeqCst), 2);
+
+    world.auth.fail_with(Some(StatusCode::BAD_REQUEST));
+    let r = send(Method::POST, &admin(&app, "/tokens/main/refresh"), &[], "").await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(r.json()["message"].as_str().unwrap().contains("400"), "{}", r.text());
+
+    // A refused refresh parks the credential in needs_reauth; forcing works from there too.
+    assert_eq!(get(&admin(&app, "/tokens")).await.json()["main"]["state"], "needs_reauth");
+    world.auth.fail_with(None);
+    let r = send(Method::POST, &admin(&app, "/tokens/main/refresh"), &[], "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["state"], "fresh");
+    assert_eq!(send(Method::POST, &admin(&app, "/tokens/nope/refresh"), &[], "").await.status, 404);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_metrics_describe_state_without_token_values() {
+    let world = World::new(Duration::from_secs(300)).await;
+    let rt = world.auth.new_refresh_token();
+    let app = start(&world.config("", &format!("refresh_token = \"{rt}\""))).await;
+    for i in 0..3 {
+        assert_eq!(get(&url(&app, &format!("/m/{i}"))).await.status, 200);
+    }
+    world.auth.revoke_all_access();
+    assert_eq!(get(&url(&app, "/m/replayed")).await.status, 200);
+
+    let tokens = get(&admin(&app, "/tokens")).await;
+    let v = tokens.json();
+    let main = &v["main"];
+    assert_eq!(main["state"], "fresh");
+    assert!(main["expires_in_s"].as_i64().unwrap() > 250);
+    assert_eq!(main["refresh_count"], 2);
+    assert!(main["refreshed_at"].as_str().unwrap().ends_with('Z'));
+    assert!(main["last_error"].is_null());
+
+    let metrics = get(&admin(&app, "/metrics")).await.text();
+    for needle in [
+        "token_proxy_requests_total{route=\"api\",status=\"200\"} 4",
+        "token_proxy_request_duration_seconds_bucket{le=",
+        "token_proxy_upstream_retries_total{route=\"api\"} 1",
+        "token_proxy_token_refresh_total{credential=\"main\",outcome=\"ok\"} 2",
+        "token_proxy_token_expires_in_seconds{credential=\"main\"}",
+        "token_proxy_token_state{credential=\"main\",state=\"fresh\"} 1",
+        "token_proxy_token_state{credential=\"main\",state=\"needs_reauth\"} 0",
+    ] {
+        assert!(metrics.contains(needle), "missing {needle:?} in\n{metrics}");
+    }
+    for seen in world.api.seen() {
+        let token = seen.headers["authorization"].to_str().unwrap().trim_start_matches("Bearer ").to_string();
+        assert!(!tokens.text().contains(&token) && !metrics.contains(&token));
+    }
+    assert!(!tokens.text().contains(&rt) && !metrics.contains(&rt));
+    assert_eq!(get(&admin(&app, "/nothing")).await.status, 404);
+    app.stop().await;
+}

@@ -1,0 +1,207 @@
+//! Reverse and forward proxying: routing, rewriting, HTTP/1.1 and h2c from the app, TLS
+//! upstreams, and what the proxy refuses.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Version};
+use support::*;
+
+async fn world_and_proxy(extra_routes: &str) -> (World, token_proxy::AppHandle) {
+    let world = World::new(Duration::from_secs(300)).await;
+    let rt = world.auth.new_refresh_token();
+    let toml = format!("{}\n{extra_routes}", world.config("", &format!("refresh_token = \"{rt}\"")));
+    let app = start(&toml).await;
+    (world, app)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_strip_and_base_path_rewrite_the_path() {
+    let world = World::new(Duration::from_secs(300)).await;
+    let rt = world.auth.new_refresh_token();
+    let extra = format!(
+        "[[routes]]\nname = \"v2\"\nprefix = \"/svc\"\nstrip_prefix = true\nupstream = \"{}/base/\"\ncredential = \"main\"\n",
+        world.api_server.url
+    );
+    let app = start(&format!("{}\n{extra}", world.config("", &format!("refresh_token = \"{rt}\"")))).await;
+    assert_eq!(get(&url(&app, "/svc/users?id=7&x=%20")).await.status, 200);
+    assert_eq!(get(&url(&app, "/plain/path?q=1")).await.status, 200);
+    let seen = world.api.seen();
+    assert_eq!(seen[0].uri, "/base/users?id=7&x=%20");
+    assert_eq!(seen[1].uri, "/plain/path?q=1");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_are_rewritten_for_the_upstream() {
+    let (world, app) = world_and_proxy("").await;
+    let r = send(
+        Method::GET,
+        &url(&app, "/h"),
+        &[
+            ("authorization", "Bearer the-apps-own-stale-token"),
+            ("connection", "x-private-hop"),
+            ("x-private-hop", "secret"),
+            ("proxy-authorization", "Basic abc"),
+            ("x-custom", "kept"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["x-upstream"], "api");
+    let seen = &world.api.seen()[0];
+    let auths: Vec<_> = seen.headers.get_all("authorization").iter().collect();
+    assert_eq!(auths.len(), 1, "the app's Authorization is replaced, not forwarded alongside");
+    assert_ne!(auths[0], "Bearer the-apps-own-stale-token");
+    assert!(seen.authorized);
+    assert!(seen.headers.get("x-private-hop").is_none());
+    assert!(seen.headers.get("proxy-authorization").is_none());
+    assert_eq!(seen.headers["x-custom"], "kept");
+    assert_eq!(seen.headers["host"], world.api_server.addr.to_string());
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_from_the_app_works() {
+    let (world, app) = world_and_proxy("").await;
+    let client = h2c_client();
+    for i in 0..10 {
+        let r = send_with(&client, Method::POST, &url(&app, &format!("/h2/{i}")), &[], vec![1u8; 1000]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(world.api.seen().len(), 10);
+    assert!(world.api.seen().iter().all(|s| s.authorized && s.body_len == 1000));
+    app.stop().await;
+}
+
+fn test_pki(dir: &std::path::Path) -> (std::path::PathBuf, rustls::ServerConfig) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "token-proxy test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .unwrap();
+    let ca_path = write_file(dir, "ca.pem", &ca.pem());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        )
+        .unwrap();
+    (ca_path, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstream_with_a_private_ca_speaks_h2_via_alpn() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_path, server_tls) = test_pki(dir.path());
+    let world = World::new(Duration::from_secs(300)).await;
+    let secure = MockUpstream::new("secure", Some(world.auth.clone()));
+    let secure_server = token_proxy::mock::upstream_server_tls(secure.clone(), server_tls).await;
+    let rt = world.auth.new_refresh_token();
+    let extra = format!(
+        "[[routes]]\nname = \"tls\"\nprefix = \"/tls\"\nupstream = \"https://127.0.0.1:{}\"\ncredential = \"main\"\nca_file = \"{}\"\n\
+         [[routes]]\nname = \"untrusted\"\nprefix = \"/untrusted\"\nupstream = \"https://127.0.0.1:{}\"\ncredential = \"main\"\n",
+        secure_server.addr.port(),
+        ca_path.display(),
+        secure_server.addr.port(),
+    );
+    let app = start(&format!("{}\n{extra}", world.config("", &format!("refresh_token = \"{rt}\"")))).await;
+    let r = get(&url(&app, "/tls/x")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["upstream"], "secure");
+    assert_eq!(secure.seen()[0].version, Version::HTTP_2, "h2 negotiated by ALPN");
+    assert!(secure.seen()[0].authorized);
+    // Without the CA the certificate is refused: 502, and the token never left.
+    let r = get(&url(&app, "/untrusted/x")).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["error"], "upstream_unreachable");
+    assert_eq!(secure.seen().len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_mode_matches_listed_hosts_only() {
+    let world = World::new(Duration::from_secs(300)).await;
+    let rt = world.auth.new_refresh_token();
+    let toml = world
+        .config("", &format!("refresh_token = \"{rt}\""))
+        .replace("prefix = \"/\"", "prefix = \"/\"\nhosts = [\"api.example.com\"]");
+    let app = start(&toml).await;
+
+    let ok = raw(
+        app.proxy_addr,
+        b"GET http://API.example.com/v1/fwd?q=1 HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    let seen = world.api.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].uri, "/v1/fwd?q=1");
+    assert!(seen[0].authorized);
+
+    for host in ["api.example.com.evil.test", "evil.test", "xapi.example.com"] {
+        let req = format!("GET http://{host}/steal HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let resp = raw(app.proxy_addr, req.as_bytes(), Duration::from_secs(10)).await;
+        assert!(resp.starts_with("HTTP/1.1 403"), "{host}: {resp}");
+        assert!(resp.contains("host_not_allowed"));
+    }
+    let connect = raw(
+        app.proxy_addr,
+        b"CONNECT api.example.com:443 HTTP/1.1\r\nHost: api.example.com:443\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(connect.starts_with("HTTP/1.1 405"), "{connect}");
+    assert!(connect.contains("http://"), "the message tells the user what to do: {connect}");
+    assert_eq!(world.api.seen().len(), 1, "nothing refused reached the upstream");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_request_head_gets_431() {
+    let world = World::new(Duration::from_secs(300)).await;
+    let rt = world.auth.new_refresh_token();
+    let toml = world
+        .config("", &format!("refresh_token = \"{rt}\""))
+        .replace("shutdown_grace = \"5s\"", "shutdown_grace = \"5s\"\nmax_header_size = \"16KiB\"");
+    let app = start(&toml).await;
+    let big = "a".repeat(40 * 1024);
+    let req = format!("GET /x HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n");
+    let resp = raw(app.proxy_addr, req.as_bytes(), Duration::from_secs(10)).await;
+    assert!(resp.starts_with("HTTP/1.1 431"), "{}", &resp[..resp.len().min(200)]);
+    assert_eq!(world.api.seen().len(), 0);
+    let small = raw(app.proxy_addr, b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", Duration::from_secs(10)).await;
+    assert!(small.starts_with("HTTP/1.1 200"), "{small}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_without_credential_forwards_without_a_token() {
+    let world = World::new(Duration::from_secs(300)).await;
+    let public = MockUpstream::new("public", None);
+    let public_server = upstream_server(public.clone()).await;
+    let rt = world.auth.new_refresh_token();
+    let toml = format!(
+        "{}\n[[routes]]\nname = \"public\"\nprefix = \"/public\"\nupstream = \"{}\"\n",
+        world.config("", &format!("refresh_token = \"{rt}\"")),
+        public_server.url
+    );
+    let app = start(&toml).await;
+    assert_eq!(get(&url(&app, "/public/x")).await.status, 200);
+    assert!(public.seen()[0].headers.get("authorization").is_none(), "no token for a route without credential");
+    app.stop().await;
+}
