@@ -205,9 +205,11 @@ impl Config {
         expand_env(&mut value, "", env)?;
         let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
-            let inner = e.into_inner();
+            // toml appends its own "in `key`" line; the path already says where.
+            let inner = e.into_inner().to_string();
+            let inner = inner.split("\nin `").next().unwrap_or_default().trim_end().to_string();
             if path == "." || path.is_empty() {
-                ConfigError(inner.to_string())
+                ConfigError(inner)
             } else {
                 ConfigError(format!("{path}: {inner}"))
             }

@@ -95,7 +95,8 @@ impl App {
             };
             tasks.push(tokio::spawn(server::serve(listener, handler, limits, shutdown.clone(), grace)));
         }
-        tracing::info!(proxy = %proxy_addr, admin = ?admin_addr, "listening");
+        let admin_shown = admin_addr.map_or_else(|| "none".to_string(), |a| a.to_string());
+        tracing::info!(proxy = %proxy_addr, admin = %admin_shown, "listening");
         Ok(AppHandle { proxy_addr, admin_addr, store, metrics, shutdown, tasks })
     }
 }

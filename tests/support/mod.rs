@@ -206,8 +206,12 @@ impl Binary {
                 panic!("token-proxy did not start; logs:\n{}", logs.lock().unwrap());
             }
         };
-        let proxy = field(&line, "proxy=").parse().expect("proxy addr");
-        let admin = field(&line, "admin=Some(").trim_end_matches(')').parse().ok();
+        let (proxy, admin) = match serde_json::from_str::<serde_json::Value>(&line) {
+            Ok(v) => (v["fields"]["proxy"].as_str().unwrap().to_string(), v["fields"]["admin"].as_str().unwrap().to_string()),
+            Err(_) => (field(&line, "proxy=").to_string(), field(&line, "admin=").to_string()),
+        };
+        let proxy = proxy.parse().expect("proxy addr");
+        let admin = admin.parse().ok();
         Binary { child, proxy, admin, logs }
     }
 
