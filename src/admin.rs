@@ -47,13 +47,19 @@ impl Admin {
                 let mut r = text(StatusCode::OK, &self.metrics.encode(&self.store));
                 r.headers_mut().insert(
                     CONTENT_TYPE,
-                    HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                    HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
                 );
                 r
             }
             (Method::GET, ["tokens"]) => {
-                let all: serde_json::Map<String, Value> =
-                    self.store.all().iter().map(|c| (c.name.to_string(), status(c))).collect();
+                let all: serde_json::Map<String, Value> = self
+                    .store
+                    .all()
+                    .iter()
+                    .map(|c| (c.name.to_string(), status(c)))
+                    .collect();
                 json_response(StatusCode::OK, Value::Object(all))
             }
             (Method::GET, ["tokens", name]) => match self.store.get(name) {
@@ -71,8 +77,13 @@ impl Admin {
                 None => unknown(name),
             },
             (Method::PUT, ["tokens", name]) => {
-                let Some(c) = self.store.get(name) else { return unknown(name) };
-                let body = match Limited::new(req.into_body(), MAX_INSTALL_BODY).collect().await {
+                let Some(c) = self.store.get(name) else {
+                    return unknown(name);
+                };
+                let body = match Limited::new(req.into_body(), MAX_INSTALL_BODY)
+                    .collect()
+                    .await
+                {
                     Ok(b) => b.to_bytes(),
                     Err(_) => return bad_request(name, "body unreadable or larger than 64 KiB"),
                 };
@@ -81,16 +92,20 @@ impl Admin {
                     Err(e) => bad_request(name, &e),
                 }
             }
-            (_, ["healthz" | "readyz" | "metrics" | "tokens", ..]) => {
-                json_response(StatusCode::METHOD_NOT_ALLOWED, json!({"error": "method_not_allowed"}))
-            }
+            (_, ["healthz" | "readyz" | "metrics" | "tokens", ..]) => json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                json!({"error": "method_not_allowed"}),
+            ),
             _ => json_response(StatusCode::NOT_FOUND, json!({"error": "not_found"})),
         }
     }
 
     fn readyz(&self) -> Response<ProxyBody> {
         if self.shutdown.is_cancelled() {
-            return json_response(StatusCode::SERVICE_UNAVAILABLE, json!({"ready": false, "reason": "shutting down"}));
+            return json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"ready": false, "reason": "shutting down"}),
+            );
         }
         let missing = self.store.not_ready();
         if missing.is_empty() {
@@ -109,10 +124,14 @@ impl Admin {
 pub fn status(c: &Credential) -> Value {
     let now = SystemTime::now();
     let snap = c.snapshot();
-    let expires_in_s = snap.token.as_ref().and_then(|t| t.expires_at).map(|exp| match exp.duration_since(now) {
-        Ok(d) => d.as_secs() as i64,
-        Err(e) => -(e.duration().as_secs() as i64),
-    });
+    let expires_in_s =
+        snap.token
+            .as_ref()
+            .and_then(|t| t.expires_at)
+            .map(|exp| match exp.duration_since(now) {
+                Ok(d) => d.as_secs() as i64,
+                Err(e) => -(e.duration().as_secs() as i64),
+            });
     json!({
         "state": snap.state_name(now),
         "expires_in_s": expires_in_s,
@@ -124,23 +143,33 @@ pub fn status(c: &Credential) -> Value {
 }
 
 fn unknown(name: &str) -> Response<ProxyBody> {
-    json_response(StatusCode::NOT_FOUND, json!({"error": "unknown_credential", "credential": name}))
+    json_response(
+        StatusCode::NOT_FOUND,
+        json!({"error": "unknown_credential", "credential": name}),
+    )
 }
 
 fn bad_request(name: &str, message: &str) -> Response<ProxyBody> {
-    json_response(StatusCode::BAD_REQUEST, json!({"error": "invalid_token_response", "message": message, "credential": name}))
+    json_response(
+        StatusCode::BAD_REQUEST,
+        json!({"error": "invalid_token_response", "message": message, "credential": name}),
+    )
 }
 
 fn text(status: StatusCode, body: &str) -> Response<ProxyBody> {
     let mut r = Response::new(body::full(Bytes::from(body.to_string())));
     *r.status_mut() = status;
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
 fn json_response(status: StatusCode, value: Value) -> Response<ProxyBody> {
     let mut r = Response::new(body::full(Bytes::from(value.to_string())));
     *r.status_mut() = status;
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
 }

@@ -16,7 +16,9 @@ use crate::upstream::BoxError;
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
 pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 pub fn boxed<B>(body: B) -> ProxyBody
@@ -43,7 +45,13 @@ impl ReplayBuffer {
     /// A shared buffer for a body whose size is hinted by `hint`.
     pub fn new(limit: usize, hint: &SizeHint) -> Arc<Mutex<ReplayBuffer>> {
         let too_big = hint.lower() > limit as u64;
-        Arc::new(Mutex::new(ReplayBuffer { chunks: Vec::new(), len: 0, limit, given_up: too_big, complete: false }))
+        Arc::new(Mutex::new(ReplayBuffer {
+            chunks: Vec::new(),
+            len: 0,
+            limit,
+            given_up: too_big,
+            complete: false,
+        }))
     }
 
     fn record(&mut self, data: &Bytes) {
@@ -101,7 +109,10 @@ where
     type Data = Bytes;
     type Error = B::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let mut this = self.project();
         let polled = this.inner.as_mut().poll_frame(cx);
         match &polled {
@@ -142,20 +153,31 @@ mod tests {
     impl Body for Chunks {
         type Data = Bytes;
         type Error = std::convert::Infallible;
-        fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
             Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
         }
     }
 
     fn chunks(parts: &[&'static str]) -> Chunks {
-        Chunks(parts.iter().map(|p| Bytes::from_static(p.as_bytes())).collect())
+        Chunks(
+            parts
+                .iter()
+                .map(|p| Bytes::from_static(p.as_bytes()))
+                .collect(),
+        )
     }
 
     #[tokio::test]
     async fn small_body_is_replayable_byte_for_byte() {
         let buf = ReplayBuffer::new(10, &SizeHint::default());
         let body = TeeBody::new(chunks(&["abc", "def"]), buf.clone());
-        assert!(buf.lock().unwrap().replayable().is_none(), "not complete before it is read");
+        assert!(
+            buf.lock().unwrap().replayable().is_none(),
+            "not complete before it is read"
+        );
         let read = body.collect().await.unwrap().to_bytes();
         assert_eq!(read, "abcdef");
         assert_eq!(buf.lock().unwrap().replayable().unwrap(), "abcdef");

@@ -207,7 +207,12 @@ impl Config {
             let path = e.path().to_string();
             // toml appends its own "in `key`" line; the path already says where.
             let inner = e.into_inner().to_string();
-            let inner = inner.split("\nin `").next().unwrap_or_default().trim_end().to_string();
+            let inner = inner
+                .split("\nin `")
+                .next()
+                .unwrap_or_default()
+                .trim_end()
+                .to_string();
             if path == "." || path.is_empty() {
                 ConfigError(inner)
             } else {
@@ -225,10 +230,8 @@ fn expand_env(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<(), ConfigError> {
     match value {
-        toml::Value::String(s) => {
-            if s.contains("${") {
-                *s = expand_str(s, path, env)?;
-            }
+        toml::Value::String(s) if s.contains("${") => {
+            *s = expand_str(s, path, env)?;
         }
         toml::Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
@@ -237,7 +240,11 @@ fn expand_env(
         }
         toml::Value::Table(table) => {
             for (k, v) in table.iter_mut() {
-                let sub = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                let sub = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
                 expand_env(v, &sub, env)?;
             }
         }
@@ -277,8 +284,11 @@ fn expand_str(
 
 /// Parse "500ms", "60s", "5m", "1h30m".
 pub fn parse_duration(key: &str, s: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| ConfigError(format!("{key}: invalid duration {s:?} ({e}); use e.g. \"500ms\", \"60s\", \"5m\"")))
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        ConfigError(format!(
+            "{key}: invalid duration {s:?} ({e}); use e.g. \"500ms\", \"60s\", \"5m\""
+        ))
+    })
 }
 
 /// Parse "64KiB", "1MiB", "512", "10kb".
@@ -286,7 +296,11 @@ pub fn parse_size(key: &str, s: &str) -> Result<usize, ConfigError> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let bad = || ConfigError(format!("{key}: invalid size {s:?}; use e.g. \"64KiB\", \"1MiB\""));
+    let bad = || {
+        ConfigError(format!(
+            "{key}: invalid size {s:?}; use e.g. \"64KiB\", \"1MiB\""
+        ))
+    };
     let n: usize = num.parse().map_err(|_| bad())?;
     let mult: usize = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
@@ -310,8 +324,11 @@ fn opt_size(key: &str, v: Option<String>, default: usize) -> Result<usize, Confi
 }
 
 fn parse_addr(key: &str, s: &str) -> Result<SocketAddr, ConfigError> {
-    s.parse()
-        .map_err(|_| ConfigError(format!("{key}: invalid address {s:?}; use e.g. \"127.0.0.1:8080\"")))
+    s.parse().map_err(|_| {
+        ConfigError(format!(
+            "{key}: invalid address {s:?}; use e.g. \"127.0.0.1:8080\""
+        ))
+    })
 }
 
 /// Read a secret file: its trimmed contents are the secret.
@@ -333,7 +350,9 @@ fn secret(
     file: Option<String>,
 ) -> Result<Option<SecretString>, ConfigError> {
     match (inline, file) {
-        (Some(_), Some(_)) => err(format!("{prefix}.{key}: set either `{key}` or `{key}_file`, not both")),
+        (Some(_), Some(_)) => err(format!(
+            "{prefix}.{key}: set either `{key}` or `{key}_file`, not both"
+        )),
         (Some(v), None) if v.is_empty() => err(format!("{prefix}.{key}: is empty")),
         (Some(v), None) => Ok(Some(SecretString::from(v))),
         (None, Some(path)) => read_secret_file(&format!("{prefix}.{key}_file"), &path).map(Some),
@@ -360,17 +379,33 @@ pub fn parse_upstream(key: &str, s: &str) -> Result<UpstreamUrl, ConfigError> {
         return err(format!("{key}: {s:?} must not contain a query string"));
     }
     let base_path = uri.path().trim_end_matches('/').to_string();
-    Ok(UpstreamUrl { scheme, authority, base_path })
+    Ok(UpstreamUrl {
+        scheme,
+        authority,
+        base_path,
+    })
 }
 
 fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-    let listen_s = env("TOKEN_PROXY_LISTEN").or(raw.server.listen).unwrap_or_else(|| "127.0.0.1:8080".into());
+    let listen_s = env("TOKEN_PROXY_LISTEN")
+        .or(raw.server.listen)
+        .unwrap_or_else(|| "127.0.0.1:8080".into());
     let admin_s = env("TOKEN_PROXY_ADMIN_LISTEN").or(raw.server.admin_listen);
     let server = ServerConfig {
         listen: parse_addr("server.listen", &listen_s)?,
-        admin_listen: admin_s.map(|s| parse_addr("server.admin_listen", &s)).transpose()?,
-        shutdown_grace: opt_duration("server.shutdown_grace", raw.server.shutdown_grace, Duration::from_secs(10))?,
-        max_header_size: opt_size("server.max_header_size", raw.server.max_header_size, 64 * 1024)?,
+        admin_listen: admin_s
+            .map(|s| parse_addr("server.admin_listen", &s))
+            .transpose()?,
+        shutdown_grace: opt_duration(
+            "server.shutdown_grace",
+            raw.server.shutdown_grace,
+            Duration::from_secs(10),
+        )?,
+        max_header_size: opt_size(
+            "server.max_header_size",
+            raw.server.max_header_size,
+            64 * 1024,
+        )?,
     };
     if server.max_header_size < 1024 {
         return err("server.max_header_size: must be at least 1KiB");
@@ -392,10 +427,17 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
     let mut seen = std::collections::HashSet::new();
     for r in &routes {
         if !seen.insert(r.name.clone()) {
-            return err(format!("routes: two routes are named {:?}; names must be unique", r.name));
+            return err(format!(
+                "routes: two routes are named {:?}; names must be unique",
+                r.name
+            ));
         }
     }
-    Ok(Config { server, routes, credentials })
+    Ok(Config {
+        server,
+        routes,
+        credentials,
+    })
 }
 
 fn build_route(
@@ -414,15 +456,21 @@ fn build_route(
     for (j, h) in r.hosts.unwrap_or_default().into_iter().enumerate() {
         let h = h.trim().to_ascii_lowercase();
         if h.is_empty() || h.parse::<Authority>().is_err() || h.contains('@') || h.contains('/') {
-            return err(format!("{key}.hosts[{j}]: {h:?} is not a host or host:port"));
+            return err(format!(
+                "{key}.hosts[{j}]: {h:?} is not a host or host:port"
+            ));
         }
         hosts.push(h);
     }
     if r.prefix.is_none() && hosts.is_empty() {
-        return err(format!("{key} ({name}): a route needs `prefix`, `hosts`, or both"));
+        return err(format!(
+            "{key} ({name}): a route needs `prefix`, `hosts`, or both"
+        ));
     }
     let Some(upstream_s) = r.upstream else {
-        return err(format!("{key}.upstream: missing (e.g. \"https://api.example.com\")"));
+        return err(format!(
+            "{key}.upstream: missing (e.g. \"https://api.example.com\")"
+        ));
     };
     let upstream = parse_upstream(&format!("{key}.upstream"), &upstream_s)?;
     if let Some(c) = &r.credential {
@@ -445,8 +493,16 @@ fn build_route(
         credential: r.credential,
         retry_on_401: r.retry_on_401.unwrap_or(true),
         max_retry_body: opt_size(&format!("{key}.max_retry_body"), r.max_retry_body, 1 << 20)?,
-        timeout: opt_duration(&format!("{key}.timeout"), r.timeout, Duration::from_secs(30))?,
-        connect_timeout: opt_duration(&format!("{key}.connect_timeout"), r.connect_timeout, Duration::from_secs(5))?,
+        timeout: opt_duration(
+            &format!("{key}.timeout"),
+            r.timeout,
+            Duration::from_secs(30),
+        )?,
+        connect_timeout: opt_duration(
+            &format!("{key}.connect_timeout"),
+            r.connect_timeout,
+            Duration::from_secs(5),
+        )?,
         ca_file,
     })
 }
@@ -454,9 +510,12 @@ fn build_route(
 fn build_credential(name: &str, c: RawCredential) -> Result<CredentialConfig, ConfigError> {
     let key = format!("credentials.{name}");
     let Some(grant) = c.grant else {
-        return err(format!("{key}.grant: missing (refresh_token | client_credentials | static)"));
+        return err(format!(
+            "{key}.grant: missing (refresh_token | client_credentials | static)"
+        ));
     };
-    if c.jwks_url.is_some() || c.issuer.is_some() || c.audience.is_some() || c.algorithms.is_some() {
+    if c.jwks_url.is_some() || c.issuer.is_some() || c.audience.is_some() || c.algorithms.is_some()
+    {
         return err(format!(
             "{key}.jwks_url: JWT verification (jwks_url, issuer, audience, algorithms) is not supported by this version; remove these keys"
         ));
@@ -464,7 +523,10 @@ fn build_credential(name: &str, c: RawCredential) -> Result<CredentialConfig, Co
     let token_url = match c.token_url {
         Some(u) => {
             parse_upstream(&format!("{key}.token_url"), &u)?;
-            Some(u.parse::<Uri>().map_err(|_| ConfigError(format!("{key}.token_url: invalid URL {u:?}")))?)
+            Some(
+                u.parse::<Uri>()
+                    .map_err(|_| ConfigError(format!("{key}.token_url: invalid URL {u:?}")))?,
+            )
         }
         None => None,
     };
@@ -483,12 +545,16 @@ fn build_credential(name: &str, c: RawCredential) -> Result<CredentialConfig, Co
                 return err(format!("{key}.token_url: required for grant = {grant:?}"));
             }
             if access_token.is_some() {
-                return err(format!("{key}.access_token: only allowed with grant = \"static\""));
+                return err(format!(
+                    "{key}.access_token: only allowed with grant = \"static\""
+                ));
             }
         }
         GrantKind::Static => {
             if access_token.is_none() {
-                return err(format!("{key}.access_token: required for grant = \"static\" (or access_token_file)"));
+                return err(format!(
+                    "{key}.access_token: required for grant = \"static\" (or access_token_file)"
+                ));
             }
             if refresh_token.is_some() || initial_tokens.is_some() || token_url.is_some() {
                 return err(format!(
@@ -498,10 +564,16 @@ fn build_credential(name: &str, c: RawCredential) -> Result<CredentialConfig, Co
         }
     }
     if grant == GrantKind::ClientCredentials && c.client_id.is_none() {
-        return err(format!("{key}.client_id: required for grant = \"client_credentials\""));
+        return err(format!(
+            "{key}.client_id: required for grant = \"client_credentials\""
+        ));
     }
-    if grant == GrantKind::ClientCredentials && (refresh_token.is_some() || initial_tokens.is_some()) {
-        return err(format!("{key}.refresh_token: not used by grant = \"client_credentials\""));
+    if grant == GrantKind::ClientCredentials
+        && (refresh_token.is_some() || initial_tokens.is_some())
+    {
+        return err(format!(
+            "{key}.refresh_token: not used by grant = \"client_credentials\""
+        ));
     }
     let client_auth = c.client_auth.unwrap_or(if client_secret.is_some() {
         ClientAuth::Basic
@@ -524,8 +596,11 @@ fn build_credential(name: &str, c: RawCredential) -> Result<CredentialConfig, Co
         headers.push((hn, hv));
     }
     let header_s = c.header.unwrap_or_else(|| "Authorization".into());
-    let header = HeaderName::from_bytes(header_s.as_bytes())
-        .map_err(|_| ConfigError(format!("{key}.header: {header_s:?} is not a valid header name")))?;
+    let header = HeaderName::from_bytes(header_s.as_bytes()).map_err(|_| {
+        ConfigError(format!(
+            "{key}.header: {header_s:?} is not a valid header name"
+        ))
+    })?;
     let header_prefix = c.header_prefix.unwrap_or_else(|| "Bearer ".into());
     if HeaderValue::from_str(&header_prefix).is_err() {
         return err(format!("{key}.header_prefix: not a valid header value"));
@@ -536,8 +611,16 @@ fn build_credential(name: &str, c: RawCredential) -> Result<CredentialConfig, Co
             return err(format!("{key}.ca_file: {} does not exist", p.display()));
         }
     }
-    let refresh_before = opt_duration(&format!("{key}.refresh_before"), c.refresh_before, Duration::from_secs(60))?;
-    let timeout = opt_duration(&format!("{key}.timeout"), c.timeout, Duration::from_secs(10))?;
+    let refresh_before = opt_duration(
+        &format!("{key}.refresh_before"),
+        c.refresh_before,
+        Duration::from_secs(60),
+    )?;
+    let timeout = opt_duration(
+        &format!("{key}.timeout"),
+        c.timeout,
+        Duration::from_secs(10),
+    )?;
     if timeout.is_zero() {
         return err(format!("{key}.timeout: must be greater than zero"));
     }
@@ -601,13 +684,31 @@ mod tests {
     fn errors_name_the_key() {
         let cases = [
             (MIN.replace("prefix", "prefx"), "prefx"),
-            (MIN.replace("${SECRET}", "${NOPE}"), "credentials.main.client_secret: environment variable `NOPE`"),
-            (format!("[server]\nshutdown_grace = \"ten\"\n{MIN}"), "server.shutdown_grace"),
-            (format!("[server]\nmax_header_size = \"64XB\"\n{MIN}"), "server.max_header_size"),
-            (MIN.replace("credential = \"main\"", "credential = \"other\""), "routes[0].credential"),
-            (MIN.replace("https://api", "ftp://api"), "routes[0].upstream"),
+            (
+                MIN.replace("${SECRET}", "${NOPE}"),
+                "credentials.main.client_secret: environment variable `NOPE`",
+            ),
+            (
+                format!("[server]\nshutdown_grace = \"ten\"\n{MIN}"),
+                "server.shutdown_grace",
+            ),
+            (
+                format!("[server]\nmax_header_size = \"64XB\"\n{MIN}"),
+                "server.max_header_size",
+            ),
+            (
+                MIN.replace("credential = \"main\"", "credential = \"other\""),
+                "routes[0].credential",
+            ),
+            (
+                MIN.replace("https://api", "ftp://api"),
+                "routes[0].upstream",
+            ),
             (MIN.replace("prefix = \"/\"", ""), "needs `prefix`, `hosts`"),
-            (MIN.replace("\"client_credentials\"", "\"password\""), "credentials.main.grant"),
+            (
+                MIN.replace("\"client_credentials\"", "\"password\""),
+                "credentials.main.grant",
+            ),
         ];
         for (text, want) in cases {
             let e = parse(&text).unwrap_err().to_string();
@@ -621,7 +722,10 @@ mod tests {
         assert_eq!(parse_size("k", "1MiB").unwrap(), 1 << 20);
         assert_eq!(parse_size("k", "10").unwrap(), 10);
         assert!(parse_size("k", "x").is_err());
-        assert_eq!(parse_duration("k", "500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(
+            parse_duration("k", "500ms").unwrap(),
+            Duration::from_millis(500)
+        );
         assert_eq!(parse_duration("k", "5m").unwrap(), Duration::from_secs(300));
     }
 }

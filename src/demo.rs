@@ -65,9 +65,19 @@ async fn run_inner() -> Result<bool, String> {
     let app = App::spawn(config).await.map_err(|e| e.to_string())?;
     let proxy = app.proxy_addr;
     println!("token-proxy demo");
-    println!("  token server  {}   (tokens live {}s, refresh tokens rotate)", idp.url, TOKEN_LIFETIME.as_secs());
-    println!("  upstream API  {}   (answers 401 unless the bearer is valid)", api_server.url);
-    println!("  proxy         http://{proxy}   admin http://{}", app.admin_addr.map(|a| a.to_string()).unwrap_or_default());
+    println!(
+        "  token server  {}   (tokens live {}s, refresh tokens rotate)",
+        idp.url,
+        TOKEN_LIFETIME.as_secs()
+    );
+    println!(
+        "  upstream API  {}   (answers 401 unless the bearer is valid)",
+        api_server.url
+    );
+    println!(
+        "  proxy         http://{proxy}   admin http://{}",
+        app.admin_addr.map(|a| a.to_string()).unwrap_or_default()
+    );
     println!("  the app below sends plain requests with no Authorization header\n");
 
     // Print each refresh as it happens.
@@ -97,7 +107,10 @@ async fn run_inner() -> Result<bool, String> {
     while started.elapsed() < RUN_FOR {
         if !revoked && started.elapsed() >= RUN_FOR / 2 {
             revoked = true;
-            println!("[{:>5.1}s] revoke    the upstream revokes the token in use", started.elapsed().as_secs_f64());
+            println!(
+                "[{:>5.1}s] revoke    the upstream revokes the token in use",
+                started.elapsed().as_secs_f64()
+            );
             auth.revoke_all_access();
         }
         sent += 1;

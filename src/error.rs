@@ -20,7 +20,10 @@ pub enum ProxyError {
     )]
     ConnectNotSupported { host: String },
     #[error("no valid token: {reason}")]
-    TokenUnavailable { reason: String, retry_after: Duration },
+    TokenUnavailable {
+        reason: String,
+        retry_after: Duration,
+    },
     #[error("could not reach the upstream: {0}")]
     UpstreamUnreachable(String),
     #[error("the upstream did not answer within {0:?}")]
@@ -64,13 +67,18 @@ impl ProxyError {
         });
         let mut resp = Response::new(Bytes::from(body.to_string()));
         *resp.status_mut() = self.status();
-        resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let ProxyError::TokenUnavailable { retry_after, .. } = self {
             let secs = retry_after.as_secs().max(1);
-            resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
+            resp.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(secs));
         }
         if matches!(self, ProxyError::ConnectNotSupported { .. }) {
-            resp.headers_mut().insert(http::header::ALLOW, HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"));
+            resp.headers_mut().insert(
+                http::header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+            );
         }
         resp
     }
@@ -82,7 +90,10 @@ mod tests {
 
     #[test]
     fn token_unavailable_has_retry_after_and_json() {
-        let e = ProxyError::TokenUnavailable { reason: "invalid_grant".into(), retry_after: Duration::from_secs(7) };
+        let e = ProxyError::TokenUnavailable {
+            reason: "invalid_grant".into(),
+            retry_after: Duration::from_secs(7),
+        };
         let r = e.to_response(Some("api"), Some("main"));
         assert_eq!(r.status(), 503);
         assert_eq!(r.headers()[RETRY_AFTER], "7");

@@ -58,25 +58,28 @@ impl App {
     /// Build everything from `config`, bind the listeners, start refreshers and servers.
     pub async fn spawn(config: Config) -> Result<AppHandle, StartError> {
         let metrics = Arc::new(Metrics::new());
-        let store = Arc::new(TokenStore::from_config(&config, &metrics).map_err(StartError::Runtime)?);
+        let store =
+            Arc::new(TokenStore::from_config(&config, &metrics).map_err(StartError::Runtime)?);
         let routes = RouteTable::from_config(&config).map_err(StartError::Config)?;
-        let proxy_listener = TcpListener::bind(config.server.listen)
-            .await
-            .map_err(|e| StartError::Runtime(format!("cannot listen on {}: {e}", config.server.listen)))?;
+        let proxy_listener = TcpListener::bind(config.server.listen).await.map_err(|e| {
+            StartError::Runtime(format!("cannot listen on {}: {e}", config.server.listen))
+        })?;
         let admin_listener = match config.server.admin_listen {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| StartError::Runtime(format!("cannot listen on {addr} (admin): {e}")))?,
-            ),
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+                StartError::Runtime(format!("cannot listen on {addr} (admin): {e}"))
+            })?),
             None => None,
         };
-        let proxy_addr = proxy_listener.local_addr().map_err(|e| StartError::Runtime(e.to_string()))?;
+        let proxy_addr = proxy_listener
+            .local_addr()
+            .map_err(|e| StartError::Runtime(e.to_string()))?;
         let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
 
         let shutdown = CancellationToken::new();
         store.spawn_refreshers(&shutdown);
-        let limits = ConnLimits { max_header_size: config.server.max_header_size };
+        let limits = ConnLimits {
+            max_header_size: config.server.max_header_size,
+        };
         let grace = config.server.shutdown_grace;
         let mut tasks = Vec::new();
 
@@ -85,19 +88,42 @@ impl App {
             let proxy = proxy.clone();
             async move { proxy.handle(req).await }
         };
-        tasks.push(tokio::spawn(server::serve(proxy_listener, handler, limits, shutdown.clone(), grace)));
+        tasks.push(tokio::spawn(server::serve(
+            proxy_listener,
+            handler,
+            limits,
+            shutdown.clone(),
+            grace,
+        )));
 
         if let Some(listener) = admin_listener {
-            let admin = admin::Admin { store: store.clone(), metrics: metrics.clone(), shutdown: shutdown.clone() };
+            let admin = admin::Admin {
+                store: store.clone(),
+                metrics: metrics.clone(),
+                shutdown: shutdown.clone(),
+            };
             let handler = move |req| {
                 let admin = admin.clone();
                 async move { admin.handle(req).await }
             };
-            tasks.push(tokio::spawn(server::serve(listener, handler, limits, shutdown.clone(), grace)));
+            tasks.push(tokio::spawn(server::serve(
+                listener,
+                handler,
+                limits,
+                shutdown.clone(),
+                grace,
+            )));
         }
         let admin_shown = admin_addr.map_or_else(|| "none".to_string(), |a| a.to_string());
         tracing::info!(proxy = %proxy_addr, admin = %admin_shown, "listening");
-        Ok(AppHandle { proxy_addr, admin_addr, store, metrics, shutdown, tasks })
+        Ok(AppHandle {
+            proxy_addr,
+            admin_addr,
+            store,
+            metrics,
+            shutdown,
+            tasks,
+        })
     }
 }
 

@@ -9,7 +9,11 @@ use token_proxy::config::{config_path, Config};
 use token_proxy::{App, StartError};
 
 #[derive(Parser)]
-#[command(name = "token-proxy", version, about = "Sidecar proxy that attaches and refreshes OAuth 2.0 tokens")]
+#[command(
+    name = "token-proxy",
+    version,
+    about = "Sidecar proxy that attaches and refreshes OAuth 2.0 tokens"
+)]
 struct Cli {
     /// Config file (default: $TOKEN_PROXY_CONFIG, then ./proxy.toml)
     #[arg(long, global = true, value_name = "PATH")]
@@ -31,8 +35,15 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own narrative; its log lines would only repeat it.
-    init_logging(if matches!(cli.command, Some(Command::Demo)) { "warn" } else { "info" });
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    init_logging(if matches!(cli.command, Some(Command::Demo)) {
+        "warn"
+    } else {
+        "info"
+    });
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("token-proxy: cannot start the runtime: {e}");
@@ -64,7 +75,10 @@ fn check(path: PathBuf) -> ExitCode {
         println!("admin  {a}");
     }
     for r in &config.routes {
-        let upstream = format!("{}://{}{}", r.upstream.scheme, r.upstream.authority, r.upstream.base_path);
+        let upstream = format!(
+            "{}://{}{}",
+            r.upstream.scheme, r.upstream.authority, r.upstream.base_path
+        );
         let matcher = match (&r.prefix, r.hosts.is_empty()) {
             (Some(p), true) => format!("prefix {p}"),
             (None, false) => format!("hosts {}", r.hosts.join(",")),
@@ -78,12 +92,19 @@ fn check(path: PathBuf) -> ExitCode {
         );
     }
     for c in config.credentials.values() {
-        let url = c.token_url.as_ref().map(|u| u.to_string()).unwrap_or_default();
+        let url = c
+            .token_url
+            .as_ref()
+            .map(|u| u.to_string())
+            .unwrap_or_default();
         println!(
             "credential {:<8} grant={:?} {url} state_file={}",
             c.name,
             c.grant,
-            c.state_file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(none)".into())
+            c.state_file
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "(none)".into())
         );
     }
     ExitCode::SUCCESS
@@ -127,7 +148,8 @@ async fn wait_for_signal() {
 /// `TOKEN_PROXY_LOG` is the filter (default `info`, `warn` for the demo); `TOKEN_PROXY_LOG_FORMAT=json` for JSON.
 fn init_logging(default_filter: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("TOKEN_PROXY_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let filter = EnvFilter::try_from_env("TOKEN_PROXY_LOG")
+        .unwrap_or_else(|_| EnvFilter::new(default_filter));
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -68,20 +68,29 @@ impl Metrics {
         let mut registry = Registry::default();
         let requests = Family::<RouteStatus, Counter>::default();
         // 1 ms to ~16 s, doubling.
-        let duration =
-            Family::<RouteLabel, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 15)));
+        let duration = Family::<RouteLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 15))
+        });
         let retries = Family::<RouteLabel, Counter>::default();
         let refreshes = Family::<CredentialOutcome, Counter>::default();
         let expires_in = Family::<CredentialLabel, FloatGauge>::default();
         let since_refresh = Family::<CredentialLabel, FloatGauge>::default();
         let state = Family::<CredentialState, Gauge>::default();
-        registry.register("token_proxy_requests", "Requests answered, by route and status code", requests.clone());
+        registry.register(
+            "token_proxy_requests",
+            "Requests answered, by route and status code",
+            requests.clone(),
+        );
         registry.register(
             "token_proxy_request_duration_seconds",
             "Time from request head to response head, by route",
             duration.clone(),
         );
-        registry.register("token_proxy_upstream_retries", "Requests replayed after a 401, by route", retries.clone());
+        registry.register(
+            "token_proxy_upstream_retries",
+            "Requests replayed after a 401, by route",
+            retries.clone(),
+        );
         registry.register(
             "token_proxy_token_refresh",
             "Token fetches by credential and outcome (ok | error)",
@@ -107,22 +116,47 @@ impl Metrics {
             "Build information",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
-        Metrics { registry, requests, duration, retries, refreshes, expires_in, since_refresh, state }
+        Metrics {
+            registry,
+            requests,
+            duration,
+            retries,
+            refreshes,
+            expires_in,
+            since_refresh,
+            state,
+        }
     }
 
     pub fn request(&self, route: &str, status: u16, elapsed: Duration) {
-        self.requests.get_or_create(&RouteStatus { route: route.into(), status: status.to_string() }).inc();
-        self.duration.get_or_create(&RouteLabel { route: route.into() }).observe(elapsed.as_secs_f64());
+        self.requests
+            .get_or_create(&RouteStatus {
+                route: route.into(),
+                status: status.to_string(),
+            })
+            .inc();
+        self.duration
+            .get_or_create(&RouteLabel {
+                route: route.into(),
+            })
+            .observe(elapsed.as_secs_f64());
     }
 
     pub fn retry(&self, route: &str) {
-        self.retries.get_or_create(&RouteLabel { route: route.into() }).inc();
+        self.retries
+            .get_or_create(&RouteLabel {
+                route: route.into(),
+            })
+            .inc();
     }
 
     pub fn refresh(&self, credential: &str, ok: bool) {
         let outcome = if ok { "ok" } else { "error" };
         self.refreshes
-            .get_or_create(&CredentialOutcome { credential: credential.into(), outcome: outcome.into() })
+            .get_or_create(&CredentialOutcome {
+                credential: credential.into(),
+                outcome: outcome.into(),
+            })
             .inc();
     }
 
@@ -131,7 +165,9 @@ impl Metrics {
         let now = SystemTime::now();
         for cred in store.all() {
             let snap = cred.snapshot();
-            let label = CredentialLabel { credential: cred.name.to_string() };
+            let label = CredentialLabel {
+                credential: cred.name.to_string(),
+            };
             match snap.token.as_ref().and_then(|t| t.expires_at) {
                 Some(exp) => {
                     let secs = match exp.duration_since(now) {
@@ -150,8 +186,13 @@ impl Metrics {
             }
             let current = snap.state_name(now);
             for state in ["fresh", "refreshing", "expired", "needs_reauth"] {
-                let key = CredentialState { credential: cred.name.to_string(), state: state.into() };
-                self.state.get_or_create(&key).set(i64::from(state == current));
+                let key = CredentialState {
+                    credential: cred.name.to_string(),
+                    state: state.into(),
+                };
+                self.state
+                    .get_or_create(&key)
+                    .set(i64::from(state == current));
             }
         }
         let mut out = String::new();

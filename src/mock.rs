@@ -30,7 +30,11 @@ use tokio::task::JoinHandle;
 
 use crate::body::{self, ProxyBody};
 
-type Handler = Arc<dyn Fn(Request<Incoming>) -> Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>> + Send + Sync>;
+type Handler = Arc<
+    dyn Fn(Request<Incoming>) -> Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// A running mock server; stops when dropped.
 pub struct MockServer {
@@ -47,12 +51,16 @@ impl Drop for MockServer {
 }
 
 async fn spawn(tls: Option<tokio_rustls::TlsAcceptor>, handler: Handler) -> MockServer {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0");
     let addr = listener.local_addr().expect("local addr");
     let scheme = if tls.is_some() { "https" } else { "http" };
     let task = tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let handler = handler.clone();
             let tls = tls.clone();
             tokio::spawn(async move {
@@ -64,29 +72,40 @@ async fn spawn(tls: Option<tokio_rustls::TlsAcceptor>, handler: Handler) -> Mock
                 match tls {
                     Some(acceptor) => {
                         if let Ok(stream) = acceptor.accept(stream).await {
-                            let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                            let _ = builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
                         }
                     }
                     None => {
-                        let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                        let _ = builder
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
                     }
                 }
             });
         }
     });
-    MockServer { addr, url: format!("{scheme}://{addr}"), task }
+    MockServer {
+        addr,
+        url: format!("{scheme}://{addr}"),
+        task,
+    }
 }
 
 fn json(status: StatusCode, value: serde_json::Value) -> Response<ProxyBody> {
     let mut r = Response::new(body::full(value.to_string()));
     *r.status_mut() = status;
-    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
 }
 
 fn random_hex(n: usize) -> String {
     let mut rng = rand::thread_rng();
-    (0..n).map(|_| format!("{:x}", rng.gen_range(0..16u8))).collect()
+    (0..n)
+        .map(|_| format!("{:x}", rng.gen_range(0..16u8)))
+        .collect()
 }
 
 // ------------------------------------------------------------------ token server
@@ -211,13 +230,27 @@ impl MockAuth {
 
     /// Just a refresh token of a fresh family.
     pub fn new_refresh_token(&self) -> String {
-        self.login()["refresh_token"].as_str().unwrap_or_default().to_string()
+        self.login()["refresh_token"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
     }
 
     fn issue(&self, s: &mut AuthState, family: u64, with_refresh: bool) -> serde_json::Value {
-        let lifetime = if s.next_lifetimes.is_empty() { s.lifetime } else { s.next_lifetimes.remove(0) };
+        let lifetime = if s.next_lifetimes.is_empty() {
+            s.lifetime
+        } else {
+            s.next_lifetimes.remove(0)
+        };
         let access = format!("at{family}.{}", random_hex(24));
-        s.access.insert(access.clone(), Access { expires: Instant::now() + lifetime, family, revoked: false });
+        s.access.insert(
+            access.clone(),
+            Access {
+                expires: Instant::now() + lifetime,
+                family,
+                revoked: false,
+            },
+        );
         let mut resp = serde_json::json!({
             "access_token": access,
             "token_type": "Bearer",
@@ -225,7 +258,13 @@ impl MockAuth {
         });
         if with_refresh {
             let refresh = format!("{family}:{}", random_hex(24));
-            s.refresh.insert(refresh.clone(), Refresh { family, used: false });
+            s.refresh.insert(
+                refresh.clone(),
+                Refresh {
+                    family,
+                    used: false,
+                },
+            );
             resp["refresh_token"] = refresh.into();
         }
         if self.error_style == ErrorStyle::Cotter {
@@ -263,7 +302,9 @@ impl MockAuth {
     fn error(&self, status: StatusCode, code: &str, description: &str) -> Response<ProxyBody> {
         self.rejected_calls.fetch_add(1, Ordering::SeqCst);
         let body = match self.error_style {
-            ErrorStyle::Rfc6749 => serde_json::json!({"error": code, "error_description": description}),
+            ErrorStyle::Rfc6749 => {
+                serde_json::json!({"error": code, "error_description": description})
+            }
             ErrorStyle::Cotter => serde_json::json!({"msg": description, "type": code}),
         };
         json(status, body)
@@ -271,27 +312,54 @@ impl MockAuth {
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
         let (parts, body) = req.into_parts();
-        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-        let content_type =
-            parts.headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let content_type = parts
+            .headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
         let params: HashMap<String, String> = if content_type.starts_with("application/json") {
             serde_json::from_slice::<HashMap<String, serde_json::Value>>(&body)
                 .unwrap_or_default()
                 .into_iter()
-                .map(|(k, v)| (k, v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())))
+                .map(|(k, v)| {
+                    (
+                        k,
+                        v.as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| v.to_string()),
+                    )
+                })
                 .collect()
         } else {
             form_urlencoded::parse(&body).into_owned().collect()
         };
-        self.lock().requests.push(TokenRequest { headers: parts.headers.clone(), content_type, params: params.clone() });
+        self.lock().requests.push(TokenRequest {
+            headers: parts.headers.clone(),
+            content_type,
+            params: params.clone(),
+        });
         let mut gate = self.gate.subscribe();
         let _ = gate.wait_for(|open| *open).await;
         if parts.method != Method::POST {
-            return self.error(StatusCode::METHOD_NOT_ALLOWED, "invalid_request", "use POST");
+            return self.error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request",
+                "use POST",
+            );
         }
         let fail = self.lock().fail_with;
         if let Some(status) = fail {
-            return self.error(status, "temporarily_unavailable", "the token service is down");
+            return self.error(
+                status,
+                "temporarily_unavailable",
+                "the token service is down",
+            );
         }
         match params.get("grant_type").map(String::as_str) {
             Some("refresh_token") => {
@@ -300,7 +368,11 @@ impl MockAuth {
                 let mut s = self.lock();
                 let Some(entry) = s.refresh.get(&presented) else {
                     drop(s);
-                    return self.error(StatusCode::BAD_REQUEST, "invalid_grant", "refresh token is not valid");
+                    return self.error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_grant",
+                        "refresh token is not valid",
+                    );
                 };
                 let (family, used) = (entry.family, entry.used);
                 if used {
@@ -308,11 +380,19 @@ impl MockAuth {
                     s.revoked_families.insert(family);
                     drop(s);
                     self.reuse_detected.fetch_add(1, Ordering::SeqCst);
-                    return self.error(StatusCode::BAD_REQUEST, "invalid_grant", "refresh token is not valid (reused)");
+                    return self.error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_grant",
+                        "refresh token is not valid (reused)",
+                    );
                 }
                 if s.revoked_families.contains(&family) {
                     drop(s);
-                    return self.error(StatusCode::BAD_REQUEST, "invalid_grant", "refresh token is not valid (revoked)");
+                    return self.error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_grant",
+                        "refresh token is not valid (revoked)",
+                    );
                 }
                 if self.rotate {
                     if let Some(entry) = s.refresh.get_mut(&presented) {
@@ -331,14 +411,22 @@ impl MockAuth {
                 let resp = self.issue(&mut s, 0, false);
                 json(StatusCode::OK, resp)
             }
-            _ => self.error(StatusCode::BAD_REQUEST, "unsupported_grant_type", "grant_type not supported"),
+            _ => self.error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                "grant_type not supported",
+            ),
         }
     }
 }
 
 /// Start the token endpoint for `auth` (any path; POST).
 pub async fn token_server(auth: Arc<MockAuth>) -> MockServer {
-    spawn(None, Arc::new(move |req| Box::pin(auth.clone().handle(req)))).await
+    spawn(
+        None,
+        Arc::new(move |req| Box::pin(auth.clone().handle(req))),
+    )
+    .await
 }
 
 // ------------------------------------------------------------------ upstream
@@ -386,14 +474,23 @@ impl MockUpstream {
 
     fn authorized(&self, headers: &HeaderMap) -> bool {
         let Some(auth) = &self.auth else { return true };
-        let bearer = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        let bearer = headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
         bearer.is_some_and(|t| auth.check(t).is_ok())
     }
 
     fn unauthorized(&self) -> Response<ProxyBody> {
         self.unauthorized.fetch_add(1, Ordering::SeqCst);
-        let mut r = json(StatusCode::UNAUTHORIZED, serde_json::json!({"error": "invalid_token"}));
-        r.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer error=\"invalid_token\""));
+        let mut r = json(
+            StatusCode::UNAUTHORIZED,
+            serde_json::json!({"error": "invalid_token"}),
+        );
+        r.headers_mut().insert(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer error=\"invalid_token\""),
+        );
         r
     }
 
@@ -416,23 +513,36 @@ impl MockUpstream {
                 }
             }
         }
-        self.seen.lock().unwrap_or_else(|e| e.into_inner()).push(SeenRequest {
-            method: parts.method.clone(),
-            version: parts.version,
-            uri: parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(),
-            headers: parts.headers.clone(),
-            body: Bytes::from(kept),
-            body_len: len,
-            authorized,
-        });
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(SeenRequest {
+                method: parts.method.clone(),
+                version: parts.version,
+                uri: parts
+                    .uri
+                    .path_and_query()
+                    .map(|p| p.to_string())
+                    .unwrap_or_default(),
+                headers: parts.headers.clone(),
+                body: Bytes::from(kept),
+                body_len: len,
+                authorized,
+            });
         if !authorized {
             return self.unauthorized();
         }
         self.ok.fetch_add(1, Ordering::SeqCst);
-        if let Some(ms) = path.strip_prefix("/slow/").and_then(|s| s.parse::<u64>().ok()) {
+        if let Some(ms) = path
+            .strip_prefix("/slow/")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }
-        if let Some(n) = path.strip_prefix("/big/").and_then(|s| s.parse::<u64>().ok()) {
+        if let Some(n) = path
+            .strip_prefix("/big/")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
             return stream_bytes(n);
         }
         let mut r = json(
@@ -444,7 +554,10 @@ impl MockUpstream {
                 "body_len": len,
             }),
         );
-        r.headers_mut().insert("x-upstream", HeaderValue::from_str(&self.name).unwrap_or(HeaderValue::from_static("?")));
+        r.headers_mut().insert(
+            "x-upstream",
+            HeaderValue::from_str(&self.name).unwrap_or(HeaderValue::from_static("?")),
+        );
         r
     }
 }
@@ -459,7 +572,8 @@ fn stream_bytes(n: u64) -> Response<ProxyBody> {
     });
     let stream = IterStream(frames);
     let mut r = Response::new(body::boxed(StreamBody::new(stream)));
-    r.headers_mut().insert(http::header::CONTENT_LENGTH, HeaderValue::from(n));
+    r.headers_mut()
+        .insert(http::header::CONTENT_LENGTH, HeaderValue::from(n));
     r
 }
 
@@ -468,19 +582,33 @@ struct IterStream<I>(I);
 
 impl<I: Iterator + Unpin> futures_core::Stream for IterStream<I> {
     type Item = I::Item;
-    fn poll_next(mut self: Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<Option<I::Item>> {
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<I::Item>> {
         std::task::Poll::Ready(self.0.next())
     }
 }
 
 /// Start `upstream` over plain HTTP (HTTP/1.1 and h2c).
 pub async fn upstream_server(upstream: Arc<MockUpstream>) -> MockServer {
-    spawn(None, Arc::new(move |req| Box::pin(upstream.clone().handle(req)))).await
+    spawn(
+        None,
+        Arc::new(move |req| Box::pin(upstream.clone().handle(req))),
+    )
+    .await
 }
 
 /// Start `upstream` over TLS with the given rustls server config (ALPN h2 + http/1.1).
-pub async fn upstream_server_tls(upstream: Arc<MockUpstream>, mut tls: rustls::ServerConfig) -> MockServer {
+pub async fn upstream_server_tls(
+    upstream: Arc<MockUpstream>,
+    mut tls: rustls::ServerConfig,
+) -> MockServer {
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    spawn(Some(acceptor), Arc::new(move |req| Box::pin(upstream.clone().handle(req)))).await
+    spawn(
+        Some(acceptor),
+        Arc::new(move |req| Box::pin(upstream.clone().handle(req))),
+    )
+    .await
 }

@@ -38,7 +38,13 @@ struct Trace {
 
 impl Proxy {
     pub fn new(routes: RouteTable, store: Arc<TokenStore>, metrics: Arc<Metrics>) -> Proxy {
-        Proxy { inner: Arc::new(Inner { routes, store, metrics }) }
+        Proxy {
+            inner: Arc::new(Inner {
+                routes,
+                store,
+                metrics,
+            }),
+        }
     }
 
     /// Serve one request from the app. Never fails: errors become JSON responses.
@@ -70,17 +76,24 @@ impl Proxy {
         response
     }
 
-    async fn forward(&self, req: Request<Incoming>, trace: &mut Trace) -> Result<Response<ProxyBody>, ProxyError> {
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        trace: &mut Trace,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let route = self.select_route(&req)?.clone();
         trace.route = Some(route.name.clone());
         trace.credential = route.credential.clone();
-        let credential = match &route.credential {
-            Some(name) => Some(self.inner.store.get(name).ok_or_else(|| ProxyError::TokenUnavailable {
-                reason: format!("credential {name} is not loaded"),
-                retry_after: std::time::Duration::from_secs(5),
-            })?),
-            None => None,
-        };
+        let credential =
+            match &route.credential {
+                Some(name) => Some(self.inner.store.get(name).ok_or_else(|| {
+                    ProxyError::TokenUnavailable {
+                        reason: format!("credential {name} is not loaded"),
+                        retry_after: std::time::Duration::from_secs(5),
+                    }
+                })?),
+                None => None,
+            };
         let lease = match &credential {
             Some(c) => Some(lease(c).await?),
             None => None,
@@ -107,14 +120,20 @@ impl Proxy {
         };
         let response = send(&route, Request::from_parts(parts, body)).await?;
 
-        let (Some(credential), Some(lease), Some((buffer, method, uri, mut headers))) = (credential, lease, replay) else {
+        let (Some(credential), Some(lease), Some((buffer, method, uri, mut headers))) =
+            (credential, lease, replay)
+        else {
             return Ok(finish(response));
         };
         if response.status() != StatusCode::UNAUTHORIZED || !credential.reject(lease.generation) {
             return Ok(finish(response));
         }
         // Our token was refused and a new one is coming. Replay only a body we hold whole.
-        let Some(bytes) = buffer.lock().unwrap_or_else(|e| e.into_inner()).replayable() else {
+        let Some(bytes) = buffer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replayable()
+        else {
             tracing::info!(route = %route.name, "401 not replayed: body too large or still streaming");
             return Ok(finish(response));
         };
@@ -129,7 +148,11 @@ impl Proxy {
 
     fn select_route(&self, req: &Request<Incoming>) -> Result<&Arc<Route>, ProxyError> {
         if req.method() == Method::CONNECT {
-            let host = req.uri().authority().map(|a| a.to_string()).unwrap_or_default();
+            let host = req
+                .uri()
+                .authority()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
             return Err(ProxyError::ConnectNotSupported { host });
         }
         let uri = req.uri();
@@ -148,7 +171,10 @@ async fn lease(credential: &Credential) -> Result<Arc<ActiveToken>, ProxyError> 
     credential
         .lease()
         .await
-        .map_err(|u| ProxyError::TokenUnavailable { reason: u.reason, retry_after: u.retry_after })
+        .map_err(|u| ProxyError::TokenUnavailable {
+            reason: u.reason,
+            retry_after: u.retry_after,
+        })
 }
 
 fn header_of<'a>(

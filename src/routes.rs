@@ -70,7 +70,8 @@ impl Route {
             pq.push('?');
             pq.push_str(q);
         }
-        let pq = PathAndQuery::try_from(pq).map_err(|_| ProxyError::BadRequest("invalid path".into()))?;
+        let pq = PathAndQuery::try_from(pq)
+            .map_err(|_| ProxyError::BadRequest("invalid path".into()))?;
         Uri::builder()
             .scheme(self.upstream.scheme.clone())
             .authority(self.upstream.authority.clone())
@@ -107,17 +108,28 @@ impl RouteTable {
     /// Forward mode (absolute-form request, the app uses us as HTTP_PROXY): the route whose
     /// `hosts` names this host exactly (case-insensitive; an entry without a port matches any
     /// port), most specific prefix first. A host no route names is refused.
-    pub fn by_host(&self, host: &str, port: Option<u16>, path: &str) -> Result<&Arc<Route>, ProxyError> {
+    pub fn by_host(
+        &self,
+        host: &str,
+        port: Option<u16>,
+        path: &str,
+    ) -> Result<&Arc<Route>, ProxyError> {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
         let with_port = port.map(|p| format!("{host}:{p}"));
         let names_host = |r: &&Arc<Route>| {
-            r.hosts.iter().any(|h| *h == host || with_port.as_deref() == Some(h.as_str()))
+            r.hosts
+                .iter()
+                .any(|h| *h == host || with_port.as_deref() == Some(h.as_str()))
         };
         let mut candidates = self.routes.iter().filter(names_host).peekable();
         if candidates.peek().is_none() {
-            return Err(ProxyError::HostNotAllowed { host: with_port.unwrap_or(host) });
+            return Err(ProxyError::HostNotAllowed {
+                host: with_port.unwrap_or(host),
+            });
         }
-        candidates.find(|r| r.matches_path(path)).ok_or(ProxyError::NoRoute)
+        candidates
+            .find(|r| r.matches_path(path))
+            .ok_or(ProxyError::NoRoute)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Route>> {
@@ -154,7 +166,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Prepare request headers for the upstream: hop-by-hop and `Host` removed (the client
 /// sets `Host` from the upstream URI), and the app's own copy of our header replaced by ours.
-pub fn rewrite_request_headers(headers: &mut HeaderMap, token: Option<(&HeaderName, &HeaderValue)>) {
+pub fn rewrite_request_headers(
+    headers: &mut HeaderMap,
+    token: Option<(&HeaderName, &HeaderValue)>,
+) {
     strip_hop_by_hop(headers);
     headers.remove(header::HOST);
     if let Some((name, value)) = token {
@@ -201,36 +216,74 @@ mod tests {
         let t = table(ROUTES);
         let api = t.by_path("/api/x").unwrap();
         let uri: Uri = "/api/users?id=1".parse().unwrap();
-        assert_eq!(api.upstream_uri(&uri).unwrap().to_string(), "https://api.example.com/v2/users?id=1");
+        assert_eq!(
+            api.upstream_uri(&uri).unwrap().to_string(),
+            "https://api.example.com/v2/users?id=1"
+        );
         let uri: Uri = "/api".parse().unwrap();
-        assert_eq!(api.upstream_uri(&uri).unwrap().to_string(), "https://api.example.com/v2/");
+        assert_eq!(
+            api.upstream_uri(&uri).unwrap().to_string(),
+            "https://api.example.com/v2/"
+        );
         let root = t.by_path("/x").unwrap();
         let uri: Uri = "/a/b".parse().unwrap();
-        assert_eq!(root.upstream_uri(&uri).unwrap().to_string(), "http://127.0.0.1:1/a/b");
+        assert_eq!(
+            root.upstream_uri(&uri).unwrap().to_string(),
+            "http://127.0.0.1:1/a/b"
+        );
     }
 
     #[test]
     fn hosts_match_exactly() {
         let t = table(ROUTES);
-        assert_eq!(&*t.by_host("API.example.com", None, "/api/x").unwrap().name, "api");
-        assert!(matches!(t.by_host("api.example.com.evil.test", None, "/"), Err(ProxyError::HostNotAllowed { .. })));
-        assert!(matches!(t.by_host("evil.api.example.com", None, "/"), Err(ProxyError::HostNotAllowed { .. })));
-        assert_eq!(&*t.by_host("other.example.com", Some(8443), "/").unwrap().name, "fwd");
-        assert!(matches!(t.by_host("other.example.com", Some(80), "/"), Err(ProxyError::HostNotAllowed { .. })));
-        assert!(matches!(t.by_host("api.example.com", None, "/nope"), Err(ProxyError::NoRoute)));
+        assert_eq!(
+            &*t.by_host("API.example.com", None, "/api/x").unwrap().name,
+            "api"
+        );
+        assert!(matches!(
+            t.by_host("api.example.com.evil.test", None, "/"),
+            Err(ProxyError::HostNotAllowed { .. })
+        ));
+        assert!(matches!(
+            t.by_host("evil.api.example.com", None, "/"),
+            Err(ProxyError::HostNotAllowed { .. })
+        ));
+        assert_eq!(
+            &*t.by_host("other.example.com", Some(8443), "/")
+                .unwrap()
+                .name,
+            "fwd"
+        );
+        assert!(matches!(
+            t.by_host("other.example.com", Some(80), "/"),
+            Err(ProxyError::HostNotAllowed { .. })
+        ));
+        assert!(matches!(
+            t.by_host("api.example.com", None, "/nope"),
+            Err(ProxyError::NoRoute)
+        ));
     }
 
     #[test]
     fn headers_rewritten() {
         let mut h = HeaderMap::new();
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer app-own"));
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer app-own"),
+        );
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
         h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:8080"));
         h.insert("x-keep", HeaderValue::from_static("yes"));
         let ours = HeaderValue::from_static("Bearer ours");
         rewrite_request_headers(&mut h, Some((&header::AUTHORIZATION, &ours)));
-        assert_eq!(h.get_all(header::AUTHORIZATION).iter().collect::<Vec<_>>(), vec!["Bearer ours"]);
+        assert_eq!(
+            h.get_all(header::AUTHORIZATION).iter().collect::<Vec<_>>(),
+            vec!["Bearer ours"]
+        );
         assert!(h.get("x-secret-hop").is_none());
         assert!(h.get(header::CONNECTION).is_none());
         assert!(h.get(header::HOST).is_none());

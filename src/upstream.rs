@@ -19,7 +19,10 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Connector = TimeoutConnector<HttpsConnector<HttpConnector>>;
 
 /// Build a pooled client for bodies of type `B`.
-pub fn client<B>(ca_file: Option<&Path>, connect_timeout: Duration) -> Result<Client<Connector, B>, String>
+pub fn client<B>(
+    ca_file: Option<&Path>,
+    connect_timeout: Duration,
+) -> Result<Client<Connector, B>, String>
 where
     B: http_body::Body + Send + 'static,
     B::Data: Send,
@@ -35,7 +38,10 @@ where
         .enable_http1()
         .enable_http2()
         .wrap_connector(http);
-    let connector = TimeoutConnector { inner: https, timeout: connect_timeout };
+    let connector = TimeoutConnector {
+        inner: https,
+        timeout: connect_timeout,
+    };
     Ok(Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
@@ -52,11 +58,16 @@ fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String> {
         let mut found = 0;
         for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
             let cert = cert.map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-            roots.add(cert).map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
             found += 1;
         }
         if found == 0 {
-            return Err(format!("ca_file {}: no PEM certificates found", path.display()));
+            return Err(format!(
+                "ca_file {}: no PEM certificates found",
+                path.display()
+            ));
         }
     }
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());

@@ -23,14 +23,23 @@ async fn a_credential_without_a_token_becomes_live_when_one_is_put() {
     let r = get(&url(&app, "/v1/x")).await;
     assert_eq!(r.status, 503);
     assert_eq!(r.json()["error"], "token_unavailable");
-    assert_eq!(get(&admin(&app, "/tokens")).await.json()["main"]["state"], "needs_reauth");
+    assert_eq!(
+        get(&admin(&app, "/tokens")).await.json()["main"]["state"],
+        "needs_reauth"
+    );
 
     // What a login SDK returns (Cotter's oauth_token shape carries extra fields).
     let mut login = world.auth.login();
     login["id_token"] = "eyJhbGciOiJFUzI1NiJ9.e30.sig".into();
     login["auth_method"] = "OTP".into();
     let rt = login["refresh_token"].as_str().unwrap().to_string();
-    let r = send(Method::PUT, &admin(&app, "/tokens/main"), &[("content-type", "application/json")], login.to_string()).await;
+    let r = send(
+        Method::PUT,
+        &admin(&app, "/tokens/main"),
+        &[("content-type", "application/json")],
+        login.to_string(),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["state"], "fresh");
     assert_eq!(get(&admin(&app, "/readyz")).await.status, 200);
@@ -38,13 +47,27 @@ async fn a_credential_without_a_token_becomes_live_when_one_is_put() {
     // Its refresh token is persisted, privately.
     let saved = std::fs::read_to_string(&state).unwrap();
     assert!(saved.contains(&rt));
-    assert_eq!(std::fs::metadata(&state).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&state).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
 
     // Bad installs are refused with a reason.
-    let r = send(Method::PUT, &admin(&app, "/tokens/main"), &[], "{\"token_type\":\"Bearer\"}").await;
+    let r = send(
+        Method::PUT,
+        &admin(&app, "/tokens/main"),
+        &[],
+        "{\"token_type\":\"Bearer\"}",
+    )
+    .await;
     assert_eq!(r.status, 400);
     assert!(r.text().contains("access_token"));
-    assert_eq!(send(Method::PUT, &admin(&app, "/tokens/nope"), &[], "{}").await.status, 404);
+    assert_eq!(
+        send(Method::PUT, &admin(&app, "/tokens/nope"), &[], "{}")
+            .await
+            .status,
+        404
+    );
     app.stop().await;
 }
 
@@ -63,15 +86,27 @@ async fn forced_refresh_reports_success_and_the_endpoints_error() {
     world.auth.fail_with(Some(StatusCode::BAD_REQUEST));
     let r = send(Method::POST, &admin(&app, "/tokens/main/refresh"), &[], "").await;
     assert_eq!(r.status, 502, "{}", r.text());
-    assert!(r.json()["message"].as_str().unwrap().contains("400"), "{}", r.text());
+    assert!(
+        r.json()["message"].as_str().unwrap().contains("400"),
+        "{}",
+        r.text()
+    );
 
     // A refused refresh parks the credential in needs_reauth; forcing works from there too.
-    assert_eq!(get(&admin(&app, "/tokens")).await.json()["main"]["state"], "needs_reauth");
+    assert_eq!(
+        get(&admin(&app, "/tokens")).await.json()["main"]["state"],
+        "needs_reauth"
+    );
     world.auth.fail_with(None);
     let r = send(Method::POST, &admin(&app, "/tokens/main/refresh"), &[], "").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["state"], "fresh");
-    assert_eq!(send(Method::POST, &admin(&app, "/tokens/nope/refresh"), &[], "").await.status, 404);
+    assert_eq!(
+        send(Method::POST, &admin(&app, "/tokens/nope/refresh"), &[], "")
+            .await
+            .status,
+        404
+    );
     app.stop().await;
 }
 
@@ -108,7 +143,11 @@ async fn tokens_and_metrics_describe_state_without_token_values() {
         assert!(metrics.contains(needle), "missing {needle:?} in\n{metrics}");
     }
     for seen in world.api.seen() {
-        let token = seen.headers["authorization"].to_str().unwrap().trim_start_matches("Bearer ").to_string();
+        let token = seen.headers["authorization"]
+            .to_str()
+            .unwrap()
+            .trim_start_matches("Bearer ")
+            .to_string();
         assert!(!tokens.text().contains(&token) && !metrics.contains(&token));
     }
     assert!(!tokens.text().contains(&rt) && !metrics.contains(&rt));

@@ -5,7 +5,10 @@ mod support;
 use support::*;
 
 fn write(dir: &std::path::Path, text: &str) -> String {
-    write_file(dir, "proxy.toml", text).to_str().unwrap().to_string()
+    write_file(dir, "proxy.toml", text)
+        .to_str()
+        .unwrap()
+        .to_string()
 }
 
 const GOOD: &str = r#"
@@ -29,7 +32,10 @@ fn check_accepts_a_good_config_and_prints_a_summary_without_secrets() {
     let dir = tempfile::tempdir().unwrap();
     let rt = write_file(dir.path(), "rt", "  rt-secret-value\n");
     let cfg = write(dir.path(), &GOOD.replace("RT_FILE", rt.to_str().unwrap()));
-    let (code, out, err) = run_binary(&["check", "--config", &cfg], &[("TP_TEST_SECRET", "cs-secret-value")]);
+    let (code, out, err) = run_binary(
+        &["check", "--config", &cfg],
+        &[("TP_TEST_SECRET", "cs-secret-value")],
+    );
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("route api"), "{out}");
     assert!(out.contains("https://api.example.com/v1"), "{out}");
@@ -40,8 +46,10 @@ fn check_accepts_a_good_config_and_prints_a_summary_without_secrets() {
 #[test]
 fn the_shipped_example_config_is_valid() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml");
-    let (code, out, err) =
-        run_binary(&["check", "--config", example], &[("CLIENT_SECRET", "x"), ("REFRESH_TOKEN", "y")]);
+    let (code, out, err) = run_binary(
+        &["check", "--config", example],
+        &[("CLIENT_SECRET", "x"), ("REFRESH_TOKEN", "y")],
+    );
     assert_eq!(code, 0, "{out}{err}");
 }
 
@@ -50,7 +58,10 @@ fn config_path_comes_from_the_environment() {
     let dir = tempfile::tempdir().unwrap();
     let rt = write_file(dir.path(), "rt", "rt");
     let cfg = write(dir.path(), &GOOD.replace("RT_FILE", rt.to_str().unwrap()));
-    let (code, _, err) = run_binary(&["check"], &[("TOKEN_PROXY_CONFIG", &cfg), ("TP_TEST_SECRET", "x")]);
+    let (code, _, err) = run_binary(
+        &["check"],
+        &[("TOKEN_PROXY_CONFIG", &cfg), ("TP_TEST_SECRET", "x")],
+    );
     assert_eq!(code, 0, "{err}");
 }
 
@@ -60,16 +71,58 @@ fn bad_configs_exit_2_naming_the_key() {
     let rt = write_file(dir.path(), "rt", "rt");
     let good = GOOD.replace("RT_FILE", rt.to_str().unwrap());
     let cases: Vec<(String, &str)> = vec![
-        (good.replace("prefix = \"/\"", "prefix = \"/\"\nprefx = \"/\""), "prefx"),
-        (good.replace("listen = \"127.0.0.1:0\"", "listen = \"nowhere\""), "server.listen"),
-        (good.replace("${TP_TEST_SECRET}", "${TP_TEST_UNSET_VAR}"), "TP_TEST_UNSET_VAR"),
-        (good.replace("credential = \"main\"", "credential = \"missing\""), "routes[0].credential"),
-        (good.replace("grant = \"refresh_token\"", "grant = \"password\""), "credentials.main.grant"),
-        (format!("{good}\n[credentials.x]\ngrant = \"static\"\n"), "credentials.x.access_token"),
-        (good.replace("refresh_token_file", "refresh_token = \"a\"\nrefresh_token_file"), "not both"),
-        (good.replace("client_id = \"cid\"", "client_id = \"cid\"\ntimeout = \"soon\""), "credentials.main.timeout"),
-        (good.replace("upstream = \"https://api.example.com/v1\"", "upstream = \"api.example.com\""), "routes[0].upstream"),
-        (good.replace("client_id = \"cid\"", "client_id = \"cid\"\nrefresh_before = 60"), "credentials.main.refresh_before"),
+        (
+            good.replace("prefix = \"/\"", "prefix = \"/\"\nprefx = \"/\""),
+            "prefx",
+        ),
+        (
+            good.replace("listen = \"127.0.0.1:0\"", "listen = \"nowhere\""),
+            "server.listen",
+        ),
+        (
+            good.replace("${TP_TEST_SECRET}", "${TP_TEST_UNSET_VAR}"),
+            "TP_TEST_UNSET_VAR",
+        ),
+        (
+            good.replace("credential = \"main\"", "credential = \"missing\""),
+            "routes[0].credential",
+        ),
+        (
+            good.replace("grant = \"refresh_token\"", "grant = \"password\""),
+            "credentials.main.grant",
+        ),
+        (
+            format!("{good}\n[credentials.x]\ngrant = \"static\"\n"),
+            "credentials.x.access_token",
+        ),
+        (
+            good.replace(
+                "refresh_token_file",
+                "refresh_token = \"a\"\nrefresh_token_file",
+            ),
+            "not both",
+        ),
+        (
+            good.replace(
+                "client_id = \"cid\"",
+                "client_id = \"cid\"\ntimeout = \"soon\"",
+            ),
+            "credentials.main.timeout",
+        ),
+        (
+            good.replace(
+                "upstream = \"https://api.example.com/v1\"",
+                "upstream = \"api.example.com\"",
+            ),
+            "routes[0].upstream",
+        ),
+        (
+            good.replace(
+                "client_id = \"cid\"",
+                "client_id = \"cid\"\nrefresh_before = 60",
+            ),
+            "credentials.main.refresh_before",
+        ),
         ("[[routes]\n".to_string(), "TOML"),
     ];
     for (text, key) in cases {
@@ -98,8 +151,15 @@ fn listen_addresses_can_be_overridden_by_environment() {
     let cfg = write(dir.path(), &GOOD.replace("RT_FILE", rt.to_str().unwrap()));
     let (code, out, err) = run_binary(
         &["check", "--config", &cfg],
-        &[("TP_TEST_SECRET", "x"), ("TOKEN_PROXY_LISTEN", "127.0.0.1:18080"), ("TOKEN_PROXY_ADMIN_LISTEN", "127.0.0.1:19901")],
+        &[
+            ("TP_TEST_SECRET", "x"),
+            ("TOKEN_PROXY_LISTEN", "127.0.0.1:18080"),
+            ("TOKEN_PROXY_ADMIN_LISTEN", "127.0.0.1:19901"),
+        ],
     );
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("127.0.0.1:18080") && out.contains("127.0.0.1:19901"), "{out}");
+    assert!(
+        out.contains("127.0.0.1:18080") && out.contains("127.0.0.1:19901"),
+        "{out}"
+    );
 }

@@ -15,7 +15,10 @@ fn assert_error(r: &Reply, status: u16, code: &str) {
     let v = r.json();
     assert_eq!(v["error"], code, "{v}");
     assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
-    assert!(v.get("route").is_some() && v.get("credential").is_some(), "{v}");
+    assert!(
+        v.get("route").is_some() && v.get("credential").is_some(),
+        "{v}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -28,22 +31,39 @@ async fn token_endpoint_down_old_token_serves_then_503_then_recovers() {
     world.auth.fail_with(Some(StatusCode::SERVICE_UNAVAILABLE));
     // The old token is still valid: requests keep working while refreshes fail.
     assert_eq!(get(&url(&app, "/b")).await.status, 200);
-    wait_for("a 503 token_unavailable once the token has expired", Duration::from_secs(20), || async {
-        get(&url(&app, "/c")).await.status == 503
-    })
+    wait_for(
+        "a 503 token_unavailable once the token has expired",
+        Duration::from_secs(20),
+        || async { get(&url(&app, "/c")).await.status == 503 },
+    )
     .await;
     let r = get(&url(&app, "/d")).await;
     assert_error(&r, 503, "token_unavailable");
     assert_eq!(r.json()["credential"], "main");
-    assert!(r.headers.get("retry-after").is_some(), "503 carries Retry-After");
-    assert_eq!(world.api.unauthorized.load(Ordering::SeqCst), 0, "an expired token is never attached");
+    assert!(
+        r.headers.get("retry-after").is_some(),
+        "503 carries Retry-After"
+    );
+    assert_eq!(
+        world.api.unauthorized.load(Ordering::SeqCst),
+        0,
+        "an expired token is never attached"
+    );
     let tokens = get(&admin(&app, "/tokens")).await.json();
-    assert!(tokens["main"]["last_error"].as_str().unwrap().contains("503"), "{tokens}");
+    assert!(
+        tokens["main"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("503"),
+        "{tokens}"
+    );
 
     world.auth.fail_with(None);
-    wait_for("recovery once the endpoint is back", Duration::from_secs(45), || async {
-        get(&url(&app, "/e")).await.status == 200
-    })
+    wait_for(
+        "recovery once the endpoint is back",
+        Duration::from_secs(45),
+        || async { get(&url(&app, "/e")).await.status == 200 },
+    )
     .await;
     assert!(get(&admin(&app, "/tokens")).await.json()["main"]["last_error"].is_null());
     app.stop().await;
@@ -60,16 +80,30 @@ async fn invalid_grant_means_needs_reauth_without_hammering() {
 
     let r = get(&url(&app, "/b")).await;
     assert_error(&r, 503, "token_unavailable");
-    assert!(r.json()["message"].as_str().unwrap().contains("invalid_grant"), "{}", r.text());
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("invalid_grant"),
+        "{}",
+        r.text()
+    );
     let calls = world.auth.refresh_calls.load(Ordering::SeqCst);
     for _ in 0..30 {
         assert_eq!(get(&url(&app, "/c")).await.status, 503);
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(world.auth.refresh_calls.load(Ordering::SeqCst), calls, "no retries after invalid_grant");
+    assert_eq!(
+        world.auth.refresh_calls.load(Ordering::SeqCst),
+        calls,
+        "no retries after invalid_grant"
+    );
     let tokens = get(&admin(&app, "/tokens")).await.json();
     assert_eq!(tokens["main"]["state"], "needs_reauth");
-    assert!(tokens["main"]["last_error"].as_str().unwrap().contains("invalid_grant"));
+    assert!(tokens["main"]["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("invalid_grant"));
     assert_eq!(get(&admin(&app, "/readyz")).await.status, 503);
 
     // A new login installed through the admin API brings it back.
@@ -85,41 +119,70 @@ async fn invalid_grant_means_needs_reauth_without_hammering() {
 async fn cotter_style_error_is_surfaced_in_last_error() {
     let auth = MockAuth::with_style(Duration::from_secs(300), ErrorStyle::Cotter);
     let world = World::with_auth(auth).await;
-    let app = start(&world.config("", "refresh_token = \"235:not-a-real-token\"\nencoding = \"json\"")).await;
+    let app = start(&world.config(
+        "",
+        "refresh_token = \"235:not-a-real-token\"\nencoding = \"json\"",
+    ))
+    .await;
     let r = get(&url(&app, "/a")).await;
     assert_error(&r, 503, "token_unavailable");
     let tokens = get(&admin(&app, "/tokens")).await.json();
     let last = tokens["main"]["last_error"].as_str().unwrap();
     assert!(last.contains("refresh token is not valid"), "{last}");
-    assert!(!last.contains("not-a-real-token"), "no secrets in last_error: {last}");
+    assert!(
+        !last.contains("not-a-real-token"),
+        "no secrets in last_error: {last}"
+    );
     app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_token_endpoint_gives_503_quickly() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let world = World::new(Duration::from_secs(300)).await;
-    let toml = world.config("", "refresh_token = \"x\"").replace(&world.idp.url, &format!("http://{closed}"));
+    let toml = world
+        .config("", "refresh_token = \"x\"")
+        .replace(&world.idp.url, &format!("http://{closed}"));
     let app = start(&toml).await;
     let r = get(&url(&app, "/a")).await;
     assert_error(&r, 503, "token_unavailable");
     let tokens = get(&admin(&app, "/tokens")).await.json();
-    assert!(tokens["main"]["last_error"].as_str().unwrap().contains("unreachable"), "{tokens}");
+    assert!(
+        tokens["main"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("unreachable"),
+        "{tokens}"
+    );
     app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_down_is_502_and_slow_is_504() {
     let world = World::new(Duration::from_secs(300)).await;
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let rt = world.auth.new_refresh_token();
     let toml = format!(
         "{}\n[[routes]]\nname = \"down\"\nprefix = \"/down\"\nupstream = \"http://{closed}\"\ncredential = \"main\"\n",
         world.config("timeout = \"500ms\"", &format!("refresh_token = \"{rt}\""))
     );
     let app = start(&toml).await;
-    assert_error(&get(&url(&app, "/down/x")).await, 502, "upstream_unreachable");
-    assert_error(&get(&url(&app, "/slow/3000")).await, 504, "upstream_timeout");
+    assert_error(
+        &get(&url(&app, "/down/x")).await,
+        502,
+        "upstream_unreachable",
+    );
+    assert_error(
+        &get(&url(&app, "/slow/3000")).await,
+        504,
+        "upstream_timeout",
+    );
     assert_eq!(get(&url(&app, "/slow/10")).await.status, 200);
     app.stop().await;
 }
@@ -128,7 +191,9 @@ async fn upstream_down_is_502_and_slow_is_504() {
 async fn unmatched_path_is_404_no_route() {
     let world = World::new(Duration::from_secs(300)).await;
     let rt = world.auth.new_refresh_token();
-    let toml = world.config("", &format!("refresh_token = \"{rt}\"")).replace("prefix = \"/\"", "prefix = \"/api\"");
+    let toml = world
+        .config("", &format!("refresh_token = \"{rt}\""))
+        .replace("prefix = \"/\"", "prefix = \"/api\"");
     let app = start(&toml).await;
     let r = get(&url(&app, "/other")).await;
     assert_error(&r, 404, "no_route");

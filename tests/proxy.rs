@@ -12,7 +12,10 @@ use support::*;
 async fn world_and_proxy(extra_routes: &str) -> (World, token_proxy::AppHandle) {
     let world = World::new(Duration::from_secs(300)).await;
     let rt = world.auth.new_refresh_token();
-    let toml = format!("{}\n{extra_routes}", world.config("", &format!("refresh_token = \"{rt}\"")));
+    let toml = format!(
+        "{}\n{extra_routes}",
+        world.config("", &format!("refresh_token = \"{rt}\""))
+    );
     let app = start(&toml).await;
     (world, app)
 }
@@ -25,7 +28,11 @@ async fn prefix_strip_and_base_path_rewrite_the_path() {
         "[[routes]]\nname = \"v2\"\nprefix = \"/svc\"\nstrip_prefix = true\nupstream = \"{}/base/\"\ncredential = \"main\"\n",
         world.api_server.url
     );
-    let app = start(&format!("{}\n{extra}", world.config("", &format!("refresh_token = \"{rt}\"")))).await;
+    let app = start(&format!(
+        "{}\n{extra}",
+        world.config("", &format!("refresh_token = \"{rt}\""))
+    ))
+    .await;
     assert_eq!(get(&url(&app, "/svc/users?id=7&x=%20")).await.status, 200);
     assert_eq!(get(&url(&app, "/plain/path?q=1")).await.status, 200);
     let seen = world.api.seen();
@@ -54,7 +61,11 @@ async fn headers_are_rewritten_for_the_upstream() {
     assert_eq!(r.headers["x-upstream"], "api");
     let seen = &world.api.seen()[0];
     let auths: Vec<_> = seen.headers.get_all("authorization").iter().collect();
-    assert_eq!(auths.len(), 1, "the app's Authorization is replaced, not forwarded alongside");
+    assert_eq!(
+        auths.len(),
+        1,
+        "the app's Authorization is replaced, not forwarded alongside"
+    );
     assert_ne!(auths[0], "Bearer the-apps-own-stale-token");
     assert!(seen.authorized);
     assert!(seen.headers.get("x-private-hop").is_none());
@@ -69,11 +80,22 @@ async fn h2c_from_the_app_works() {
     let (world, app) = world_and_proxy("").await;
     let client = h2c_client();
     for i in 0..10 {
-        let r = send_with(&client, Method::POST, &url(&app, &format!("/h2/{i}")), &[], vec![1u8; 1000]).await;
+        let r = send_with(
+            &client,
+            Method::POST,
+            &url(&app, &format!("/h2/{i}")),
+            &[],
+            vec![1u8; 1000],
+        )
+        .await;
         assert_eq!(r.status, 200, "{}", r.text());
     }
     assert_eq!(world.api.seen().len(), 10);
-    assert!(world.api.seen().iter().all(|s| s.authorized && s.body_len == 1000));
+    assert!(world
+        .api
+        .seen()
+        .iter()
+        .all(|s| s.authorized && s.body_len == 1000));
     app.stop().await;
 }
 
@@ -81,7 +103,9 @@ fn test_pki(dir: &std::path::Path) -> (std::path::PathBuf, rustls::ServerConfig)
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "token-proxy test CA");
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "token-proxy test CA");
     let ca_key = KeyPair::generate().unwrap();
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let leaf_key = KeyPair::generate().unwrap();
@@ -118,11 +142,19 @@ async fn https_upstream_with_a_private_ca_speaks_h2_via_alpn() {
         ca_path.display(),
         secure_server.addr.port(),
     );
-    let app = start(&format!("{}\n{extra}", world.config("", &format!("refresh_token = \"{rt}\"")))).await;
+    let app = start(&format!(
+        "{}\n{extra}",
+        world.config("", &format!("refresh_token = \"{rt}\""))
+    ))
+    .await;
     let r = get(&url(&app, "/tls/x")).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["upstream"], "secure");
-    assert_eq!(secure.seen()[0].version, Version::HTTP_2, "h2 negotiated by ALPN");
+    assert_eq!(
+        secure.seen()[0].version,
+        Version::HTTP_2,
+        "h2 negotiated by ALPN"
+    );
     assert!(secure.seen()[0].authorized);
     // Without the CA the certificate is refused: 502, and the token never left.
     let r = get(&url(&app, "/untrusted/x")).await;
@@ -138,7 +170,10 @@ async fn forward_mode_matches_listed_hosts_only() {
     let rt = world.auth.new_refresh_token();
     let toml = world
         .config("", &format!("refresh_token = \"{rt}\""))
-        .replace("prefix = \"/\"", "prefix = \"/\"\nhosts = [\"api.example.com\"]");
+        .replace(
+            "prefix = \"/\"",
+            "prefix = \"/\"\nhosts = [\"api.example.com\"]",
+        );
     let app = start(&toml).await;
 
     let ok = raw(
@@ -154,7 +189,9 @@ async fn forward_mode_matches_listed_hosts_only() {
     assert!(seen[0].authorized);
 
     for host in ["api.example.com.evil.test", "evil.test", "xapi.example.com"] {
-        let req = format!("GET http://{host}/steal HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let req = format!(
+            "GET http://{host}/steal HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        );
         let resp = raw(app.proxy_addr, req.as_bytes(), Duration::from_secs(10)).await;
         assert!(resp.starts_with("HTTP/1.1 403"), "{host}: {resp}");
         assert!(resp.contains("host_not_allowed"));
@@ -166,8 +203,15 @@ async fn forward_mode_matches_listed_hosts_only() {
     )
     .await;
     assert!(connect.starts_with("HTTP/1.1 405"), "{connect}");
-    assert!(connect.contains("http://"), "the message tells the user what to do: {connect}");
-    assert_eq!(world.api.seen().len(), 1, "nothing refused reached the upstream");
+    assert!(
+        connect.contains("http://"),
+        "the message tells the user what to do: {connect}"
+    );
+    assert_eq!(
+        world.api.seen().len(),
+        1,
+        "nothing refused reached the upstream"
+    );
     app.stop().await;
 }
 
@@ -177,14 +221,26 @@ async fn oversized_request_head_gets_431() {
     let rt = world.auth.new_refresh_token();
     let toml = world
         .config("", &format!("refresh_token = \"{rt}\""))
-        .replace("shutdown_grace = \"5s\"", "shutdown_grace = \"5s\"\nmax_header_size = \"16KiB\"");
+        .replace(
+            "shutdown_grace = \"5s\"",
+            "shutdown_grace = \"5s\"\nmax_header_size = \"16KiB\"",
+        );
     let app = start(&toml).await;
     let big = "a".repeat(40 * 1024);
     let req = format!("GET /x HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n");
     let resp = raw(app.proxy_addr, req.as_bytes(), Duration::from_secs(10)).await;
-    assert!(resp.starts_with("HTTP/1.1 431"), "{}", &resp[..resp.len().min(200)]);
+    assert!(
+        resp.starts_with("HTTP/1.1 431"),
+        "{}",
+        &resp[..resp.len().min(200)]
+    );
     assert_eq!(world.api.seen().len(), 0);
-    let small = raw(app.proxy_addr, b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", Duration::from_secs(10)).await;
+    let small = raw(
+        app.proxy_addr,
+        b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
     assert!(small.starts_with("HTTP/1.1 200"), "{small}");
     app.stop().await;
 }
@@ -202,6 +258,9 @@ async fn a_route_without_credential_forwards_without_a_token() {
     );
     let app = start(&toml).await;
     assert_eq!(get(&url(&app, "/public/x")).await.status, 200);
-    assert!(public.seen()[0].headers.get("authorization").is_none(), "no token for a route without credential");
+    assert!(
+        public.seen()[0].headers.get("authorization").is_none(),
+        "no token for a route without credential"
+    );
     app.stop().await;
 }

@@ -23,8 +23,15 @@ async fn proactive_refresh_keeps_every_request_authorized_across_many_expiries()
     }
     let refreshes = world.auth.refresh_calls.load(Ordering::SeqCst);
     // 7 s of 2 s tokens: the first fetch plus at least three lifetimes crossed.
-    assert!(refreshes >= 4, "expected several refreshes, saw {refreshes}");
-    assert_eq!(world.api.unauthorized.load(Ordering::SeqCst), 0, "the upstream never saw an expired token");
+    assert!(
+        refreshes >= 4,
+        "expected several refreshes, saw {refreshes}"
+    );
+    assert_eq!(
+        world.api.unauthorized.load(Ordering::SeqCst),
+        0,
+        "the upstream never saw an expired token"
+    );
     assert_eq!(world.auth.reuse_detected.load(Ordering::SeqCst), 0);
     // Every upstream request carried exactly one Authorization header: ours.
     for seen in world.api.seen() {
@@ -45,14 +52,18 @@ async fn two_hundred_requests_at_expiry_share_one_refresh() {
 
     // Hold the background refresh at the token server until the token has expired.
     world.auth.set_gate(false);
-    wait_for("the background refresh to reach the token server", Duration::from_secs(10), || async {
-        world.auth.requests().len() == 2
-    })
+    wait_for(
+        "the background refresh to reach the token server",
+        Duration::from_secs(10),
+        || async { world.auth.requests().len() == 2 },
+    )
     .await;
     let cred = app.store.get("main").unwrap();
-    wait_for("the first token to expire", Duration::from_secs(10), || async {
-        cred.snapshot().usable_token(SystemTime::now()).is_none()
-    })
+    wait_for(
+        "the first token to expire",
+        Duration::from_secs(10),
+        || async { cred.snapshot().usable_token(SystemTime::now()).is_none() },
+    )
     .await;
 
     let mut tasks = Vec::new();
@@ -65,7 +76,11 @@ async fn two_hundred_requests_at_expiry_share_one_refresh() {
     for t in tasks {
         assert_eq!(t.await.unwrap(), 200);
     }
-    assert_eq!(world.auth.refresh_calls.load(Ordering::SeqCst), 2, "exactly one refresh for 200 waiting requests");
+    assert_eq!(
+        world.auth.refresh_calls.load(Ordering::SeqCst),
+        2,
+        "exactly one refresh for 200 waiting requests"
+    );
     assert_eq!(world.api.unauthorized.load(Ordering::SeqCst), 0);
     app.stop().await;
 }
@@ -73,9 +88,10 @@ async fn two_hundred_requests_at_expiry_share_one_refresh() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_credentials_grant_fetches_with_basic_auth() {
     let world = World::new(Duration::from_secs(2)).await;
-    let toml = world
-        .config("", "")
-        .replace("grant = \"refresh_token\"", "grant = \"client_credentials\"\nscope = \"read write\"");
+    let toml = world.config("", "").replace(
+        "grant = \"refresh_token\"",
+        "grant = \"client_credentials\"\nscope = \"read write\"",
+    );
     let app = start(&toml).await;
     for i in 0..5 {
         assert_eq!(get(&url(&app, &format!("/cc/{i}"))).await.status, 200);
@@ -85,10 +101,15 @@ async fn client_credentials_grant_fetches_with_basic_auth() {
     let req = &world.auth.requests()[0];
     assert_eq!(req.params["grant_type"], "client_credentials");
     assert_eq!(req.params["scope"], "read write");
-    assert!(!req.params.contains_key("client_secret"), "basic auth keeps the secret out of the body");
+    assert!(
+        !req.params.contains_key("client_secret"),
+        "basic auth keeps the secret out of the body"
+    );
     let basic = req.headers["authorization"].to_str().unwrap();
     use base64::Engine;
-    let decoded = base64::engine::general_purpose::STANDARD.decode(basic.strip_prefix("Basic ").unwrap()).unwrap();
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(basic.strip_prefix("Basic ").unwrap())
+        .unwrap();
     assert_eq!(decoded, b"cid:client-secret-value-123");
     assert_eq!(req.content_type, "application/x-www-form-urlencoded");
     app.stop().await;

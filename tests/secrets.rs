@@ -19,9 +19,18 @@ async fn exercise(format: &str) {
         dir.path().join("state.json").display(),
         secret_file.display()
     );
-    let toml = world.config("", &cred).replace("client_secret = \"client-secret-value-123\"\n", "");
+    let toml = world
+        .config("", &cred)
+        .replace("client_secret = \"client-secret-value-123\"\n", "");
     let cfg = write_file(dir.path(), "proxy.toml", &toml);
-    let bin = Binary::start(&cfg, &[("TOKEN_PROXY_LOG", "trace"), ("TOKEN_PROXY_LOG_FORMAT", format), ("TP_RT", &rt)]);
+    let bin = Binary::start(
+        &cfg,
+        &[
+            ("TOKEN_PROXY_LOG", "trace"),
+            ("TOKEN_PROXY_LOG_FORMAT", format),
+            ("TP_RT", &rt),
+        ],
+    );
 
     let mut bodies = Vec::new();
     for i in 0..5 {
@@ -30,13 +39,49 @@ async fn exercise(format: &str) {
     }
     world.auth.revoke_all_access();
     bodies.push(get(&bin.url("/after-revoke")).await.text());
-    bodies.push(send(Method::POST, &bin.admin_url("/tokens/main/refresh"), &[], "").await.text());
+    bodies.push(
+        send(
+            Method::POST,
+            &bin.admin_url("/tokens/main/refresh"),
+            &[],
+            "",
+        )
+        .await
+        .text(),
+    );
     world.auth.fail_with(Some(StatusCode::BAD_REQUEST));
-    bodies.push(send(Method::POST, &bin.admin_url("/tokens/main/refresh"), &[], "").await.text());
+    bodies.push(
+        send(
+            Method::POST,
+            &bin.admin_url("/tokens/main/refresh"),
+            &[],
+            "",
+        )
+        .await
+        .text(),
+    );
     world.auth.fail_with(None);
     let login = world.auth.login();
-    bodies.push(send(Method::PUT, &bin.admin_url("/tokens/main"), &[], login.to_string()).await.text());
-    bodies.push(send(Method::PUT, &bin.admin_url("/tokens/main"), &[], "{\"access_token\": 5}").await.text());
+    bodies.push(
+        send(
+            Method::PUT,
+            &bin.admin_url("/tokens/main"),
+            &[],
+            login.to_string(),
+        )
+        .await
+        .text(),
+    );
+    bodies.push(
+        send(
+            Method::PUT,
+            &bin.admin_url("/tokens/main"),
+            &[],
+            "{\"access_token\": 5}",
+        )
+        .await
+        .text(),
+    );
     bodies.push(get(&bin.url("/after-install")).await.text());
     bodies.push(get(&bin.admin_url("/tokens")).await.text());
     bodies.push(get(&bin.admin_url("/metrics")).await.text());
@@ -48,7 +93,12 @@ async fn exercise(format: &str) {
     secrets.push(login["access_token"].as_str().unwrap().to_string());
     for seen in world.api.seen() {
         if let Some(v) = seen.headers.get("authorization") {
-            secrets.push(v.to_str().unwrap().trim_start_matches("Bearer ").to_string());
+            secrets.push(
+                v.to_str()
+                    .unwrap()
+                    .trim_start_matches("Bearer ")
+                    .to_string(),
+            );
         }
     }
     for req in world.auth.requests() {
@@ -58,12 +108,18 @@ async fn exercise(format: &str) {
     }
     assert!(secrets.len() > 8, "the test saw tokens to look for");
     let logs = bin.logs();
-    assert!(logs.contains("token refreshed"), "logs were captured:\n{logs}");
+    assert!(
+        logs.contains("token refreshed"),
+        "logs were captured:\n{logs}"
+    );
     for secret in &secrets {
         // The opaque part only: a refresh token's "<family>:" prefix is not secret.
         let needle = secret.rsplit([':', '.']).next().unwrap();
         assert!(needle.len() >= 16, "{secret}");
-        assert!(!logs.contains(needle), "a secret reached the logs ({format})");
+        assert!(
+            !logs.contains(needle),
+            "a secret reached the logs ({format})"
+        );
         for b in &bodies {
             assert!(!b.contains(needle), "a secret reached a response body: {b}");
         }

@@ -11,7 +11,11 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let world = World::new(Duration::from_secs(300)).await;
     let dir = tempfile::tempdir().unwrap();
     let rt = world.auth.new_refresh_token();
-    let cfg = write_file(dir.path(), "proxy.toml", &world.config("", &format!("refresh_token = \"{rt}\"")));
+    let cfg = write_file(
+        dir.path(),
+        "proxy.toml",
+        &world.config("", &format!("refresh_token = \"{rt}\"")),
+    );
     let mut bin = Binary::start(&cfg, &[]);
     assert_eq!(get(&bin.url("/warm")).await.status, 200);
 
@@ -19,15 +23,19 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
         let u = bin.url("/slow/2000");
         async move { get(&u).await.status }
     });
-    wait_for("the slow request to reach the upstream", Duration::from_secs(10), || async {
-        world.api.seen().len() == 2
-    })
+    wait_for(
+        "the slow request to reach the upstream",
+        Duration::from_secs(10),
+        || async { world.api.seen().len() == 2 },
+    )
     .await;
     bin.signal("TERM");
     let proxy = bin.proxy;
-    wait_for("new connections to be refused", Duration::from_secs(5), || async move {
-        tokio::net::TcpStream::connect(proxy).await.is_err()
-    })
+    wait_for(
+        "new connections to be refused",
+        Duration::from_secs(5),
+        || async move { tokio::net::TcpStream::connect(proxy).await.is_err() },
+    )
     .await;
     assert_eq!(slow.await.unwrap(), 200, "the in-flight request finished");
     let code = tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(10)));

@@ -19,11 +19,18 @@ async fn two_hundred_mib_each_way_with_bounded_memory() {
     let world = World::new(Duration::from_secs(300)).await;
     let dir = tempfile::tempdir().unwrap();
     let rt = world.auth.new_refresh_token();
-    let cfg = write_file(dir.path(), "proxy.toml", &world.config("", &format!("refresh_token = \"{rt}\"")));
+    let cfg = write_file(
+        dir.path(),
+        "proxy.toml",
+        &world.config("", &format!("refresh_token = \"{rt}\"")),
+    );
     let bin = Binary::start(&cfg, &[("TOKEN_PROXY_LOG", "info")]);
 
     // Download: count bytes as they arrive.
-    let resp = client().get(bin.url(&format!("/big/{SIZE}")).parse().unwrap()).await.unwrap();
+    let resp = client()
+        .get(bin.url(&format!("/big/{SIZE}")).parse().unwrap())
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let mut body = resp.into_body();
     let mut received = 0u64;
@@ -36,13 +43,19 @@ async fn two_hundred_mib_each_way_with_bounded_memory() {
 
     // Upload on a route that replays on 401: the replay buffer gives up past max_retry_body.
     let uploader: Client<_, RepeatBody> = Client::builder(TokioExecutor::new()).build_http();
-    let req = Request::post(bin.url("/upload")).body(RepeatBody::new(SIZE)).unwrap();
+    let req = Request::post(bin.url("/upload"))
+        .body(RepeatBody::new(SIZE))
+        .unwrap();
     let resp = uploader.request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
-    let echoed: serde_json::Value = serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let echoed: serde_json::Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
     assert_eq!(echoed["body_len"], SIZE);
 
     let peak = bin.peak_rss_kib();
     eprintln!("proxy peak RSS: {peak} KiB");
-    assert!(peak < MAX_PEAK_RSS_KIB, "proxy peak RSS {peak} KiB for 2 x 200 MiB");
+    assert!(
+        peak < MAX_PEAK_RSS_KIB,
+        "proxy peak RSS {peak} KiB for 2 x 200 MiB"
+    );
 }

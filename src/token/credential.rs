@@ -45,7 +45,9 @@ pub enum Phase {
     Idle,
     Refreshing,
     /// The last attempt failed transiently; the next one is not before `until`.
-    Backoff { until: SystemTime },
+    Backoff {
+        until: SystemTime,
+    },
     /// The token endpoint refused (or there is no refresh token): a person must act.
     NeedsReauth,
 }
@@ -67,7 +69,9 @@ pub struct Snapshot {
 impl Snapshot {
     /// The token to attach now, if there is one.
     pub fn usable_token(&self, now: SystemTime) -> Option<&Arc<ActiveToken>> {
-        self.token.as_ref().filter(|t| !self.invalidated && t.usable(now))
+        self.token
+            .as_ref()
+            .filter(|t| !self.invalidated && t.usable(now))
     }
 
     /// `fresh | refreshing | expired | needs_reauth`, as `/tokens` and metrics show it.
@@ -118,10 +122,16 @@ pub struct Credential {
 
 impl Credential {
     /// Build from config; loads the state file (which wins over the config's initial tokens).
-    pub fn new(config: &CredentialConfig, metrics: Arc<Metrics>) -> Result<Arc<Credential>, String> {
-        let grant = Grant::from_config(config).map_err(|e| format!("credentials.{}: {e}", config.name))?;
-        let state_store: Option<Arc<dyn StateStore>> =
-            config.state_file.clone().map(|p| Arc::new(FileStateStore::new(p)) as Arc<dyn StateStore>);
+    pub fn new(
+        config: &CredentialConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Credential>, String> {
+        let grant =
+            Grant::from_config(config).map_err(|e| format!("credentials.{}: {e}", config.name))?;
+        let state_store: Option<Arc<dyn StateStore>> = config
+            .state_file
+            .clone()
+            .map(|p| Arc::new(FileStateStore::new(p)) as Arc<dyn StateStore>);
         let now = SystemTime::now();
         let saved = match &state_store {
             Some(store) => store.load().map_err(|e| e.to_string())?,
@@ -129,9 +139,10 @@ impl Credential {
         };
         let initial = match (saved, &config.initial_tokens) {
             (Some(set), _) => Some(set),
-            (None, Some(json)) => Some(parse_handed_over(json.expose_secret().as_bytes(), now).map_err(|e| {
-                format!("credentials.{}.initial_tokens_file: {e}", config.name)
-            })?),
+            (None, Some(json)) => Some(
+                parse_handed_over(json.expose_secret().as_bytes(), now)
+                    .map_err(|e| format!("credentials.{}.initial_tokens_file: {e}", config.name))?,
+            ),
             (None, None) => None,
         };
         let refresh_token = initial
@@ -155,7 +166,11 @@ impl Credential {
                 refresh_count: 0,
                 attempts: 0,
             }),
-            writer: tokio::sync::Mutex::new(Writer { refresh_token, generation: 0, consecutive_failures: 0 }),
+            writer: tokio::sync::Mutex::new(Writer {
+                refresh_token,
+                generation: 0,
+                consecutive_failures: 0,
+            }),
             wake: Notify::new(),
             force: AtomicBool::new(false),
             reject_budget: Mutex::new(RejectBudget::new()),
@@ -185,11 +200,16 @@ impl Credential {
         self.snapshot.subscribe()
     }
 
+    /// The token to attach right now, if one is usable (no waiting).
+    pub fn current(&self) -> Option<Arc<ActiveToken>> {
+        self.snapshot.borrow().usable_token(SystemTime::now()).cloned()
+    }
+
     /// The token to attach. Fast path: one borrow. Otherwise wake the refresher and wait
     /// (bounded) for the one shared refresh, or fail with `Unavailable`.
     pub async fn lease(&self) -> Result<Arc<ActiveToken>, Unavailable> {
-        if let Some(t) = self.snapshot.borrow().usable_token(SystemTime::now()) {
-            return Ok(t.clone());
+        if let Some(t) = self.current() {
+            return Ok(t);
         }
         let mut rx = self.snapshot.subscribe();
         let deadline = tokio::time::Instant::now() + self.wait_timeout;
@@ -203,14 +223,20 @@ impl Credential {
                 match snap.phase {
                     Phase::NeedsReauth => {
                         return Err(Unavailable {
-                            reason: snap.last_error.clone().unwrap_or_else(|| "needs re-authentication".into()),
+                            reason: snap
+                                .last_error
+                                .clone()
+                                .unwrap_or_else(|| "needs re-authentication".into()),
                             retry_after: Duration::from_secs(60),
                         })
                     }
                     Phase::Backoff { until } if until > now => {
                         let wait = until.duration_since(now).unwrap_or_default();
                         return Err(Unavailable {
-                            reason: snap.last_error.clone().unwrap_or_else(|| "token refresh failing".into()),
+                            reason: snap
+                                .last_error
+                                .clone()
+                                .unwrap_or_else(|| "token refresh failing".into()),
                             retry_after: wait.max(Duration::from_secs(1)),
                         });
                     }
@@ -285,7 +311,9 @@ impl Credential {
                 if unchanged {
                     return;
                 }
-                self.publish_new(&mut w, set).await.map_err(GrantError::Rejected)
+                self.publish_new(&mut w, set)
+                    .await
+                    .map_err(GrantError::Rejected)
             }
             Err(e) => Err(e),
         };
@@ -295,8 +323,11 @@ impl Credential {
             let phase = match &e {
                 GrantError::Transient { retry_after, .. } => {
                     w.consecutive_failures += 1;
-                    let delay = retry_after.unwrap_or_else(|| super::refresher::backoff(w.consecutive_failures));
-                    Phase::Backoff { until: SystemTime::now() + delay }
+                    let delay = retry_after
+                        .unwrap_or_else(|| super::refresher::backoff(w.consecutive_failures));
+                    Phase::Backoff {
+                        until: SystemTime::now() + delay,
+                    }
                 }
                 GrantError::Rejected(_) | GrantError::NoRefreshToken => Phase::NeedsReauth,
             };
@@ -359,8 +390,14 @@ impl Credential {
     }
 
     fn header_value(&self, set: &TokenSet) -> Result<HeaderValue, String> {
-        let mut v = HeaderValue::from_str(&format!("{}{}", self.header_prefix, set.access_token.expose_secret()))
-            .map_err(|_| "access token contains characters not allowed in an HTTP header".to_string())?;
+        let mut v = HeaderValue::from_str(&format!(
+            "{}{}",
+            self.header_prefix,
+            set.access_token.expose_secret()
+        ))
+        .map_err(|_| {
+            "access token contains characters not allowed in an HTTP header".to_string()
+        })?;
         v.set_sensitive(true);
         Ok(v)
     }
@@ -375,7 +412,13 @@ impl Credential {
             }
             None => (None, None),
         };
-        Ok(ActiveToken { generation, header_value, expires_at: set.expires_at, usable_until, refresh_at })
+        Ok(ActiveToken {
+            generation,
+            header_value,
+            expires_at: set.expires_at,
+            usable_until,
+            refresh_at,
+        })
     }
 }
 
@@ -401,12 +444,16 @@ impl RejectBudget {
     const PER_SECOND: f64 = 0.2;
 
     fn new() -> Self {
-        RejectBudget { tokens: Self::BURST, at: Instant::now() }
+        RejectBudget {
+            tokens: Self::BURST,
+            at: Instant::now(),
+        }
     }
 
     fn take(&mut self) -> bool {
         let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * Self::PER_SECOND).min(Self::BURST);
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * Self::PER_SECOND)
+            .min(Self::BURST);
         self.at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;

@@ -27,7 +27,10 @@ pub const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
 pub enum GrantError {
     /// Worth retrying with backoff: network trouble, 5xx, 429.
     #[error("{message}")]
-    Transient { message: String, retry_after: Option<Duration> },
+    Transient {
+        message: String,
+        retry_after: Option<Duration>,
+    },
     /// Retrying will not help (invalid_grant, revoked token, bad client): re-authentication needed.
     #[error("{0}")]
     Rejected(String),
@@ -93,7 +96,10 @@ impl Grant {
     }
 
     /// Obtain a new token set. `refresh_token` is the current one, for the refresh grant.
-    pub async fn fetch(&self, refresh_token: Option<&SecretString>) -> Result<TokenSet, GrantError> {
+    pub async fn fetch(
+        &self,
+        refresh_token: Option<&SecretString>,
+    ) -> Result<TokenSet, GrantError> {
         match self {
             Grant::RefreshToken(ep) => {
                 let rt = refresh_token.ok_or(GrantError::NoRefreshToken)?;
@@ -118,19 +124,34 @@ impl StaticSource {
                 .to_string(),
         };
         if token.is_empty() {
-            return Err(GrantError::Transient { message: "access token file is empty".into(), retry_after: None });
+            return Err(GrantError::Transient {
+                message: "access token file is empty".into(),
+                retry_after: None,
+            });
         }
         let now = SystemTime::now();
         let expires_at = super::response::jwt_expiry(&token);
         if expires_at.is_some_and(|at| at <= now) {
-            return Err(GrantError::Transient { message: "static token's JWT exp has passed".into(), retry_after: None });
+            return Err(GrantError::Transient {
+                message: "static token's JWT exp has passed".into(),
+                retry_after: None,
+            });
         }
-        Ok(TokenSet { access_token: SecretString::from(token), refresh_token: None, expires_at, received_at: now })
+        Ok(TokenSet {
+            access_token: SecretString::from(token),
+            refresh_token: None,
+            expires_at,
+            received_at: now,
+        })
     }
 }
 
 impl Endpoint {
-    fn body(&self, grant_type: &str, refresh_token: Option<&SecretString>) -> (Bytes, &'static str) {
+    fn body(
+        &self,
+        grant_type: &str,
+        refresh_token: Option<&SecretString>,
+    ) -> (Bytes, &'static str) {
         let mut fields: Vec<(&str, &str)> = vec![("grant_type", grant_type)];
         if let Some(rt) = refresh_token {
             fields.push(("refresh_token", rt.expose_secret()));
@@ -152,12 +173,20 @@ impl Endpoint {
                 for (k, v) in &fields {
                     ser.append_pair(k, v);
                 }
-                (Bytes::from(ser.finish()), "application/x-www-form-urlencoded")
+                (
+                    Bytes::from(ser.finish()),
+                    "application/x-www-form-urlencoded",
+                )
             }
             Encoding::Json => {
-                let map: serde_json::Map<String, serde_json::Value> =
-                    fields.iter().map(|(k, v)| (k.to_string(), serde_json::Value::from(*v))).collect();
-                (Bytes::from(serde_json::Value::Object(map).to_string()), "application/json")
+                let map: serde_json::Map<String, serde_json::Value> = fields
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+                    .collect();
+                (
+                    Bytes::from(serde_json::Value::Object(map).to_string()),
+                    "application/json",
+                )
             }
         }
     }
@@ -169,14 +198,22 @@ impl Endpoint {
         // RFC 6749 §2.3.1: id and secret are form-urlencoded before Basic encoding.
         let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
         let id = enc(self.client_id.as_deref().unwrap_or(""));
-        let secret = enc(self.client_secret.as_ref().map(|s| s.expose_secret()).unwrap_or(""));
+        let secret = enc(self
+            .client_secret
+            .as_ref()
+            .map(|s| s.expose_secret())
+            .unwrap_or(""));
         let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"));
         let mut v = HeaderValue::from_str(&format!("Basic {b64}")).ok()?;
         v.set_sensitive(true);
         Some(v)
     }
 
-    async fn call(&self, grant_type: &str, refresh_token: Option<&SecretString>) -> Result<TokenSet, GrantError> {
+    async fn call(
+        &self,
+        grant_type: &str,
+        refresh_token: Option<&SecretString>,
+    ) -> Result<TokenSet, GrantError> {
         let (body, content_type) = self.body(grant_type, refresh_token);
         let mut req = Request::builder()
             .method(Method::POST)
@@ -191,9 +228,14 @@ impl Endpoint {
         for (k, v) in &self.headers {
             req.headers_mut().insert(k.clone(), v.clone());
         }
-        let transient = |message: String| GrantError::Transient { message, retry_after: None };
+        let transient = |message: String| GrantError::Transient {
+            message,
+            retry_after: None,
+        };
         let exchange = async {
-            let resp = self.client.request(req).await.map_err(|e| transient(format!("token endpoint unreachable: {}", error_chain(&e))))?;
+            let resp = self.client.request(req).await.map_err(|e| {
+                transient(format!("token endpoint unreachable: {}", error_chain(&e)))
+            })?;
             let status = resp.status();
             let retry_after = resp.headers().get(RETRY_AFTER).and_then(parse_retry_after);
             let body = Limited::new(resp.into_body(), MAX_TOKEN_RESPONSE)
@@ -205,19 +247,36 @@ impl Endpoint {
         };
         let (status, retry_after, body) = tokio::time::timeout(self.timeout, exchange)
             .await
-            .map_err(|_| transient(format!("token endpoint did not answer within {:?}", self.timeout)))??;
+            .map_err(|_| {
+                transient(format!(
+                    "token endpoint did not answer within {:?}",
+                    self.timeout
+                ))
+            })??;
         if status.is_success() {
-            return parse_token_response(&body, SystemTime::now()).and_then(ensure_not_expired).map_err(|e| match e {
-                ResponseError::NotJson(_) | ResponseError::AlreadyExpired => transient(e.to_string()),
-                other => GrantError::Rejected(other.to_string()),
-            });
+            return parse_token_response(&body, SystemTime::now())
+                .and_then(ensure_not_expired)
+                .map_err(|e| match e {
+                    ResponseError::NotJson(_) | ResponseError::AlreadyExpired => {
+                        transient(e.to_string())
+                    }
+                    other => GrantError::Rejected(other.to_string()),
+                });
         }
         let detail = describe_error_body(&body);
         let message = format!("token endpoint answered {}{}", status.as_u16(), detail);
-        if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::REQUEST_TIMEOUT {
-            Err(GrantError::Transient { message, retry_after })
+        if status.is_server_error()
+            || status == StatusCode::TOO_MANY_REQUESTS
+            || status == StatusCode::REQUEST_TIMEOUT
+        {
+            Err(GrantError::Transient {
+                message,
+                retry_after,
+            })
         } else if status.is_redirection() {
-            Err(GrantError::Rejected(format!("{message} (redirects are not followed; fix token_url)")))
+            Err(GrantError::Rejected(format!(
+                "{message} (redirects are not followed; fix token_url)"
+            )))
         } else {
             Err(GrantError::Rejected(message))
         }
@@ -236,7 +295,11 @@ fn describe_error_body(body: &[u8]) -> String {
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
         return String::new();
     };
-    let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(|s| s.chars().take(200).collect::<String>());
+    let field = |k: &str| {
+        v.get(k)
+            .and_then(|x| x.as_str())
+            .map(|s| s.chars().take(200).collect::<String>())
+    };
     if let Some(code) = field("error") {
         match field("error_description") {
             Some(d) => format!(": {code}: {d}"),
@@ -273,8 +336,14 @@ mod tests {
 
     #[test]
     fn error_bodies_are_described() {
-        assert_eq!(describe_error_body(br#"{"error":"invalid_grant","error_description":"revoked"}"#), ": invalid_grant: revoked");
-        assert_eq!(describe_error_body(br#"{"msg":"refresh token is not valid","type":"auth"}"#), ": refresh token is not valid (auth)");
+        assert_eq!(
+            describe_error_body(br#"{"error":"invalid_grant","error_description":"revoked"}"#),
+            ": invalid_grant: revoked"
+        );
+        assert_eq!(
+            describe_error_body(br#"{"msg":"refresh token is not valid","type":"auth"}"#),
+            ": refresh token is not valid (auth)"
+        );
         assert_eq!(describe_error_body(b"<html>"), "");
     }
 }

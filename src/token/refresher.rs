@@ -32,7 +32,8 @@ pub fn schedule(lifetime: Duration, refresh_before: Duration) -> (Duration, Dura
 /// Delay before retry number `failures` (1-based): 1 s, 2 s, 4 s ... capped at 30 s, with
 /// "equal jitter" (half fixed, half random).
 pub fn backoff(failures: u32) -> Duration {
-    let base = Duration::from_secs(1u64 << failures.saturating_sub(1).min(5)).min(Duration::from_secs(30));
+    let base =
+        Duration::from_secs(1u64 << failures.saturating_sub(1).min(5)).min(Duration::from_secs(30));
     base.mul_f64(rand::thread_rng().gen_range(0.5..1.0))
 }
 
@@ -113,11 +114,17 @@ impl Credential {
                     return if s.refresh_count > before_count {
                         Ok(())
                     } else {
-                        Err(s.last_error.clone().unwrap_or_else(|| "refresh failed".into()))
+                        Err(s
+                            .last_error
+                            .clone()
+                            .unwrap_or_else(|| "refresh failed".into()))
                     };
                 }
             }
-            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
                 return Err("timed out waiting for the token endpoint".into());
             }
         }
@@ -132,14 +139,20 @@ mod tests {
     fn long_tokens_refresh_refresh_before_ahead() {
         let (margin, lead) = schedule(Duration::from_secs(3600), Duration::from_secs(60));
         assert_eq!(margin, Duration::from_secs(2));
-        assert!(lead >= Duration::from_secs(60) && lead <= Duration::from_secs(66), "{lead:?}");
+        assert!(
+            lead >= Duration::from_secs(60) && lead <= Duration::from_secs(66),
+            "{lead:?}"
+        );
     }
 
     #[test]
     fn short_tokens_refresh_at_half_life() {
         let (margin, lead) = schedule(Duration::from_secs(2), Duration::from_secs(60));
         assert_eq!(margin, Duration::from_millis(200));
-        assert!(lead >= Duration::from_secs(1) && lead <= Duration::from_millis(1100), "{lead:?}");
+        assert!(
+            lead >= Duration::from_secs(1) && lead <= Duration::from_millis(1100),
+            "{lead:?}"
+        );
     }
 
     #[test]

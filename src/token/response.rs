@@ -75,17 +75,24 @@ pub fn parse_token_response(body: &[u8], now: SystemTime) -> Result<TokenSet, Re
     let expires_in = match raw.expires_in {
         None => None,
         Some(NumOrString::Num(n)) => Some(n),
-        Some(NumOrString::Str(s)) => Some(s.trim().parse::<f64>().map_err(|_| ResponseError::BadExpiresIn)?),
+        Some(NumOrString::Str(s)) => Some(
+            s.trim()
+                .parse::<f64>()
+                .map_err(|_| ResponseError::BadExpiresIn)?,
+        ),
     };
     let expires_at = match expires_in {
-        Some(n) if !(n.is_finite() && n >= 0.0 && n < 1e10) => return Err(ResponseError::BadExpiresIn),
+        Some(n) if !(0.0..1e10).contains(&n) => return Err(ResponseError::BadExpiresIn),
         Some(n) if n > 0.0 => Some(now + Duration::from_secs_f64(n)),
         // Absent or zero: fall back to the JWT's own `exp`, if it is a JWT.
         _ => jwt_expiry(&access),
     };
     Ok(TokenSet {
         access_token: SecretString::from(access),
-        refresh_token: raw.refresh_token.filter(|s| !s.is_empty()).map(SecretString::from),
+        refresh_token: raw
+            .refresh_token
+            .filter(|s| !s.is_empty())
+            .map(SecretString::from),
         expires_at,
         received_at: now,
     })
@@ -107,7 +114,12 @@ trait ClassifyStr {
 impl ClassifyStr for serde_json::Error {
     /// The category and position only: serde_json messages can quote input (a token).
     fn classify_str(&self) -> String {
-        format!("{:?} error at line {} column {}", self.classify(), self.line(), self.column())
+        format!(
+            "{:?} error at line {} column {}",
+            self.classify(),
+            self.line(),
+            self.column()
+        )
     }
 }
 
@@ -124,7 +136,12 @@ pub fn jwt_expiry(token: &str) -> Option<SystemTime> {
     validation.validate_exp = false;
     validation.validate_aud = false;
     validation.required_spec_claims.clear();
-    let data = jsonwebtoken::decode::<Claims>(token, &jsonwebtoken::DecodingKey::from_secret(&[]), &validation).ok()?;
+    let data = jsonwebtoken::decode::<Claims>(
+        token,
+        &jsonwebtoken::DecodingKey::from_secret(&[]),
+        &validation,
+    )
+    .ok()?;
     let exp = data.claims.exp?;
     if !(exp.is_finite() && exp > 0.0 && exp < 1e11) {
         return None;
@@ -152,20 +169,32 @@ mod tests {
 
     #[test]
     fn expires_in_as_string_and_missing_refresh_token() {
-        let t = parse_token_response(br#"{"access_token":"x","expires_in":"60","refresh_token":""}"#, now()).unwrap();
+        let t = parse_token_response(
+            br#"{"access_token":"x","expires_in":"60","refresh_token":""}"#,
+            now(),
+        )
+        .unwrap();
         assert_eq!(t.expires_at, Some(now() + Duration::from_secs(60)));
         assert!(t.refresh_token.is_none());
     }
 
     #[test]
     fn rejects_bad_responses() {
-        assert_eq!(parse_token_response(br#"{"token_type":"Bearer"}"#, now()).unwrap_err(), ResponseError::MissingAccessToken);
+        assert_eq!(
+            parse_token_response(br#"{"token_type":"Bearer"}"#, now()).unwrap_err(),
+            ResponseError::MissingAccessToken
+        );
         assert!(matches!(
             parse_token_response(br#"{"access_token":"x","token_type":"mac"}"#, now()).unwrap_err(),
             ResponseError::UnsupportedTokenType(_)
         ));
-        assert_eq!(parse_token_response(br#"{"access_token":"x","expires_in":-5}"#, now()).unwrap_err(), ResponseError::BadExpiresIn);
-        let e = parse_token_response(b"<html>secret-token</html>", now()).unwrap_err().to_string();
+        assert_eq!(
+            parse_token_response(br#"{"access_token":"x","expires_in":-5}"#, now()).unwrap_err(),
+            ResponseError::BadExpiresIn
+        );
+        let e = parse_token_response(b"<html>secret-token</html>", now())
+            .unwrap_err()
+            .to_string();
         assert!(!e.contains("secret-token"), "{e}");
     }
 
@@ -173,16 +202,34 @@ mod tests {
     fn expiry_from_jwt_exp() {
         let key = jsonwebtoken::EncodingKey::from_secret(b"k");
         let exp = 1_800_000_100u64;
-        let jwt = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &serde_json::json!({"exp": exp, "sub": "u"}), &key).unwrap();
+        let jwt = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &serde_json::json!({"exp": exp, "sub": "u"}),
+            &key,
+        )
+        .unwrap();
         let body = serde_json::json!({"access_token": jwt}).to_string();
         let t = parse_token_response(body.as_bytes(), now()).unwrap();
         assert_eq!(t.expires_at, Some(UNIX_EPOCH + Duration::from_secs(exp)));
         // A JWT already expired on arrival is refused, not attached.
-        let old = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &serde_json::json!({"exp": 1_700_000_000u64}), &key).unwrap();
+        let old = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &serde_json::json!({"exp": 1_700_000_000u64}),
+            &key,
+        )
+        .unwrap();
         let body = serde_json::json!({"access_token": old}).to_string();
         let set = parse_token_response(body.as_bytes(), now()).unwrap();
-        assert_eq!(ensure_not_expired(set).unwrap_err(), ResponseError::AlreadyExpired);
+        assert_eq!(
+            ensure_not_expired(set).unwrap_err(),
+            ResponseError::AlreadyExpired
+        );
         // Opaque tokens without expires_in live until a 401.
-        assert_eq!(parse_token_response(br#"{"access_token":"opaque"}"#, now()).unwrap().expires_at, None);
+        assert_eq!(
+            parse_token_response(br#"{"access_token":"opaque"}"#, now())
+                .unwrap()
+                .expires_at,
+            None
+        );
     }
 }

@@ -50,12 +50,17 @@ impl FileStateStore {
     }
 
     fn error(&self, message: impl std::fmt::Display) -> StateError {
-        StateError { path: self.path.display().to_string(), message: message.to_string() }
+        StateError {
+            path: self.path.display().to_string(),
+            message: message.to_string(),
+        }
     }
 }
 
 fn to_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn from_ms(ms: u64) -> SystemTime {
@@ -69,8 +74,13 @@ impl StateStore for FileStateStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(self.error(e)),
         };
-        let p: Persisted = serde_json::from_slice(&bytes)
-            .map_err(|e| self.error(format!("is not a token-proxy state file ({:?} error at line {})", e.classify(), e.line())))?;
+        let p: Persisted = serde_json::from_slice(&bytes).map_err(|e| {
+            self.error(format!(
+                "is not a token-proxy state file ({:?} error at line {})",
+                e.classify(),
+                e.line()
+            ))
+        })?;
         if p.version != 1 {
             return Err(self.error(format!("unsupported version {}", p.version)));
         }
@@ -86,7 +96,10 @@ impl StateStore for FileStateStore {
         let p = Persisted {
             version: 1,
             access_token: t.access_token.expose_secret().to_string(),
-            refresh_token: t.refresh_token.as_ref().map(|s| s.expose_secret().to_string()),
+            refresh_token: t
+                .refresh_token
+                .as_ref()
+                .map(|s| s.expose_secret().to_string()),
             expires_at_ms: t.expires_at.map(to_ms),
             received_at_ms: to_ms(t.received_at),
         };
@@ -103,7 +116,10 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&dir)?;
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
     let result = (|| {
         let mut f = std::fs::OpenOptions::new()
@@ -148,7 +164,10 @@ mod tests {
         assert_eq!(back.refresh_token.unwrap().expose_secret(), "rt");
         assert_eq!(back.expires_at, t.expires_at);
         // No temp files left behind.
-        assert_eq!(std::fs::read_dir(path.parent().unwrap()).unwrap().count(), 1);
+        assert_eq!(
+            std::fs::read_dir(path.parent().unwrap()).unwrap().count(),
+            1
+        );
     }
 
     #[test]

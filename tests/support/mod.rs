@@ -19,7 +19,9 @@ use hyper_util::rt::TokioExecutor;
 use token_proxy::config::Config;
 use token_proxy::{App, AppHandle};
 
-pub use token_proxy::mock::{token_server, upstream_server, ErrorStyle, MockAuth, MockServer, MockUpstream};
+pub use token_proxy::mock::{
+    token_server, upstream_server, ErrorStyle, MockAuth, MockServer, MockUpstream,
+};
 
 /// An HTTP/1.1 client as an app would use.
 pub fn client() -> Client<HttpConnector, Full<Bytes>> {
@@ -28,7 +30,9 @@ pub fn client() -> Client<HttpConnector, Full<Bytes>> {
 
 /// An h2c (prior knowledge) client.
 pub fn h2c_client() -> Client<HttpConnector, Full<Bytes>> {
-    Client::builder(TokioExecutor::new()).http2_only(true).build_http()
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
 }
 
 pub struct Reply {
@@ -39,14 +43,20 @@ pub struct Reply {
 
 impl Reply {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not JSON: {:?}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|_| panic!("not JSON: {:?}", String::from_utf8_lossy(&self.body)))
     }
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
 }
 
-pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+pub async fn send(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Reply {
     send_with(&client(), method, url, headers, body).await
 }
 
@@ -68,7 +78,11 @@ pub async fn send_with(
         .expect("request failed");
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.expect("body").to_bytes();
-    Reply { status: parts.status, headers: parts.headers, body }
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
 }
 
 pub async fn get(url: &str) -> Reply {
@@ -110,7 +124,12 @@ impl World {
         let idp = token_server(auth.clone()).await;
         let api = MockUpstream::new("api", Some(auth.clone()));
         let api_server = upstream_server(api.clone()).await;
-        World { auth, idp, api, api_server }
+        World {
+            auth,
+            idp,
+            api,
+            api_server,
+        }
     }
 
     /// A config with one route to the API and one refresh_token credential `main`;
@@ -172,8 +191,13 @@ impl Binary {
     /// Start with `config` and extra environment; waits for the "listening" log line.
     pub fn start(config: &Path, env: &[(&str, &str)]) -> Binary {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_token-proxy"));
-        cmd.arg("--config").arg(config).stdout(Stdio::null()).stderr(Stdio::piped()).env("NO_COLOR", "1");
-        cmd.env_remove("TOKEN_PROXY_LISTEN").env_remove("TOKEN_PROXY_ADMIN_LISTEN");
+        cmd.arg("--config")
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .env("NO_COLOR", "1");
+        cmd.env_remove("TOKEN_PROXY_LISTEN")
+            .env_remove("TOKEN_PROXY_ADMIN_LISTEN");
         if !env.iter().any(|(k, _)| *k == "TOKEN_PROXY_LOG") {
             cmd.env("TOKEN_PROXY_LOG", "debug");
         }
@@ -207,12 +231,23 @@ impl Binary {
             }
         };
         let (proxy, admin) = match serde_json::from_str::<serde_json::Value>(&line) {
-            Ok(v) => (v["fields"]["proxy"].as_str().unwrap().to_string(), v["fields"]["admin"].as_str().unwrap().to_string()),
-            Err(_) => (field(&line, "proxy=").to_string(), field(&line, "admin=").to_string()),
+            Ok(v) => (
+                v["fields"]["proxy"].as_str().unwrap().to_string(),
+                v["fields"]["admin"].as_str().unwrap().to_string(),
+            ),
+            Err(_) => (
+                field(&line, "proxy=").to_string(),
+                field(&line, "admin=").to_string(),
+            ),
         };
         let proxy = proxy.parse().expect("proxy addr");
         let admin = admin.parse().ok();
-        Binary { child, proxy, admin, logs }
+        Binary {
+            child,
+            proxy,
+            admin,
+            logs,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -228,7 +263,11 @@ impl Binary {
     }
 
     pub fn signal(&self, sig: &str) {
-        let status = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().expect("kill");
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
         assert!(status.success());
     }
 
@@ -248,7 +287,8 @@ impl Binary {
 
     /// Peak resident memory of the process so far, in KiB (from /proc).
     pub fn peak_rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("proc status");
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("proc status");
         status
             .lines()
             .find(|l| l.starts_with("VmHWM:"))
@@ -266,7 +306,10 @@ impl Drop for Binary {
 }
 
 fn field<'a>(line: &'a str, key: &str) -> &'a str {
-    let start = line.find(key).map(|i| i + key.len()).unwrap_or_else(|| panic!("no {key} in {line}"));
+    let start = line
+        .find(key)
+        .map(|i| i + key.len())
+        .unwrap_or_else(|| panic!("no {key} in {line}"));
     let rest = &line[start..];
     rest.split_whitespace().next().unwrap_or(rest)
 }
@@ -274,7 +317,9 @@ fn field<'a>(line: &'a str, key: &str) -> &'a str {
 /// Run the binary to completion with args; returns (exit code, stdout, stderr).
 pub fn run_binary(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_token-proxy"));
-    cmd.args(args).env("NO_COLOR", "1").env_remove("TOKEN_PROXY_CONFIG");
+    cmd.args(args)
+        .env("NO_COLOR", "1")
+        .env_remove("TOKEN_PROXY_CONFIG");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -300,11 +345,13 @@ pub async fn raw(addr: SocketAddr, request: &[u8], timeout: Duration) -> String 
             Ok(Ok(n)) => {
                 out.extend_from_slice(&buf[..n]);
                 // One response is enough: stop at the end of a content-length body.
-                if let Some(text) = std::str::from_utf8(&out).ok() {
+                if let Ok(text) = std::str::from_utf8(&out) {
                     if let Some(head_end) = text.find("\r\n\r\n") {
-                        let len = text[..head_end]
-                            .lines()
-                            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)));
+                        let len = text[..head_end].lines().find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                        });
                         if let Some(len) = len {
                             if out.len() >= head_end + 4 + len {
                                 break;
@@ -326,7 +373,10 @@ pub struct RepeatBody {
 
 impl RepeatBody {
     pub fn new(len: u64) -> RepeatBody {
-        RepeatBody { remaining: len, chunk: Bytes::from(vec![b'y'; 64 * 1024]) }
+        RepeatBody {
+            remaining: len,
+            chunk: Bytes::from(vec![b'y'; 64 * 1024]),
+        }
     }
 }
 
