@@ -55,8 +55,12 @@ fn hot_path(c: &mut Criterion) {
     let routes = RouteTable::from_config(&config).unwrap();
     let store = TokenStore::from_config(&config, &Arc::new(Metrics::new())).unwrap();
     let cred = store.get("main").unwrap();
-    rt.block_on(cred.install(br#"{"access_token":"bench-access-token-0123456789abcdef","expires_in":3600}"#))
-        .unwrap();
+    rt.block_on(
+        cred.install(
+            br#"{"access_token":"bench-access-token-0123456789abcdef","expires_in":3600}"#,
+        ),
+    )
+    .unwrap();
     let mut template = HeaderMap::new();
     template.insert("host", HeaderValue::from_static("127.0.0.1:8080"));
     template.insert("user-agent", HeaderValue::from_static("legacy-app/1.0"));
@@ -90,8 +94,12 @@ fn round_trip(c: &mut Criterion) {
         (upstream, app)
     });
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let direct: http::Uri = format!("{}/api/v1/orders/42", upstream.url).parse().unwrap();
-    let proxied: http::Uri = format!("http://{}/api/v1/orders/42", app.proxy_addr).parse().unwrap();
+    let direct: http::Uri = format!("{}/api/v1/orders/42", upstream.url)
+        .parse()
+        .unwrap();
+    let proxied: http::Uri = format!("http://{}/api/v1/orders/42", app.proxy_addr)
+        .parse()
+        .unwrap();
     let mut group = c.benchmark_group("round_trip");
     for (name, uri) in [("direct", direct), ("via_proxy", proxied)] {
         group.bench_function(name, |b| {

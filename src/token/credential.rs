@@ -202,7 +202,10 @@ impl Credential {
 
     /// The token to attach right now, if one is usable (no waiting).
     pub fn current(&self) -> Option<Arc<ActiveToken>> {
-        self.snapshot.borrow().usable_token(SystemTime::now()).cloned()
+        self.snapshot
+            .borrow()
+            .usable_token(SystemTime::now())
+            .cloned()
     }
 
     /// The token to attach. Fast path: one borrow. Otherwise wake the refresher and wait
