@@ -112,6 +112,16 @@ pub struct CredentialConfig {
     pub access_token_file: Option<PathBuf>,
     pub timeout: Duration,
     pub ca_file: Option<PathBuf>,
+    /// Verify access tokens (JWTs) against the issuer's keys before attaching them.
+    pub verify: Option<JwtVerification>,
+}
+
+#[derive(Debug, Clone)]
+pub struct JwtVerification {
+    pub jwks_url: Uri,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
 }
 
 // ---------------------------------------------------------------- raw schema
@@ -514,12 +524,7 @@ fn build_credential(name: &str, c: RawCredential) -> Result<CredentialConfig, Co
             "{key}.grant: missing (refresh_token | client_credentials | static)"
         ));
     };
-    if c.jwks_url.is_some() || c.issuer.is_some() || c.audience.is_some() || c.algorithms.is_some()
-    {
-        return err(format!(
-            "{key}.jwks_url: JWT verification (jwks_url, issuer, audience, algorithms) is not supported by this version; remove these keys"
-        ));
-    }
+    let verify = build_verification(&key, c.jwks_url, c.issuer, c.audience, c.algorithms)?;
     let token_url = match c.token_url {
         Some(u) => {
             parse_upstream(&format!("{key}.token_url"), &u)?;
@@ -644,7 +649,51 @@ fn build_credential(name: &str, c: RawCredential) -> Result<CredentialConfig, Co
         access_token_file,
         timeout,
         ca_file,
+        verify,
     })
+}
+
+fn build_verification(
+    key: &str,
+    jwks_url: Option<String>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    algorithms: Option<Vec<String>>,
+) -> Result<Option<JwtVerification>, ConfigError> {
+    let Some(url) = jwks_url else {
+        if issuer.is_some() || audience.is_some() || algorithms.is_some() {
+            return err(format!(
+                "{key}.jwks_url: required when issuer, audience or algorithms is set"
+            ));
+        }
+        return Ok(None);
+    };
+    parse_upstream(&format!("{key}.jwks_url"), &url)?;
+    let jwks_url = url
+        .parse::<Uri>()
+        .map_err(|_| ConfigError(format!("{key}.jwks_url: invalid URL {url:?}")))?;
+    let names = algorithms.unwrap_or_else(|| vec!["RS256".into(), "ES256".into()]);
+    if names.is_empty() {
+        return err(format!("{key}.algorithms: must not be empty"));
+    }
+    let mut parsed = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let alg: jsonwebtoken::Algorithm = name.parse().map_err(|_| {
+            ConfigError(format!("{key}.algorithms[{i}]: unknown algorithm {name:?}"))
+        })?;
+        if name.starts_with("HS") {
+            return err(format!(
+                "{key}.algorithms[{i}]: {name} is symmetric; a JWKS needs RS*, PS*, ES* or EdDSA"
+            ));
+        }
+        parsed.push(alg);
+    }
+    Ok(Some(JwtVerification {
+        jwks_url,
+        issuer,
+        audience,
+        algorithms: parsed,
+    }))
 }
 
 #[cfg(test)]

@@ -130,8 +130,42 @@ struct Refresh {
     used: bool,
 }
 
+/// What a refresh does with the refresh token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefreshMode {
+    /// Issue a new one and invalidate the old (reuse revokes the family).
+    Rotate,
+    /// Return the same one again.
+    Keep,
+    /// Leave `refresh_token` out of the response (older Cotter endpoint).
+    Omit,
+    /// Send `"refresh_token": ""`.
+    Empty,
+}
+
+/// Makes access tokens ES256/RS256/HS256 JWTs, as a real IdP (e.g. Cotter) does.
+#[derive(Clone)]
+pub struct JwtSigner {
+    pub key: jsonwebtoken::EncodingKey,
+    pub algorithm: jsonwebtoken::Algorithm,
+    pub kid: String,
+    pub issuer: String,
+    pub audience: String,
+}
+
+/// A canned answer that replaces normal behaviour (for robustness tests).
+#[derive(Clone, Debug)]
+pub struct Canned {
+    pub status: StatusCode,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
 struct AuthState {
     lifetime: Duration,
+    refresh_mode: RefreshMode,
+    signer: Option<JwtSigner>,
+    canned: Option<Canned>,
     /// When set, the next token responses use these lifetimes first (one each).
     next_lifetimes: Vec<Duration>,
     access: HashMap<String, Access>,
@@ -153,8 +187,6 @@ pub struct TokenRequest {
 /// The identity provider's state, shared by the token server and the upstream.
 pub struct MockAuth {
     state: Mutex<AuthState>,
-    /// Refresh tokens rotate on every use.
-    pub rotate: bool,
     pub error_style: ErrorStyle,
     /// While `false`, token requests wait (to hold a refresh "in flight").
     gate: watch::Sender<bool>,
@@ -174,6 +206,9 @@ impl MockAuth {
         Arc::new(MockAuth {
             state: Mutex::new(AuthState {
                 lifetime,
+                refresh_mode: RefreshMode::Rotate,
+                signer: None,
+                canned: None,
                 next_lifetimes: Vec::new(),
                 access: HashMap::new(),
                 refresh: HashMap::new(),
@@ -182,7 +217,6 @@ impl MockAuth {
                 fail_with: None,
                 requests: Vec::new(),
             }),
-            rotate: true,
             error_style,
             gate: watch::Sender::new(true),
             refresh_calls: AtomicU64::new(0),
@@ -203,6 +237,20 @@ impl MockAuth {
     /// The next responses use these lifetimes, in order, before falling back to the default.
     pub fn queue_lifetimes(&self, lifetimes: &[Duration]) {
         self.lock().next_lifetimes.extend_from_slice(lifetimes);
+    }
+
+    pub fn set_refresh_mode(&self, mode: RefreshMode) {
+        self.lock().refresh_mode = mode;
+    }
+
+    /// Issue JWT access tokens signed by `signer` from now on.
+    pub fn set_jwt_signer(&self, signer: Option<JwtSigner>) {
+        self.lock().signer = signer;
+    }
+
+    /// Answer every token request with exactly this (`None`: behave normally).
+    pub fn set_canned(&self, canned: Option<Canned>) {
+        self.lock().canned = canned;
     }
 
     /// Answer every token request with this status (`None`: behave normally).
@@ -242,7 +290,28 @@ impl MockAuth {
         } else {
             s.next_lifetimes.remove(0)
         };
-        let access = format!("at{family}.{}", random_hex(24));
+        let access = match &s.signer {
+            Some(signer) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs();
+                let mut header = jsonwebtoken::Header::new(signer.algorithm);
+                header.kid = Some(signer.kid.clone());
+                let claims = serde_json::json!({
+                    "sub": format!("user-{family}"),
+                    "aud": signer.audience,
+                    "iss": signer.issuer,
+                    "iat": now,
+                    "exp": now + lifetime.as_secs().max(1),
+                    "jti": random_hex(16),
+                    "scope": "access",
+                    "type": "access_token",
+                });
+                jsonwebtoken::encode(&header, &claims, &signer.key).unwrap_or_default()
+            }
+            None => format!("at{family}.{}", random_hex(24)),
+        };
         s.access.insert(
             access.clone(),
             Access {
@@ -353,6 +422,20 @@ impl MockAuth {
                 "use POST",
             );
         }
+        let canned = self.lock().canned.clone();
+        if let Some(c) = canned {
+            let mut r = Response::new(body::full(c.body));
+            *r.status_mut() = c.status;
+            for (k, v) in &c.headers {
+                if let (Ok(k), Ok(v)) = (
+                    http::HeaderName::from_bytes(k.as_bytes()),
+                    HeaderValue::from_str(v),
+                ) {
+                    r.headers_mut().insert(k, v);
+                }
+            }
+            return r;
+        }
         let fail = self.lock().fail_with;
         if let Some(status) = fail {
             return self.error(
@@ -394,14 +477,18 @@ impl MockAuth {
                         "refresh token is not valid (revoked)",
                     );
                 }
-                if self.rotate {
+                let mode = s.refresh_mode;
+                if mode == RefreshMode::Rotate {
                     if let Some(entry) = s.refresh.get_mut(&presented) {
                         entry.used = true;
                     }
                 }
-                let mut resp = self.issue(&mut s, family, self.rotate);
-                if !self.rotate {
-                    resp["refresh_token"] = presented.into();
+                let mut resp = self.issue(&mut s, family, mode == RefreshMode::Rotate);
+                match mode {
+                    RefreshMode::Rotate => {}
+                    RefreshMode::Keep => resp["refresh_token"] = presented.into(),
+                    RefreshMode::Omit => {}
+                    RefreshMode::Empty => resp["refresh_token"] = "".into(),
                 }
                 json(StatusCode::OK, resp)
             }
@@ -418,6 +505,19 @@ impl MockAuth {
             ),
         }
     }
+}
+
+/// Serve a JSON document that can be changed while running, counting GETs (a JWKS endpoint).
+pub async fn json_server(doc: Arc<Mutex<serde_json::Value>>, hits: Arc<AtomicU64>) -> MockServer {
+    spawn(
+        None,
+        Arc::new(move |_req| {
+            hits.fetch_add(1, Ordering::SeqCst);
+            let value = doc.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            Box::pin(async move { json(StatusCode::OK, value) })
+        }),
+    )
+    .await
 }
 
 /// Start the token endpoint for `auth` (any path; POST).

@@ -16,6 +16,7 @@ use tokio::sync::{watch, Notify};
 use super::grant::{Grant, GrantError};
 use super::response::{jwt_expiry, parse_token_response, TokenSet};
 use super::state::{FileStateStore, StateStore};
+use super::verify::{Verifier, VerifierConfig, VerifyError};
 use crate::config::CredentialConfig;
 use crate::metrics::Metrics;
 
@@ -108,6 +109,7 @@ pub struct Credential {
     pub(super) wait_timeout: Duration,
     pub(super) grant: Grant,
     state_store: Option<Arc<dyn StateStore>>,
+    verifier: Option<Verifier>,
     pub(super) snapshot: watch::Sender<Snapshot>,
     writer: tokio::sync::Mutex<Writer>,
     /// Wakes the refresher: a request needs a token, a 401 arrived, or an admin forced it.
@@ -132,6 +134,20 @@ impl Credential {
             .state_file
             .clone()
             .map(|p| Arc::new(FileStateStore::new(p)) as Arc<dyn StateStore>);
+        let verifier = match &config.verify {
+            Some(v) => Some(Verifier::new(
+                VerifierConfig {
+                    jwks_url: v.jwks_url.clone(),
+                    issuer: v.issuer.clone(),
+                    audience: v.audience.clone(),
+                    algorithms: v.algorithms.clone(),
+                    timeout: config.timeout,
+                },
+                crate::upstream::client(config.ca_file.as_deref(), config.timeout)
+                    .map_err(|e| format!("credentials.{}: {e}", config.name))?,
+            )),
+            None => None,
+        };
         let now = SystemTime::now();
         let saved = match &state_store {
             Some(store) => store.load().map_err(|e| e.to_string())?,
@@ -157,6 +173,7 @@ impl Credential {
             wait_timeout: config.timeout + Duration::from_secs(1),
             grant,
             state_store,
+            verifier,
             snapshot: watch::Sender::new(Snapshot {
                 token: None,
                 invalidated: false,
@@ -176,7 +193,9 @@ impl Credential {
             reject_budget: Mutex::new(RejectBudget::new()),
             metrics,
         };
-        if let Some(set) = initial {
+        // A saved token is used at once (a restart costs no refresh), unless tokens must be
+        // verified: then the refresher fetches a fresh one and verifies it before first use.
+        if let Some(set) = initial.filter(|_| credential.verifier.is_none()) {
             // A saved access token still valid is used at once: a restart costs no refresh.
             if set.expires_at.is_none_or(|at| at > now) {
                 if let Ok(active) = credential.activate(1, &set) {
@@ -292,7 +311,11 @@ impl Credential {
     pub async fn install(&self, body: &[u8]) -> Result<(), String> {
         let set = parse_handed_over(body, SystemTime::now()).map_err(|e| e.to_string())?;
         let mut w = self.writer.lock().await;
-        self.publish_new(&mut w, set).await?;
+        if let Err(e) = self.publish_new(&mut w, set).await {
+            let message = e.to_string();
+            self.record_failure(&mut w, e);
+            return Err(message);
+        }
         // A handed-over token may already be due (or past) its refresh.
         self.wake.notify_one();
         Ok(())
@@ -304,8 +327,7 @@ impl Credential {
         if !poll_only {
             self.snapshot.send_modify(|s| s.phase = Phase::Refreshing);
         }
-        let result = self.grant.fetch(w.refresh_token.as_ref()).await;
-        let outcome = match result {
+        let outcome = match self.grant.fetch(w.refresh_token.as_ref()).await {
             Ok(set) => {
                 let unchanged = poll_only
                     && self.snapshot.borrow().token.as_ref().is_some_and(|t| {
@@ -314,60 +336,62 @@ impl Credential {
                 if unchanged {
                     return;
                 }
-                self.publish_new(&mut w, set)
-                    .await
-                    .map_err(GrantError::Rejected)
+                self.publish_new(&mut w, set).await
             }
             Err(e) => Err(e),
         };
         if let Err(e) = outcome {
-            self.metrics.refresh(&self.name, false);
-            let message = e.to_string();
-            let phase = match &e {
-                GrantError::Transient { retry_after, .. } => {
-                    w.consecutive_failures += 1;
-                    let delay = retry_after
-                        .unwrap_or_else(|| super::refresher::backoff(w.consecutive_failures));
-                    Phase::Backoff {
-                        until: SystemTime::now() + delay,
-                    }
-                }
-                GrantError::Rejected(_) | GrantError::NoRefreshToken => Phase::NeedsReauth,
-            };
-            tracing::warn!(credential = %self.name, error = %message, next = ?phase, "token refresh failed");
-            self.snapshot.send_modify(|s| {
-                s.phase = phase;
-                s.last_error = Some(message);
-                s.attempts += 1;
-            });
+            self.record_failure(&mut w, e);
         }
     }
 
-    /// Persist (before anything uses it), then publish a new token set.
-    async fn publish_new(&self, w: &mut Writer, mut set: TokenSet) -> Result<(), String> {
+    /// Publish a failed fetch or install: backoff for transient errors, else needs_reauth.
+    fn record_failure(&self, w: &mut Writer, e: GrantError) {
+        self.metrics.refresh(&self.name, false);
+        let message = e.to_string();
+        let phase = match &e {
+            GrantError::Transient { retry_after, .. } => {
+                w.consecutive_failures += 1;
+                let delay = retry_after
+                    .unwrap_or_else(|| super::refresher::backoff(w.consecutive_failures));
+                Phase::Backoff {
+                    until: SystemTime::now() + delay,
+                }
+            }
+            GrantError::Rejected(_) | GrantError::NoRefreshToken => Phase::NeedsReauth,
+        };
+        tracing::warn!(credential = %self.name, error = %message, next = ?phase, "token refresh failed");
+        self.snapshot.send_modify(|s| {
+            s.phase = phase;
+            s.last_error = Some(message);
+            s.attempts += 1;
+        });
+    }
+
+    /// Persist the new set (before anything uses it, and before anything can fail: its
+    /// refresh token may be the only valid one left), then check and publish it.
+    async fn publish_new(&self, w: &mut Writer, mut set: TokenSet) -> Result<(), GrantError> {
         // An absent refresh token in a response means "keep the one you have" (RFC 6749 §6).
         if set.refresh_token.is_none() {
             set.refresh_token = w.refresh_token.clone();
         }
-        let active = self.activate(w.generation + 1, &set)?;
-        let mut persist_error = None;
-        if let Some(store) = &self.state_store {
-            let store = store.clone();
-            let to_save = set.clone();
-            let saved = tokio::task::spawn_blocking(move || store.save(&to_save)).await;
-            let failure = match saved {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(e) => Some(format!("state save panicked: {e}")),
-            };
-            if let Some(msg) = failure {
-                // The server has already rotated; losing the new token in memory too would be
-                // worse. Keep serving and say loudly that a restart would need a re-login.
-                tracing::error!(credential = %self.name, error = %msg, "could not persist rotated tokens");
-                persist_error = Some(format!("could not persist tokens: {msg}"));
-            }
-        }
+        let persist_error = self.persist(&set).await;
         w.refresh_token = set.refresh_token.clone();
+        let active = self
+            .activate(w.generation + 1, &set)
+            .map_err(GrantError::Rejected)?;
+        if let Some(verifier) = &self.verifier {
+            verifier
+                .verify(set.access_token.expose_secret())
+                .await
+                .map_err(|e| match e {
+                    VerifyError::Jwks(_) => GrantError::Transient {
+                        message: e.to_string(),
+                        retry_after: None,
+                    },
+                    VerifyError::Invalid(_) => GrantError::Rejected(e.to_string()),
+                })?;
+        }
         w.generation += 1;
         w.consecutive_failures = 0;
         let now = SystemTime::now();
@@ -390,6 +414,20 @@ impl Credential {
             "token refreshed"
         );
         Ok(())
+    }
+
+    /// Save `set` to the state store, if any. A failure is reported, not fatal: the server
+    /// has already rotated, and losing the new token in memory too would be worse.
+    async fn persist(&self, set: &TokenSet) -> Option<String> {
+        let store = self.state_store.clone()?;
+        let to_save = set.clone();
+        let failure = match tokio::task::spawn_blocking(move || store.save(&to_save)).await {
+            Ok(Ok(())) => return None,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => format!("state save panicked: {e}"),
+        };
+        tracing::error!(credential = %self.name, error = %failure, "could not persist tokens; a restart will need a new login");
+        Some(format!("could not persist tokens: {failure}"))
     }
 
     fn header_value(&self, set: &TokenSet) -> Result<HeaderValue, String> {

@@ -7,6 +7,7 @@ pub mod refresher;
 pub mod response;
 pub mod state;
 pub mod store;
+pub mod verify;
 
 pub use credential::{ActiveToken, Credential, Snapshot, Unavailable};
 pub use store::TokenStore;
