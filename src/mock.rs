@@ -343,6 +343,11 @@ impl MockAuth {
         resp
     }
 
+    /// Did this server issue `token` (valid or not)?
+    pub fn issued(&self, token: &str) -> bool {
+        self.lock().access.contains_key(token)
+    }
+
     /// Is this bearer token currently valid?
     pub fn check(&self, token: &str) -> Result<(), &'static str> {
         let s = self.lock();

@@ -18,7 +18,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use super::grant::error_chain;
 use crate::upstream::Connector;
 
-const MIN_REFETCH: Duration = Duration::from_secs(30);
+const MIN_REFETCH: Duration = Duration::from_secs(10);
 const MAX_JWKS: usize = 256 * 1024;
 
 pub struct VerifierConfig {
@@ -95,19 +95,20 @@ impl Verifier {
         if let Some(jwk) = find(cache.keys.as_ref(), kid) {
             return Ok(jwk);
         }
-        let may_refetch = cache
+        let shown = kid.unwrap_or("(none)");
+        if cache
             .fetched_at
-            .is_none_or(|at| at.elapsed() >= MIN_REFETCH);
-        if may_refetch {
-            cache.keys = Some(self.fetch().await?);
-            cache.fetched_at = Some(Instant::now());
+            .is_some_and(|at| at.elapsed() < MIN_REFETCH)
+        {
+            // Possibly a key rotation we have not seen yet: try again later.
+            return Err(VerifyError::Jwks(format!(
+                "no key with kid {shown:?} in the cached JWKS; refetching at most every {MIN_REFETCH:?}"
+            )));
         }
-        find(cache.keys.as_ref(), kid).ok_or_else(|| {
-            VerifyError::Invalid(format!(
-                "no key with kid {:?} in the JWKS",
-                kid.unwrap_or("(none)")
-            ))
-        })
+        cache.keys = Some(self.fetch().await?);
+        cache.fetched_at = Some(Instant::now());
+        find(cache.keys.as_ref(), kid)
+            .ok_or_else(|| VerifyError::Invalid(format!("no key with kid {shown:?} in the JWKS")))
     }
 
     async fn fetch(&self) -> Result<JwkSet, VerifyError> {

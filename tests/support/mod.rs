@@ -405,3 +405,48 @@ pub fn write_file(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
     std::fs::write(&p, text).expect("write file");
     p
 }
+
+/// A fresh ES256 key: the signer a mock IdP uses, and its public JWK (as Cotter publishes).
+pub fn es256_signer(
+    kid: &str,
+    issuer: &str,
+    audience: &str,
+) -> (token_proxy::mock::JwtSigner, serde_json::Value) {
+    use base64::Engine;
+    let key = rcgen::KeyPair::generate().expect("P-256 key");
+    let raw = key.public_key_raw();
+    assert_eq!(raw.len(), 65, "uncompressed P-256 point");
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let jwk = serde_json::json!({
+        "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": kid,
+        "x": b64(&raw[1..33]), "y": b64(&raw[33..65]),
+    });
+    let signer = token_proxy::mock::JwtSigner {
+        key: jsonwebtoken::EncodingKey::from_ec_der(&key.serialize_der()),
+        algorithm: jsonwebtoken::Algorithm::ES256,
+        kid: kid.to_string(),
+        issuer: issuer.to_string(),
+        audience: audience.to_string(),
+    };
+    (signer, jwk)
+}
+
+/// A JWKS endpoint serving `keys`, with a hit counter.
+pub struct Jwks {
+    pub doc: Arc<Mutex<serde_json::Value>>,
+    pub hits: Arc<std::sync::atomic::AtomicU64>,
+    pub server: MockServer,
+}
+
+impl Jwks {
+    pub async fn serve(keys: Vec<serde_json::Value>) -> Jwks {
+        let doc = Arc::new(Mutex::new(serde_json::json!({ "keys": keys })));
+        let hits = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let server = token_proxy::mock::json_server(doc.clone(), hits.clone()).await;
+        Jwks { doc, hits, server }
+    }
+
+    pub fn set_keys(&self, keys: Vec<serde_json::Value>) {
+        *self.doc.lock().unwrap() = serde_json::json!({ "keys": keys });
+    }
+}
