@@ -163,3 +163,46 @@ fn listen_addresses_can_be_overridden_by_environment() {
         "{out}"
     );
 }
+
+#[test]
+fn the_commented_cotter_example_is_valid_when_uncommented() {
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml")).unwrap();
+    let start = example
+        .find("# [[routes]]\n# name = \"my-backend\"")
+        .expect("Cotter example");
+    let end = start + example[start..].find("\n# ----").unwrap();
+    let block: String = example[start..end]
+        .lines()
+        .map(|l| l.strip_prefix("# ").unwrap_or(l.trim_start_matches('#')))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = write_file(
+        dir.path(),
+        "cottertoken.json",
+        r#"{"access_token":"a","refresh_token":"1:r","expires_in":3600}"#,
+    );
+    let block = block.replace(
+        "\"cottertoken.json\"",
+        &format!("{:?}", tokens.display().to_string()),
+    );
+    let text = format!(
+        "{}\n{block}\n",
+        &example[..example.find("# -----").unwrap()]
+    );
+    let cfg = write(dir.path(), &text);
+    let (code, out, err) = run_binary(
+        &["check", "--config", &cfg],
+        &[
+            ("CLIENT_SECRET", "x"),
+            ("REFRESH_TOKEN", "y"),
+            ("COTTER_API_KEY_ID", "key-id"),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("route my-backend") && out.contains("credential cotter"),
+        "{out}"
+    );
+}
