@@ -53,7 +53,8 @@ fn hot_path(c: &mut Criterion) {
     let _guard = rt.enter();
     let config = config("http://127.0.0.1:9");
     let routes = RouteTable::from_config(&config).unwrap();
-    let store = TokenStore::from_config(&config, &Arc::new(Metrics::new())).unwrap();
+    let store =
+        TokenStore::from_config(&config, &Arc::new(Metrics::new()), Default::default()).unwrap();
     let cred = store.get("main").unwrap();
     rt.block_on(
         cred.install(

@@ -31,6 +31,36 @@ pub struct Config {
     pub server: ServerConfig,
     pub routes: Vec<RouteConfig>,
     pub credentials: BTreeMap<String, CredentialConfig>,
+    /// The file this was loaded from, if any.
+    pub source: Option<PathBuf>,
+}
+
+impl Config {
+    /// Every file whose change should trigger a reload: the config itself, secret files,
+    /// initial token files and CA files.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = self.source.iter().cloned().collect();
+        files.extend(self.routes.iter().filter_map(|r| r.ca_file.clone()));
+        files.extend(
+            self.credentials
+                .values()
+                .flat_map(|c| c.files.iter().cloned()),
+        );
+        files
+    }
+}
+
+/// A fingerprint of the contents of `files` (a missing file counts as such), to notice
+/// changes by polling. Kubernetes updates mounted secrets by swapping a `..data` symlink,
+/// which file-event watchers often miss; reading the contents does not.
+pub fn fingerprint_files(files: &[PathBuf]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for f in files {
+        f.hash(&mut h);
+        std::fs::read(f).ok().hash(&mut h);
+    }
+    h.finish()
 }
 
 #[derive(Debug, Clone)]
@@ -114,6 +144,42 @@ pub struct CredentialConfig {
     pub ca_file: Option<PathBuf>,
     /// Verify access tokens (JWTs) against the issuer's keys before attaching them.
     pub verify: Option<JwtVerification>,
+    /// Files this credential's config was read from (secrets, initial tokens, CA): a change
+    /// to any of them is a config change (watched for reloads). Not `state_file`.
+    pub files: Vec<PathBuf>,
+}
+
+impl CredentialConfig {
+    /// Identifies this exact configuration, secrets included, so a reload can tell an
+    /// unchanged credential (keep its token) from a changed one. Never shown anywhere.
+    pub fn fingerprint(&self) -> u64 {
+        use secrecy::ExposeSecret;
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        // Debug covers every non-secret field (secrets and sensitive headers print redacted).
+        format!("{self:?}").hash(&mut h);
+        let secrets = [
+            &self.client_secret,
+            &self.refresh_token,
+            &self.initial_tokens,
+        ];
+        for s in secrets {
+            s.as_ref()
+                .map(|s| s.expose_secret().to_string())
+                .hash(&mut h);
+        }
+        if self.access_token_file.is_none() {
+            // An access_token_file is followed by the refresher itself; only inline counts.
+            self.access_token
+                .as_ref()
+                .map(|s| s.expose_secret().to_string())
+                .hash(&mut h);
+        }
+        for (_, v) in &self.headers {
+            v.as_bytes().hash(&mut h);
+        }
+        h.finish()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -205,7 +271,9 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("cannot read config {}: {e}", path.display())))?;
-        Config::parse(&text, &|name| std::env::var(name).ok())
+        let mut config = Config::parse(&text, &|name| std::env::var(name).ok())?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
     }
 
     /// Parse config text; `env` resolves `${VAR}` (and the listen overrides).
@@ -447,6 +515,7 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
         server,
         routes,
         credentials,
+        source: None,
     })
 }
 
@@ -535,6 +604,16 @@ fn build_credential(name: &str, c: RawCredential) -> Result<CredentialConfig, Co
         }
         None => None,
     };
+    let files: Vec<PathBuf> = [
+        &c.client_secret_file,
+        &c.refresh_token_file,
+        &c.initial_tokens_file,
+        &c.ca_file,
+    ]
+    .into_iter()
+    .flatten()
+    .map(PathBuf::from)
+    .collect();
     let client_secret = secret(&key, "client_secret", c.client_secret, c.client_secret_file)?;
     let refresh_token = secret(&key, "refresh_token", c.refresh_token, c.refresh_token_file)?;
     let access_token_file = c.access_token_file.clone().map(PathBuf::from);
@@ -650,6 +729,7 @@ fn build_credential(name: &str, c: RawCredential) -> Result<CredentialConfig, Co
         timeout,
         ca_file,
         verify,
+        files,
     })
 }
 

@@ -19,7 +19,7 @@ pub mod token;
 pub mod upstream;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -48,6 +48,10 @@ pub struct AppHandle {
     pub admin_addr: Option<SocketAddr>,
     pub store: Arc<TokenStore>,
     pub metrics: Arc<Metrics>,
+    /// The live route table; a reload swaps it whole.
+    routes: Arc<RwLock<Arc<RouteTable>>>,
+    /// Server settings in force (they need a restart to change).
+    server: config::ServerConfig,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -58,8 +62,11 @@ impl App {
     /// Build everything from `config`, bind the listeners, start refreshers and servers.
     pub async fn spawn(config: Config) -> Result<AppHandle, StartError> {
         let metrics = Arc::new(Metrics::new());
-        let store =
-            Arc::new(TokenStore::from_config(&config, &metrics).map_err(StartError::Runtime)?);
+        let shutdown = CancellationToken::new();
+        let store = Arc::new(
+            TokenStore::from_config(&config, &metrics, shutdown.clone())
+                .map_err(StartError::Runtime)?,
+        );
         let routes = RouteTable::from_config(&config).map_err(StartError::Config)?;
         let proxy_listener = TcpListener::bind(config.server.listen).await.map_err(|e| {
             StartError::Runtime(format!("cannot listen on {}: {e}", config.server.listen))
@@ -75,15 +82,15 @@ impl App {
             .map_err(|e| StartError::Runtime(e.to_string()))?;
         let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
 
-        let shutdown = CancellationToken::new();
-        store.spawn_refreshers(&shutdown);
+        store.spawn_refreshers();
         let limits = ConnLimits {
             max_header_size: config.server.max_header_size,
         };
         let grace = config.server.shutdown_grace;
         let mut tasks = Vec::new();
 
-        let proxy = proxy::Proxy::new(routes, store.clone(), metrics.clone());
+        let routes = Arc::new(RwLock::new(Arc::new(routes)));
+        let proxy = proxy::Proxy::new(routes.clone(), store.clone(), metrics.clone());
         let handler = move |req| {
             let proxy = proxy.clone();
             async move { proxy.handle(req).await }
@@ -121,6 +128,8 @@ impl App {
             admin_addr,
             store,
             metrics,
+            routes,
+            server: config.server,
             shutdown,
             tasks,
         })
@@ -128,6 +137,35 @@ impl App {
 }
 
 impl AppHandle {
+    /// Apply a new config without a restart: routes swap at once for new requests,
+    /// unchanged credentials keep their tokens, changed ones are rebuilt. An invalid route
+    /// table is refused whole (`Err`) and nothing changes. Returns a one-line summary.
+    pub async fn reload(&self, config: Config) -> Result<String, String> {
+        let routes = RouteTable::from_config(&config)?;
+        let report = self.store.apply(&config.credentials).await;
+        *self.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(routes);
+        let mut summary = format!(
+            "routes={} credentials kept={:?} replaced={:?} added={:?} removed={:?}",
+            config.routes.len(),
+            report.kept,
+            report.replaced,
+            report.added,
+            report.removed
+        );
+        for (name, e) in &report.failed {
+            summary.push_str(&format!("; credential {name} kept its old config: {e}"));
+        }
+        let s = &config.server;
+        if s.listen != self.server.listen
+            || s.admin_listen != self.server.admin_listen
+            || s.max_header_size != self.server.max_header_size
+            || s.shutdown_grace != self.server.shutdown_grace
+        {
+            summary.push_str("; [server] changes take effect after a restart");
+        }
+        Ok(summary)
+    }
+
     /// Begin a graceful shutdown: readiness fails, listeners close, in-flight requests finish.
     pub fn shutdown(&self) {
         self.shutdown.cancel();

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use token_proxy::config::{config_path, Config};
+use token_proxy::config::{config_path, fingerprint_files, Config};
 use token_proxy::{App, StartError};
 
 #[derive(Parser)]
@@ -115,6 +115,7 @@ async fn run(path: PathBuf) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    let mut watched = config.watched_files();
     let handle = match App::spawn(config).await {
         Ok(h) => h,
         Err(StartError::Config(e)) => {
@@ -126,22 +127,74 @@ async fn run(path: PathBuf) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    wait_for_signal().await;
+    let mut signals = match Signals::new() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("token-proxy: cannot install signal handlers: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    // Reload on SIGHUP, and when the config or a file it names changes (polled: Kubernetes
+    // swaps mounted ConfigMaps and Secrets through a `..data` symlink).
+    let mut seen = fingerprint_files(&watched);
+    let mut poll = tokio::time::interval(WATCH_EVERY);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let cause = tokio::select! {
+            _ = signals.term.recv() => break,
+            _ = signals.int.recv() => break,
+            _ = signals.hangup.recv() => "SIGHUP",
+            _ = poll.tick() => {
+                let now = fingerprint_files(&watched);
+                if now == seen {
+                    continue;
+                }
+                "a watched file changed"
+            }
+        };
+        match Config::load(&path) {
+            Err(e) => {
+                tracing::error!(cause, error = %e, "reload rejected; the running config stays in force")
+            }
+            Ok(new) => {
+                let files = new.watched_files();
+                match handle.reload(new).await {
+                    Ok(summary) => {
+                        tracing::info!(cause, %summary, "config reloaded");
+                        watched = files;
+                    }
+                    Err(e) => {
+                        tracing::error!(cause, error = %e, "reload rejected; the running config stays in force")
+                    }
+                }
+            }
+        }
+        seen = fingerprint_files(&watched);
+    }
     tracing::info!("shutting down: finishing in-flight requests");
     handle.stop().await;
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+/// How often the config and the files it names are checked for changes.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The signals the proxy acts on.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hangup: signal(SignalKind::hangup())?,
+        })
     }
 }
 

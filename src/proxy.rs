@@ -1,6 +1,6 @@
 //! The request path: pick a route, attach the token, forward (streaming), replay once on 401.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -23,7 +23,8 @@ pub struct Proxy {
 }
 
 struct Inner {
-    routes: RouteTable,
+    /// Swapped whole by a reload; each request takes the table current when it arrives.
+    routes: Arc<RwLock<Arc<RouteTable>>>,
     store: Arc<TokenStore>,
     metrics: Arc<Metrics>,
 }
@@ -37,7 +38,11 @@ struct Trace {
 }
 
 impl Proxy {
-    pub fn new(routes: RouteTable, store: Arc<TokenStore>, metrics: Arc<Metrics>) -> Proxy {
+    pub fn new(
+        routes: Arc<RwLock<Arc<RouteTable>>>,
+        store: Arc<TokenStore>,
+        metrics: Arc<Metrics>,
+    ) -> Proxy {
         Proxy {
             inner: Arc::new(Inner {
                 routes,
@@ -81,7 +86,13 @@ impl Proxy {
         req: Request<Incoming>,
         trace: &mut Trace,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let route = self.select_route(&req)?.clone();
+        let routes = self
+            .inner
+            .routes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let route = select_route(&routes, &req)?.clone();
         trace.route = Some(route.name.clone());
         trace.credential = route.credential.clone();
         let credential =
@@ -145,25 +156,28 @@ impl Proxy {
         let response = send(&route, build(method, uri, headers, bytes)).await?;
         Ok(finish(response))
     }
+}
 
-    fn select_route(&self, req: &Request<Incoming>) -> Result<&Arc<Route>, ProxyError> {
-        if req.method() == Method::CONNECT {
-            let host = req
-                .uri()
-                .authority()
-                .map(|a| a.to_string())
-                .unwrap_or_default();
-            return Err(ProxyError::ConnectNotSupported { host });
-        }
-        let uri = req.uri();
-        // Absolute-form over HTTP/1 means the app uses us as HTTP_PROXY. (HTTP/2 requests
-        // always carry an authority; they are reverse-mode requests.)
-        let forward = req.version() < Version::HTTP_2 && uri.scheme().is_some();
-        match (forward, uri.host()) {
-            (true, Some(host)) => self.inner.routes.by_host(host, uri.port_u16(), uri.path()),
-            (true, None) => Err(ProxyError::BadRequest("absolute URI without a host".into())),
-            (false, _) => self.inner.routes.by_path(uri.path()),
-        }
+fn select_route<'a>(
+    routes: &'a RouteTable,
+    req: &Request<Incoming>,
+) -> Result<&'a Arc<Route>, ProxyError> {
+    if req.method() == Method::CONNECT {
+        let host = req
+            .uri()
+            .authority()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        return Err(ProxyError::ConnectNotSupported { host });
+    }
+    let uri = req.uri();
+    // Absolute-form over HTTP/1 means the app uses us as HTTP_PROXY. (HTTP/2 requests
+    // always carry an authority; they are reverse-mode requests.)
+    let forward = req.version() < Version::HTTP_2 && uri.scheme().is_some();
+    match (forward, uri.host()) {
+        (true, Some(host)) => routes.by_host(host, uri.port_u16(), uri.path()),
+        (true, None) => Err(ProxyError::BadRequest("absolute URI without a host".into())),
+        (false, _) => routes.by_path(uri.path()),
     }
 }
 

@@ -93,6 +93,17 @@ pub struct Unavailable {
     pub retry_after: Duration,
 }
 
+/// Where a credential starts from when it replaces another on reload.
+#[derive(Default)]
+pub struct Start {
+    /// The predecessor's current refresh token: it may have rotated since the config was
+    /// written, and the configured one may be dead. Used when there is no state file.
+    pub carried_refresh_token: Option<SecretString>,
+    /// The configured refresh token (or initial tokens) changed: the operator installed a
+    /// new one, so it wins over the state file.
+    pub prefer_config: bool,
+}
+
 /// State only the writer touches.
 struct Writer {
     refresh_token: Option<SecretString>,
@@ -127,6 +138,7 @@ impl Credential {
     pub fn new(
         config: &CredentialConfig,
         metrics: Arc<Metrics>,
+        start: Start,
     ) -> Result<Arc<Credential>, String> {
         let grant =
             Grant::from_config(config).map_err(|e| format!("credentials.{}: {e}", config.name))?;
@@ -150,11 +162,13 @@ impl Credential {
         };
         let now = SystemTime::now();
         let saved = match &state_store {
+            Some(_) if start.prefer_config => None,
             Some(store) => store.load().map_err(|e| e.to_string())?,
             None => None,
         };
         let initial = match (saved, &config.initial_tokens) {
             (Some(set), _) => Some(set),
+            (None, _) if start.carried_refresh_token.is_some() => None,
             (None, Some(json)) => Some(
                 parse_handed_over(json.expose_secret().as_bytes(), now)
                     .map_err(|e| format!("credentials.{}.initial_tokens_file: {e}", config.name))?,
@@ -164,6 +178,7 @@ impl Credential {
         let refresh_token = initial
             .as_ref()
             .and_then(|s| s.refresh_token.clone())
+            .or(start.carried_refresh_token)
             .or_else(|| config.refresh_token.clone());
         let mut credential = Credential {
             name: Arc::from(config.name.as_str()),
@@ -212,6 +227,11 @@ impl Credential {
 
     pub fn snapshot(&self) -> Snapshot {
         self.snapshot.borrow().clone()
+    }
+
+    /// The refresh token in use now (waits for an in-flight refresh to finish).
+    pub async fn refresh_token_now(&self) -> Option<SecretString> {
+        self.writer.lock().await.refresh_token.clone()
     }
 
     /// Follow every change of this credential (the demo prints refreshes as they happen).

@@ -9,5 +9,5 @@ pub mod state;
 pub mod store;
 pub mod verify;
 
-pub use credential::{ActiveToken, Credential, Snapshot, Unavailable};
+pub use credential::{ActiveToken, Credential, Snapshot, Start, Unavailable};
 pub use store::TokenStore;

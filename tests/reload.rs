@@ -1,0 +1,118 @@
+//! Reload without restart: SIGHUP, or a change to the config or a secret file it names.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_new_routes_and_keeps_unchanged_credentials() {
+    let world = World::new(Duration::from_secs(300)).await;
+    let other = MockUpstream::new("other", Some(world.auth.clone()));
+    let other_server = upstream_server(other.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let rt = world.auth.new_refresh_token();
+    let base = world.config("", &format!("refresh_token = \"{rt}\""));
+    let cfg = write_file(dir.path(), "proxy.toml", &base);
+    let bin = Binary::start(&cfg, &[]);
+    assert_eq!(get(&bin.url("/other/x")).await.json()["upstream"], "api");
+    assert_eq!(world.auth.refresh_calls.load(Ordering::SeqCst), 1);
+
+    let extra = format!(
+        "\n[[routes]]\nname = \"other\"\nprefix = \"/other\"\nupstream = \"{}\"\ncredential = \"main\"\n",
+        other_server.url
+    );
+    std::fs::write(&cfg, format!("{base}{extra}")).unwrap();
+    bin.signal("HUP");
+    wait_for("the new route", Duration::from_secs(10), || async {
+        get(&bin.url("/other/x")).await.json()["upstream"] == "other"
+    })
+    .await;
+    assert!(other.seen()[0].authorized);
+    assert_eq!(
+        world.auth.refresh_calls.load(Ordering::SeqCst),
+        1,
+        "the unchanged credential kept its token"
+    );
+    assert!(bin.logs().contains("config reloaded"));
+
+    // A broken config is refused; the running one keeps serving.
+    std::fs::write(&cfg, "[[routes]]\nprefix = 7\n").unwrap();
+    bin.signal("HUP");
+    wait_for(
+        "the rejection to be logged",
+        Duration::from_secs(10),
+        || async { bin.logs().contains("reload rejected") },
+    )
+    .await;
+    assert_eq!(get(&bin.url("/other/y")).await.status, 200);
+    assert_eq!(get(&bin.url("/z")).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_credential_carries_its_rotated_refresh_token() {
+    let world = World::new(Duration::from_secs(300)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let rt = world.auth.new_refresh_token();
+    let base = world.config("", &format!("refresh_token = \"{rt}\"\nscope = \"read\""));
+    let cfg = write_file(dir.path(), "proxy.toml", &base);
+    let bin = Binary::start(&cfg, &[]);
+    assert_eq!(get(&bin.url("/a")).await.status, 200);
+    // The configured refresh token has been rotated away by now; no state file either.
+    std::fs::write(
+        &cfg,
+        base.replace("scope = \"read\"", "scope = \"read write\""),
+    )
+    .unwrap();
+    bin.signal("HUP");
+    wait_for(
+        "the changed credential to fetch with the new scope",
+        Duration::from_secs(10),
+        || async {
+            world
+                .auth
+                .requests()
+                .iter()
+                .any(|r| r.params.get("scope").map(String::as_str) == Some("read write"))
+        },
+    )
+    .await;
+    assert_eq!(get(&bin.url("/b")).await.status, 200);
+    assert_eq!(
+        world.auth.reuse_detected.load(Ordering::SeqCst),
+        0,
+        "the rotated token was carried over"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_refresh_token_in_a_watched_secret_file_revives_the_credential() {
+    let world = World::new(Duration::from_secs(300)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = write_file(dir.path(), "refresh_token", &world.auth.new_refresh_token());
+    let state = dir.path().join("state.json");
+    let cred = format!(
+        "refresh_token_file = \"{}\"\nstate_file = \"{}\"",
+        secret.display(),
+        state.display()
+    );
+    let cfg = write_file(dir.path(), "proxy.toml", &world.config("", &cred));
+    let bin = Binary::start(&cfg, &[]);
+    assert_eq!(get(&bin.url("/a")).await.status, 200);
+
+    // The session is revoked: the credential needs re-authentication.
+    world.auth.revoke_all_refresh();
+    world.auth.revoke_all_access();
+    assert_eq!(get(&bin.url("/b")).await.status, 503);
+    // The operator updates the Secret (no signal): the new refresh token wins over the state file.
+    std::fs::write(&secret, world.auth.new_refresh_token()).unwrap();
+    wait_for(
+        "the credential to recover",
+        Duration::from_secs(15),
+        || async { get(&bin.url("/c")).await.status == 200 },
+    )
+    .await;
+    assert!(bin.logs().contains("a watched file changed"));
+}
