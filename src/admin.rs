@@ -33,7 +33,7 @@ pub struct Admin {
     pub store: Arc<TokenStore>,
     pub metrics: Arc<Metrics>,
     /// Cancelled on SIGTERM: readiness fails at once so the kubelet stops sending traffic.
-    pub shutdown: CancellationToken,
+    pub draining: CancellationToken,
 }
 
 impl Admin {
@@ -101,7 +101,7 @@ impl Admin {
     }
 
     fn readyz(&self) -> Response<ProxyBody> {
-        if self.shutdown.is_cancelled() {
+        if self.draining.is_cancelled() {
             return json_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 json!({"ready": false, "reason": "shutting down"}),

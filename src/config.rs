@@ -68,6 +68,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub admin_listen: Option<SocketAddr>,
     pub shutdown_grace: Duration,
+    /// After SIGTERM, keep accepting for this long (readiness already 503) before draining.
+    pub shutdown_delay: Duration,
     pub max_header_size: usize,
 }
 
@@ -209,6 +211,7 @@ struct RawServer {
     listen: Option<String>,
     admin_listen: Option<String>,
     shutdown_grace: Option<String>,
+    shutdown_delay: Option<String>,
     max_header_size: Option<String>,
 }
 
@@ -478,6 +481,11 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
             "server.shutdown_grace",
             raw.server.shutdown_grace,
             Duration::from_secs(10),
+        )?,
+        shutdown_delay: opt_duration(
+            "server.shutdown_delay",
+            raw.server.shutdown_delay,
+            Duration::ZERO,
         )?,
         max_header_size: opt_size(
             "server.max_header_size",

@@ -20,6 +20,7 @@ pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -52,8 +53,14 @@ pub struct AppHandle {
     routes: Arc<RwLock<Arc<RouteTable>>>,
     /// Server settings in force (they need a restart to change).
     server: config::ServerConfig,
-    shutdown: CancellationToken,
-    tasks: Vec<JoinHandle<()>>,
+    /// Cancelled first on shutdown: readiness fails.
+    draining: CancellationToken,
+    /// Cancelled after `shutdown_delay`: the proxy stops accepting and drains.
+    stop_proxy: CancellationToken,
+    /// Cancelled last: the admin listener and the refreshers stop.
+    stop_all: CancellationToken,
+    proxy_task: JoinHandle<()>,
+    admin_task: Option<JoinHandle<()>>,
 }
 
 pub struct App;
@@ -62,9 +69,9 @@ impl App {
     /// Build everything from `config`, bind the listeners, start refreshers and servers.
     pub async fn spawn(config: Config) -> Result<AppHandle, StartError> {
         let metrics = Arc::new(Metrics::new());
-        let shutdown = CancellationToken::new();
+        let stop_all = CancellationToken::new();
         let store = Arc::new(
-            TokenStore::from_config(&config, &metrics, shutdown.clone())
+            TokenStore::from_config(&config, &metrics, stop_all.clone())
                 .map_err(StartError::Runtime)?,
         );
         let routes = RouteTable::from_config(&config).map_err(StartError::Config)?;
@@ -87,7 +94,8 @@ impl App {
             max_header_size: config.server.max_header_size,
         };
         let grace = config.server.shutdown_grace;
-        let mut tasks = Vec::new();
+        let draining = CancellationToken::new();
+        let stop_proxy = CancellationToken::new();
 
         let routes = Arc::new(RwLock::new(Arc::new(routes)));
         let proxy = proxy::Proxy::new(routes.clone(), store.clone(), metrics.clone());
@@ -95,32 +103,33 @@ impl App {
             let proxy = proxy.clone();
             async move { proxy.handle(req).await }
         };
-        tasks.push(tokio::spawn(server::serve(
+        let proxy_task = tokio::spawn(server::serve(
             proxy_listener,
             handler,
             limits,
-            shutdown.clone(),
+            stop_proxy.clone(),
             grace,
-        )));
+        ));
 
-        if let Some(listener) = admin_listener {
+        // The admin listener outlives the proxy's drain, so probes see 503, not a refusal.
+        let admin_task = admin_listener.map(|listener| {
             let admin = admin::Admin {
                 store: store.clone(),
                 metrics: metrics.clone(),
-                shutdown: shutdown.clone(),
+                draining: draining.clone(),
             };
             let handler = move |req| {
                 let admin = admin.clone();
                 async move { admin.handle(req).await }
             };
-            tasks.push(tokio::spawn(server::serve(
+            tokio::spawn(server::serve(
                 listener,
                 handler,
                 limits,
-                shutdown.clone(),
-                grace,
-            )));
-        }
+                stop_all.clone(),
+                Duration::from_secs(1),
+            ))
+        });
         let admin_shown = admin_addr.map_or_else(|| "none".to_string(), |a| a.to_string());
         tracing::info!(proxy = %proxy_addr, admin = %admin_shown, "listening");
         Ok(AppHandle {
@@ -130,8 +139,11 @@ impl App {
             metrics,
             routes,
             server: config.server,
-            shutdown,
-            tasks,
+            draining,
+            stop_proxy,
+            stop_all,
+            proxy_task,
+            admin_task,
         })
     }
 }
@@ -160,27 +172,24 @@ impl AppHandle {
             || s.admin_listen != self.server.admin_listen
             || s.max_header_size != self.server.max_header_size
             || s.shutdown_grace != self.server.shutdown_grace
+            || s.shutdown_delay != self.server.shutdown_delay
         {
             summary.push_str("; [server] changes take effect after a restart");
         }
         Ok(summary)
     }
 
-    /// Begin a graceful shutdown: readiness fails, listeners close, in-flight requests finish.
-    pub fn shutdown(&self) {
-        self.shutdown.cancel();
-    }
-
-    /// Wait until every server has drained (bounded by `shutdown_grace`).
-    pub async fn wait(self) {
-        for task in self.tasks {
-            let _ = task.await;
-        }
-    }
-
-    /// `shutdown()` then `wait()`.
+    /// Graceful shutdown: readiness fails at once; new connections are still served for
+    /// `shutdown_delay` (while the kubelet and the app notice); then the proxy stops
+    /// accepting and in-flight requests get up to `shutdown_grace` to finish.
     pub async fn stop(self) {
-        self.shutdown();
-        self.wait().await;
+        self.draining.cancel();
+        tokio::time::sleep(self.server.shutdown_delay).await;
+        self.stop_proxy.cancel();
+        let _ = self.proxy_task.await;
+        self.stop_all.cancel();
+        if let Some(admin) = self.admin_task {
+            let _ = admin.await;
+        }
     }
 }

@@ -52,3 +52,50 @@ async fn sigint_also_stops_cleanly() {
     let code = tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(10)));
     assert_eq!(code, Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_the_kubelet_readiness_fails_first_then_the_proxy_drains() {
+    let world = World::new(Duration::from_secs(300)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let rt = world.auth.new_refresh_token();
+    let toml = world
+        .config("", &format!("refresh_token = \"{rt}\""))
+        .replace(
+            "shutdown_grace = \"5s\"",
+            "shutdown_grace = \"10s\"\nshutdown_delay = \"3s\"",
+        );
+    let cfg = write_file(dir.path(), "proxy.toml", &toml);
+    let mut bin = Binary::start(&cfg, &[]);
+    wait_for("ready", Duration::from_secs(10), || async {
+        get(&bin.admin_url("/readyz")).await.status == 200
+    })
+    .await;
+
+    let slow = tokio::spawn({
+        let u = bin.url("/slow/4000");
+        async move { get(&u).await.status }
+    });
+    wait_for(
+        "the slow request in flight",
+        Duration::from_secs(10),
+        || async { world.api.seen().len() == 1 },
+    )
+    .await;
+    bin.signal("TERM");
+    wait_for("readiness to fail", Duration::from_secs(2), || async {
+        get(&bin.admin_url("/readyz")).await.status == 503
+    })
+    .await;
+    // Still serving during shutdown_delay: the app may not have stopped yet.
+    assert_eq!(get(&bin.url("/during-delay")).await.status, 200);
+    let proxy = bin.proxy;
+    wait_for(
+        "new connections refused after the delay",
+        Duration::from_secs(10),
+        || async move { tokio::net::TcpStream::connect(proxy).await.is_err() },
+    )
+    .await;
+    assert_eq!(slow.await.unwrap(), 200, "the in-flight request finished");
+    let code = tokio::task::block_in_place(|| bin.wait_exit(Duration::from_secs(15)));
+    assert_eq!(code, Some(0));
+}
