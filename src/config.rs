@@ -262,10 +262,44 @@ struct RawCredential {
 
 // ---------------------------------------------------------------- loading
 
-/// Where the config comes from: `--config`, else `$TOKEN_PROXY_CONFIG`, else `./proxy.toml`.
-pub fn config_path(cli: Option<PathBuf>) -> PathBuf {
-    cli.or_else(|| std::env::var_os("TOKEN_PROXY_CONFIG").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from("proxy.toml"))
+/// Where the config comes from.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    File(PathBuf),
+    /// `TOKEN_PROXY_*` variables (see `env_config`).
+    Environment,
+}
+
+impl ConfigSource {
+    /// `--config`, else `$TOKEN_PROXY_CONFIG`, else `./proxy.toml` if it exists, else the
+    /// environment if `TOKEN_PROXY_UPSTREAM` is set, else `./proxy.toml` (which then fails
+    /// to load with a clear message).
+    pub fn resolve(cli: Option<PathBuf>) -> ConfigSource {
+        if let Some(p) = cli.or_else(|| std::env::var_os("TOKEN_PROXY_CONFIG").map(PathBuf::from)) {
+            return ConfigSource::File(p);
+        }
+        let default = PathBuf::from("proxy.toml");
+        if !default.exists() && crate::env_config::requested(&|k| std::env::var(k).ok()) {
+            return ConfigSource::Environment;
+        }
+        ConfigSource::File(default)
+    }
+
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        match self {
+            ConfigSource::File(p) => Config::load(p),
+            ConfigSource::Environment => crate::env_config::from_env(&|k| std::env::var(k).ok()),
+        }
+    }
+}
+
+impl std::fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigSource::File(p) => write!(f, "{}", p.display()),
+            ConfigSource::Environment => write!(f, "TOKEN_PROXY_* environment variables"),
+        }
+    }
 }
 
 impl Config {
@@ -281,9 +315,27 @@ impl Config {
 
     /// Parse config text; `env` resolves `${VAR}` (and the listen overrides).
     pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        Self::parse_with(text, env, true)
+    }
+
+    /// Parse config text whose strings are taken literally (no `${VAR}` expansion).
+    pub fn parse_literal(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        Self::parse_with(text, env, false)
+    }
+
+    fn parse_with(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+        expand: bool,
+    ) -> Result<Config, ConfigError> {
         let mut value: toml::Value =
             toml::from_str(text).map_err(|e| ConfigError(format!("invalid TOML: {e}")))?;
-        expand_env(&mut value, "", env)?;
+        if expand {
+            expand_env(&mut value, "", env)?;
+        }
         let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
             // toml appends its own "in `key`" line; the path already says where.

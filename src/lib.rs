@@ -9,6 +9,7 @@ pub mod admin;
 pub mod body;
 pub mod config;
 pub mod demo;
+pub mod env_config;
 pub mod error;
 pub mod metrics;
 pub mod mock;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use token_proxy::config::{config_path, fingerprint_files, Config};
+use token_proxy::config::{fingerprint_files, Config, ConfigSource};
 use token_proxy::{App, StartError};
 
 #[derive(Parser)]
@@ -52,66 +52,91 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Run) {
         Command::Demo => runtime.block_on(token_proxy::demo::run()),
-        Command::Check => check(config_path(cli.config)),
-        Command::Run => runtime.block_on(run(config_path(cli.config))),
+        Command::Check => check(ConfigSource::resolve(cli.config)),
+        Command::Run => runtime.block_on(run(ConfigSource::resolve(cli.config))),
     }
 }
 
-fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|e| {
-        eprintln!("token-proxy: config error in {}: {e}", path.display());
+fn load(source: &ConfigSource) -> Result<Config, ExitCode> {
+    source.load().map_err(|e| {
+        eprintln!("token-proxy: config error in {source}: {e}");
         ExitCode::from(2)
     })
 }
 
-fn check(path: PathBuf) -> ExitCode {
-    let config = match load(&path) {
+fn check(source: ConfigSource) -> ExitCode {
+    let config = match load(&source) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    println!("{}: ok", path.display());
-    println!("listen {}", config.server.listen);
-    if let Some(a) = config.server.admin_listen {
-        println!("admin  {a}");
-    }
+    print!("{}", summary(&source, &config));
+    ExitCode::SUCCESS
+}
+
+/// What `check` prints: the resolved routes and credentials, secrets masked.
+fn summary(source: &ConfigSource, config: &Config) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let s = &config.server;
+    let _ = writeln!(out, "config: {source}: ok");
+    let _ = writeln!(
+        out,
+        "server: listen={} admin={} shutdown_grace={:?} shutdown_delay={:?} max_header_size={}",
+        s.listen,
+        s.admin_listen
+            .map_or_else(|| "(none)".to_string(), |a| a.to_string()),
+        s.shutdown_grace,
+        s.shutdown_delay,
+        s.max_header_size
+    );
     for r in &config.routes {
         let upstream = format!(
             "{}://{}{}",
             r.upstream.scheme, r.upstream.authority, r.upstream.base_path
         );
-        let matcher = match (&r.prefix, r.hosts.is_empty()) {
-            (Some(p), true) => format!("prefix {p}"),
-            (None, false) => format!("hosts {}", r.hosts.join(",")),
-            (Some(p), false) => format!("prefix {p} hosts {}", r.hosts.join(",")),
-            (None, true) => String::new(),
-        };
-        println!(
-            "route {:<12} {matcher} -> {upstream} credential={}",
+        let _ = writeln!(
+            out,
+            "route {}: prefix={} hosts=[{}] -> {upstream} strip_prefix={} credential={} retry_on_401={} max_retry_body={} timeout={:?} connect_timeout={:?}{}",
             r.name,
-            r.credential.as_deref().unwrap_or("(none)")
+            r.prefix.as_deref().unwrap_or("(none)"),
+            r.hosts.join(","),
+            r.strip_prefix,
+            r.credential.as_deref().unwrap_or("(none)"),
+            r.retry_on_401,
+            r.max_retry_body,
+            r.timeout,
+            r.connect_timeout,
+            r.ca_file.as_ref().map(|p| format!(" ca_file={}", p.display())).unwrap_or_default(),
         );
     }
+    let mask = |set: bool| if set { "***" } else { "(none)" };
     for c in config.credentials.values() {
-        let url = c
-            .token_url
-            .as_ref()
-            .map(|u| u.to_string())
-            .unwrap_or_default();
-        println!(
-            "credential {:<8} grant={:?} {url} state_file={}",
+        let _ = writeln!(
+            out,
+            "credential {}: grant={:?} token_url={} encoding={:?} client_id={} client_secret={} client_auth={:?} refresh_token={} initial_tokens={} access_token={} scope={} headers=[{}] state_file={} refresh_before={:?} header={} verify={}",
             c.name,
             c.grant,
-            c.state_file
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "(none)".into())
+            c.token_url.as_ref().map_or_else(|| "(none)".to_string(), |u| u.to_string()),
+            c.encoding,
+            c.client_id.as_deref().unwrap_or("(none)"),
+            mask(c.client_secret.is_some()),
+            c.client_auth,
+            mask(c.refresh_token.is_some()),
+            mask(c.initial_tokens.is_some()),
+            mask(c.access_token.is_some()),
+            c.scope.as_deref().unwrap_or("(none)"),
+            c.headers.iter().map(|(k, _)| format!("{k}=***")).collect::<Vec<_>>().join(","),
+            c.state_file.as_ref().map_or_else(|| "(none)".to_string(), |p| p.display().to_string()),
+            c.refresh_before,
+            c.header,
+            c.verify.as_ref().map_or_else(|| "off".to_string(), |v| format!("jwks={} issuer={:?} audience={:?}", v.jwks_url, v.issuer, v.audience)),
         );
     }
-    ExitCode::SUCCESS
+    out
 }
 
-async fn run(path: PathBuf) -> ExitCode {
-    let config = match load(&path) {
+async fn run(source: ConfigSource) -> ExitCode {
+    let config = match load(&source) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -152,7 +177,7 @@ async fn run(path: PathBuf) -> ExitCode {
                 "a watched file changed"
             }
         };
-        match Config::load(&path) {
+        match source.load() {
             Err(e) => {
                 tracing::error!(cause, error = %e, "reload rejected; the running config stays in force")
             }

@@ -190,9 +190,19 @@ pub struct Binary {
 impl Binary {
     /// Start with `config` and extra environment; waits for the "listening" log line.
     pub fn start(config: &Path, env: &[(&str, &str)]) -> Binary {
+        Self::start_in(Some(config), None, env)
+    }
+
+    /// Start with no `--config`, in directory `cwd` (for environment-only configs).
+    pub fn start_in(config: Option<&Path>, cwd: Option<&Path>, env: &[(&str, &str)]) -> Binary {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_token-proxy"));
-        cmd.arg("--config")
-            .arg(config)
+        if let Some(config) = config {
+            cmd.arg("--config").arg(config);
+        }
+        if let Some(dir) = cwd {
+            cmd.current_dir(dir);
+        }
+        cmd.env_remove("TOKEN_PROXY_CONFIG")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .env("NO_COLOR", "1");
