@@ -35,6 +35,8 @@ struct Trace {
     route: Option<Arc<str>>,
     credential: Option<Arc<str>>,
     replayed: bool,
+    /// Time spent waiting for upstream response heads (both attempts, if replayed).
+    upstream: std::time::Duration,
 }
 
 impl Proxy {
@@ -75,6 +77,7 @@ impl Proxy {
             path = %path,
             status,
             latency_ms = elapsed.as_secs_f64() * 1000.0,
+            upstream_ms = trace.upstream.as_secs_f64() * 1000.0,
             replayed = trace.replayed,
             "request"
         );
@@ -129,7 +132,7 @@ impl Proxy {
             Some((buffer, ..)) => body::boxed(TeeBody::new(incoming, buffer.clone())),
             None => body::boxed(incoming),
         };
-        let response = send(&route, Request::from_parts(parts, body)).await?;
+        let response = send(&route, Request::from_parts(parts, body), trace).await?;
 
         let (Some(credential), Some(lease), Some((buffer, method, uri, mut headers))) =
             (credential, lease, replay)
@@ -153,7 +156,7 @@ impl Proxy {
         headers.insert(credential.header.clone(), fresh.header_value.clone());
         trace.replayed = true;
         self.inner.metrics.retry(&route.name);
-        let response = send(&route, build(method, uri, headers, bytes)).await?;
+        let response = send(&route, build(method, uri, headers, bytes), trace).await?;
         Ok(finish(response))
     }
 }
@@ -210,8 +213,15 @@ fn build(method: Method, uri: Uri, headers: HeaderMap, bytes: Bytes) -> Request<
 }
 
 /// Send upstream; the response head must arrive within the route's timeout.
-async fn send(route: &Route, req: Request<ProxyBody>) -> Result<Response<Incoming>, ProxyError> {
-    match tokio::time::timeout(route.timeout, route.client.request(req)).await {
+async fn send(
+    route: &Route,
+    req: Request<ProxyBody>,
+    trace: &mut Trace,
+) -> Result<Response<Incoming>, ProxyError> {
+    let started = Instant::now();
+    let result = tokio::time::timeout(route.timeout, route.client.request(req)).await;
+    trace.upstream += started.elapsed();
+    match result {
         Err(_) => Err(ProxyError::UpstreamTimeout(route.timeout)),
         Ok(Err(e)) => Err(ProxyError::UpstreamUnreachable(error_chain(&e))),
         Ok(Ok(resp)) => Ok(resp),

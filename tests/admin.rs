@@ -132,7 +132,7 @@ async fn tokens_and_metrics_describe_state_without_token_values() {
 
     let metrics = get(&admin(&app, "/metrics")).await.text();
     for needle in [
-        "token_proxy_requests_total{route=\"api\",status=\"200\"} 4",
+        "token_proxy_requests_total{route=\"api\",status=\"200\",class=\"2xx\"} 4",
         "token_proxy_request_duration_seconds_bucket{le=",
         "token_proxy_upstream_retries_total{route=\"api\"} 1",
         "token_proxy_token_refresh_total{credential=\"main\",outcome=\"ok\"} 2",
