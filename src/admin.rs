@@ -1,4 +1,5 @@
-//! The admin listener (bind it to loopback; it can install tokens):
+//! The admin listener. It may listen beyond loopback (Kubernetes probes and scrapes come
+//! from outside the pod), but only loopback clients may change tokens (POST, PUT):
 //!
 //! | method + path                | answer |
 //! |------------------------------|--------|
@@ -23,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::body::{self, ProxyBody};
 use crate::metrics::Metrics;
+use crate::server::PeerAddr;
 use crate::token::{Credential, TokenStore};
 
 /// Largest token JSON accepted by `PUT /tokens/{name}`.
@@ -39,6 +41,14 @@ pub struct Admin {
 impl Admin {
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         let path = req.uri().path().trim_end_matches('/').to_string();
+        // Probes and scrapes may come from anywhere the listener is reachable; changing
+        // tokens is for this host only (the app's pod, the operator's shell).
+        if !allowed(req.method(), req.extensions().get::<PeerAddr>()) {
+            return json_response(
+                StatusCode::FORBIDDEN,
+                json!({"error": "forbidden", "message": "token changes are accepted from loopback only"}),
+            );
+        }
         let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
         match (req.method().clone(), segments.as_slice()) {
             (Method::GET, ["healthz"]) => text(StatusCode::OK, "ok\n"),
@@ -120,6 +130,11 @@ impl Admin {
     }
 }
 
+/// Reads from anyone who can reach the listener; writes from loopback only.
+fn allowed(method: &Method, peer: Option<&PeerAddr>) -> bool {
+    matches!(*method, Method::GET | Method::HEAD) || peer.is_some_and(|p| p.0.ip().is_loopback())
+}
+
 /// A credential's status as JSON. Built from the snapshot only: no token material in it.
 pub fn status(c: &Credential) -> Value {
     let now = SystemTime::now();
@@ -172,4 +187,22 @@ fn json_response(status: StatusCode, value: Value) -> Response<ProxyBody> {
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_may_change_tokens() {
+        let local = PeerAddr("127.0.0.1:5000".parse().unwrap());
+        let local6 = PeerAddr("[::1]:5000".parse().unwrap());
+        let remote = PeerAddr("10.1.2.3:5000".parse().unwrap());
+        assert!(allowed(&Method::PUT, Some(&local)));
+        assert!(allowed(&Method::POST, Some(&local6)));
+        assert!(!allowed(&Method::PUT, Some(&remote)));
+        assert!(!allowed(&Method::POST, Some(&remote)));
+        assert!(!allowed(&Method::PUT, None));
+        assert!(allowed(&Method::GET, Some(&remote)));
+    }
 }

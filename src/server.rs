@@ -16,6 +16,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::body::ProxyBody;
 
+/// The client's address, set on every request (the admin API trusts loopback only).
+#[derive(Clone, Copy, Debug)]
+pub struct PeerAddr(pub std::net::SocketAddr);
+
 /// Limits applied to every connection.
 #[derive(Clone, Copy)]
 pub struct ConnLimits {
@@ -64,7 +68,8 @@ pub async fn serve<F, Fut>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let service = hyper::service::service_fn(move |req| {
+        let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(PeerAddr(peer));
             let fut = handler(req);
             async move { Ok::<_, Infallible>(fut.await) }
         });
