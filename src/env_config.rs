@@ -6,129 +6,40 @@
 
 use crate::config::{Config, ConfigError};
 
-/// `(variable, section, key, kind)`; section `""` is `[server]`, `route` the one route,
+/// `(variable, section, key, kind)`; section `server` is `[server]`, `route` the one route,
 /// `cred` the one credential (`[credentials.main]`).
+#[rustfmt::skip]
 const VARS: &[(&str, &str, &str, Kind)] = &[
-    (
-        "TOKEN_PROXY_SHUTDOWN_GRACE",
-        "server",
-        "shutdown_grace",
-        Kind::Str,
-    ),
-    (
-        "TOKEN_PROXY_SHUTDOWN_DELAY",
-        "server",
-        "shutdown_delay",
-        Kind::Str,
-    ),
-    (
-        "TOKEN_PROXY_MAX_HEADER_SIZE",
-        "server",
-        "max_header_size",
-        Kind::Str,
-    ),
+    ("TOKEN_PROXY_SHUTDOWN_GRACE", "server", "shutdown_grace", Kind::Str),
+    ("TOKEN_PROXY_SHUTDOWN_DELAY", "server", "shutdown_delay", Kind::Str),
+    ("TOKEN_PROXY_MAX_HEADER_SIZE", "server", "max_header_size", Kind::Str),
     ("TOKEN_PROXY_UPSTREAM", "route", "upstream", Kind::Str),
     ("TOKEN_PROXY_PREFIX", "route", "prefix", Kind::Str),
     ("TOKEN_PROXY_HOSTS", "route", "hosts", Kind::List),
-    (
-        "TOKEN_PROXY_STRIP_PREFIX",
-        "route",
-        "strip_prefix",
-        Kind::Bool,
-    ),
-    (
-        "TOKEN_PROXY_RETRY_ON_401",
-        "route",
-        "retry_on_401",
-        Kind::Bool,
-    ),
-    (
-        "TOKEN_PROXY_MAX_RETRY_BODY",
-        "route",
-        "max_retry_body",
-        Kind::Str,
-    ),
-    (
-        "TOKEN_PROXY_UPSTREAM_TIMEOUT",
-        "route",
-        "timeout",
-        Kind::Str,
-    ),
-    (
-        "TOKEN_PROXY_CONNECT_TIMEOUT",
-        "route",
-        "connect_timeout",
-        Kind::Str,
-    ),
-    (
-        "TOKEN_PROXY_UPSTREAM_CA_FILE",
-        "route",
-        "ca_file",
-        Kind::Str,
-    ),
+    ("TOKEN_PROXY_STRIP_PREFIX", "route", "strip_prefix", Kind::Bool),
+    ("TOKEN_PROXY_RETRY_ON_401", "route", "retry_on_401", Kind::Bool),
+    ("TOKEN_PROXY_MAX_RETRY_BODY", "route", "max_retry_body", Kind::Str),
+    ("TOKEN_PROXY_UPSTREAM_TIMEOUT", "route", "timeout", Kind::Str),
+    ("TOKEN_PROXY_CONNECT_TIMEOUT", "route", "connect_timeout", Kind::Str),
+    ("TOKEN_PROXY_UPSTREAM_CA_FILE", "route", "ca_file", Kind::Str),
     ("TOKEN_PROXY_GRANT", "cred", "grant", Kind::Str),
     ("TOKEN_PROXY_TOKEN_URL", "cred", "token_url", Kind::Str),
     ("TOKEN_PROXY_ENCODING", "cred", "encoding", Kind::Str),
     ("TOKEN_PROXY_CLIENT_ID", "cred", "client_id", Kind::Str),
-    (
-        "TOKEN_PROXY_CLIENT_SECRET",
-        "cred",
-        "client_secret",
-        Kind::Str,
-    ),
-    (
-        "TOKEN_PROXY_CLIENT_SECRET_FILE",
-        "cred",
-        "client_secret_file",
-        Kind::Str,
-    ),
+    ("TOKEN_PROXY_CLIENT_SECRET", "cred", "client_secret", Kind::Str),
+    ("TOKEN_PROXY_CLIENT_SECRET_FILE", "cred", "client_secret_file", Kind::Str),
     ("TOKEN_PROXY_CLIENT_AUTH", "cred", "client_auth", Kind::Str),
-    (
-        "TOKEN_PROXY_REFRESH_TOKEN",
-        "cred",
-        "refresh_token",
-        Kind::Str,
-    ),
-    (
-        "TOKEN_PROXY_REFRESH_TOKEN_FILE",
-        "cred",
-        "refresh_token_file",
-        Kind::Str,
-    ),
-    (
-        "TOKEN_PROXY_INITIAL_TOKENS_FILE",
-        "cred",
-        "initial_tokens_file",
-        Kind::Str,
-    ),
+    ("TOKEN_PROXY_REFRESH_TOKEN", "cred", "refresh_token", Kind::Str),
+    ("TOKEN_PROXY_REFRESH_TOKEN_FILE", "cred", "refresh_token_file", Kind::Str),
+    ("TOKEN_PROXY_INITIAL_TOKENS_FILE", "cred", "initial_tokens_file", Kind::Str),
     ("TOKEN_PROXY_SCOPE", "cred", "scope", Kind::Str),
     ("TOKEN_PROXY_TOKEN_HEADERS", "cred", "headers", Kind::Map),
     ("TOKEN_PROXY_STATE_FILE", "cred", "state_file", Kind::Str),
-    (
-        "TOKEN_PROXY_REFRESH_BEFORE",
-        "cred",
-        "refresh_before",
-        Kind::Str,
-    ),
+    ("TOKEN_PROXY_REFRESH_BEFORE", "cred", "refresh_before", Kind::Str),
     ("TOKEN_PROXY_HEADER", "cred", "header", Kind::Str),
-    (
-        "TOKEN_PROXY_HEADER_PREFIX",
-        "cred",
-        "header_prefix",
-        Kind::Str,
-    ),
-    (
-        "TOKEN_PROXY_ACCESS_TOKEN",
-        "cred",
-        "access_token",
-        Kind::Str,
-    ),
-    (
-        "TOKEN_PROXY_ACCESS_TOKEN_FILE",
-        "cred",
-        "access_token_file",
-        Kind::Str,
-    ),
+    ("TOKEN_PROXY_HEADER_PREFIX", "cred", "header_prefix", Kind::Str),
+    ("TOKEN_PROXY_ACCESS_TOKEN", "cred", "access_token", Kind::Str),
+    ("TOKEN_PROXY_ACCESS_TOKEN_FILE", "cred", "access_token_file", Kind::Str),
     ("TOKEN_PROXY_TOKEN_TIMEOUT", "cred", "timeout", Kind::Str),
     ("TOKEN_PROXY_TOKEN_CA_FILE", "cred", "ca_file", Kind::Str),
     ("TOKEN_PROXY_JWKS_URL", "cred", "jwks_url", Kind::Str),
@@ -136,11 +47,6 @@ const VARS: &[(&str, &str, &str, Kind)] = &[
     ("TOKEN_PROXY_AUDIENCE", "cred", "audience", Kind::Str),
     ("TOKEN_PROXY_ALGORITHMS", "cred", "algorithms", Kind::List),
 ];
-
-/// Every variable this module reads, for the README and `--help`.
-pub fn variable_names() -> impl Iterator<Item = &'static str> {
-    VARS.iter().map(|(name, ..)| *name)
-}
 
 #[derive(Clone, Copy)]
 enum Kind {

@@ -10,10 +10,9 @@ use http_body::Body;
 use hyper::body::Incoming;
 
 use crate::body::{self, ProxyBody, ReplayBuffer, TeeBody};
-use crate::error::ProxyError;
+use crate::error::{error_chain, ProxyError};
 use crate::metrics::Metrics;
 use crate::routes::{rewrite_request_headers, strip_hop_by_hop, Route, RouteTable};
-use crate::token::grant::error_chain;
 use crate::token::{ActiveToken, Credential, TokenStore};
 
 /// Cheap to clone: one per connection.

@@ -74,8 +74,7 @@ async fn a_credential_without_a_token_becomes_live_when_one_is_put() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forced_refresh_reports_success_and_the_endpoints_error() {
     let world = World::new(Duration::from_secs(300)).await;
-    let rt = world.auth.new_refresh_token();
-    let app = start(&world.config("", &format!("refresh_token = \"{rt}\""))).await;
+    let app = start(&world.config_rt("", "")).await;
     assert_eq!(get(&url(&app, "/a")).await.status, 200);
 
     let r = send(Method::POST, &admin(&app, "/tokens/main/refresh"), &[], "").await;

@@ -24,8 +24,7 @@ fn assert_error(r: &Reply, status: u16, code: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_endpoint_down_old_token_serves_then_503_then_recovers() {
     let world = World::new(Duration::from_secs(3)).await;
-    let rt = world.auth.new_refresh_token();
-    let app = start(&world.config("", &format!("refresh_token = \"{rt}\""))).await;
+    let app = start(&world.config_rt("", "")).await;
     assert_eq!(get(&url(&app, "/a")).await.status, 200);
 
     world.auth.fail_with(Some(StatusCode::SERVICE_UNAVAILABLE));
@@ -72,8 +71,7 @@ async fn token_endpoint_down_old_token_serves_then_503_then_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_grant_means_needs_reauth_without_hammering() {
     let world = World::new(Duration::from_secs(300)).await;
-    let rt = world.auth.new_refresh_token();
-    let app = start(&world.config("", &format!("refresh_token = \"{rt}\""))).await;
+    let app = start(&world.config_rt("", "")).await;
     assert_eq!(get(&url(&app, "/a")).await.status, 200);
     world.auth.revoke_all_refresh(); // the user's session was revoked...
     world.auth.revoke_all_access(); // ...and with it the access token

@@ -11,8 +11,7 @@ use support::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_parse_with_the_official_python_parser() {
     let world = World::new(Duration::from_secs(300)).await;
-    let rt = world.auth.new_refresh_token();
-    let app = start(&world.config("", &format!("refresh_token = \"{rt}\""))).await;
+    let app = start(&world.config_rt("", "")).await;
     for i in 0..3 {
         assert_eq!(get(&url(&app, &format!("/m/{i}"))).await.status, 200);
     }
@@ -78,12 +77,7 @@ print(json.dumps(out))
 async fn one_log_line_per_request_and_refresh_in_json() {
     let world = World::new(Duration::from_secs(300)).await;
     let dir = tempfile::tempdir().unwrap();
-    let rt = world.auth.new_refresh_token();
-    let cfg = write_file(
-        dir.path(),
-        "proxy.toml",
-        &world.config("", &format!("refresh_token = \"{rt}\"")),
-    );
+    let cfg = write_file(dir.path(), "proxy.toml", &world.config_rt("", ""));
     let bin = Binary::start(
         &cfg,
         &[

@@ -11,11 +11,7 @@ use support::*;
 
 async fn world_and_proxy(extra_routes: &str) -> (World, token_proxy::AppHandle) {
     let world = World::new(Duration::from_secs(300)).await;
-    let rt = world.auth.new_refresh_token();
-    let toml = format!(
-        "{}\n{extra_routes}",
-        world.config("", &format!("refresh_token = \"{rt}\""))
-    );
+    let toml = format!("{}\n{extra_routes}", world.config_rt("", ""));
     let app = start(&toml).await;
     (world, app)
 }
@@ -23,16 +19,11 @@ async fn world_and_proxy(extra_routes: &str) -> (World, token_proxy::AppHandle) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefix_strip_and_base_path_rewrite_the_path() {
     let world = World::new(Duration::from_secs(300)).await;
-    let rt = world.auth.new_refresh_token();
     let extra = format!(
         "[[routes]]\nname = \"v2\"\nprefix = \"/svc\"\nstrip_prefix = true\nupstream = \"{}/base/\"\ncredential = \"main\"\n",
         world.api_server.url
     );
-    let app = start(&format!(
-        "{}\n{extra}",
-        world.config("", &format!("refresh_token = \"{rt}\""))
-    ))
-    .await;
+    let app = start(&format!("{}\n{extra}", world.config_rt("", ""))).await;
     assert_eq!(get(&url(&app, "/svc/users?id=7&x=%20")).await.status, 200);
     assert_eq!(get(&url(&app, "/plain/path?q=1")).await.status, 200);
     let seen = world.api.seen();
@@ -134,7 +125,6 @@ async fn https_upstream_with_a_private_ca_speaks_h2_via_alpn() {
     let world = World::new(Duration::from_secs(300)).await;
     let secure = MockUpstream::new("secure", Some(world.auth.clone()));
     let secure_server = token_proxy::mock::upstream_server_tls(secure.clone(), server_tls).await;
-    let rt = world.auth.new_refresh_token();
     let extra = format!(
         "[[routes]]\nname = \"tls\"\nprefix = \"/tls\"\nupstream = \"https://127.0.0.1:{}\"\ncredential = \"main\"\nca_file = \"{}\"\n\
          [[routes]]\nname = \"untrusted\"\nprefix = \"/untrusted\"\nupstream = \"https://127.0.0.1:{}\"\ncredential = \"main\"\n",
@@ -142,11 +132,7 @@ async fn https_upstream_with_a_private_ca_speaks_h2_via_alpn() {
         ca_path.display(),
         secure_server.addr.port(),
     );
-    let app = start(&format!(
-        "{}\n{extra}",
-        world.config("", &format!("refresh_token = \"{rt}\""))
-    ))
-    .await;
+    let app = start(&format!("{}\n{extra}", world.config_rt("", ""))).await;
     let r = get(&url(&app, "/tls/x")).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["upstream"], "secure");
@@ -250,10 +236,9 @@ async fn a_route_without_credential_forwards_without_a_token() {
     let world = World::new(Duration::from_secs(300)).await;
     let public = MockUpstream::new("public", None);
     let public_server = upstream_server(public.clone()).await;
-    let rt = world.auth.new_refresh_token();
     let toml = format!(
         "{}\n[[routes]]\nname = \"public\"\nprefix = \"/public\"\nupstream = \"{}\"\n",
-        world.config("", &format!("refresh_token = \"{rt}\"")),
+        world.config_rt("", ""),
         public_server.url
     );
     let app = start(&toml).await;

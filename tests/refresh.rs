@@ -10,8 +10,7 @@ use support::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proactive_refresh_keeps_every_request_authorized_across_many_expiries() {
     let world = World::new(Duration::from_secs(2)).await;
-    let rt = world.auth.new_refresh_token();
-    let app = start(&world.config("", &format!("refresh_token = \"{rt}\""))).await;
+    let app = start(&world.config_rt("", "")).await;
 
     let started = Instant::now();
     let mut sent = 0;
@@ -44,9 +43,10 @@ async fn proactive_refresh_keeps_every_request_authorized_across_many_expiries()
 async fn two_hundred_requests_at_expiry_share_one_refresh() {
     // The first token lives 2 s; the one the held refresh returns lives a minute.
     let world = World::new(Duration::from_secs(60)).await;
-    let rt = world.auth.new_refresh_token();
+    let config = world.config_rt("", "");
+    // After the login above: the first token the proxy fetches lives 2 s.
     world.auth.queue_lifetimes(&[Duration::from_secs(2)]);
-    let app = start(&world.config("", &format!("refresh_token = \"{rt}\""))).await;
+    let app = start(&config).await;
     assert_eq!(get(&url(&app, "/warmup")).await.status, 200);
     assert_eq!(world.auth.refresh_calls.load(Ordering::SeqCst), 1);
 

@@ -13,8 +13,7 @@ async fn sighup_applies_new_routes_and_keeps_unchanged_credentials() {
     let other = MockUpstream::new("other", Some(world.auth.clone()));
     let other_server = upstream_server(other.clone()).await;
     let dir = tempfile::tempdir().unwrap();
-    let rt = world.auth.new_refresh_token();
-    let base = world.config("", &format!("refresh_token = \"{rt}\""));
+    let base = world.config_rt("", "");
     let cfg = write_file(dir.path(), "proxy.toml", &base);
     let bin = Binary::start(&cfg, &[]);
     assert_eq!(get(&bin.url("/other/x")).await.json()["upstream"], "api");

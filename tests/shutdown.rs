@@ -10,12 +10,7 @@ use support::*;
 async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let world = World::new(Duration::from_secs(300)).await;
     let dir = tempfile::tempdir().unwrap();
-    let rt = world.auth.new_refresh_token();
-    let cfg = write_file(
-        dir.path(),
-        "proxy.toml",
-        &world.config("", &format!("refresh_token = \"{rt}\"")),
-    );
+    let cfg = write_file(dir.path(), "proxy.toml", &world.config_rt("", ""));
     let mut bin = Binary::start(&cfg, &[]);
     assert_eq!(get(&bin.url("/warm")).await.status, 200);
 

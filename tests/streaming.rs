@@ -18,12 +18,7 @@ const MAX_PEAK_RSS_KIB: u64 = 96 * 1024;
 async fn two_hundred_mib_each_way_with_bounded_memory() {
     let world = World::new(Duration::from_secs(300)).await;
     let dir = tempfile::tempdir().unwrap();
-    let rt = world.auth.new_refresh_token();
-    let cfg = write_file(
-        dir.path(),
-        "proxy.toml",
-        &world.config("", &format!("refresh_token = \"{rt}\"")),
-    );
+    let cfg = write_file(dir.path(), "proxy.toml", &world.config_rt("", ""));
     let bin = Binary::start(&cfg, &[("TOKEN_PROXY_LOG", "info")]);
 
     // Download: count bytes as they arrive.

@@ -17,6 +17,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::response::{ensure_not_expired, parse_token_response, ResponseError, TokenSet};
 use crate::config::{ClientAuth, CredentialConfig, Encoding, GrantKind};
+use crate::error::error_chain;
 use crate::upstream::{self, Connector};
 
 /// Token responses larger than this are refused (a token endpoint is not a file server).
@@ -313,21 +314,6 @@ fn describe_error_body(body: &[u8]) -> String {
     } else {
         String::new()
     }
-}
-
-/// An error and its sources on one line (hyper's top-level messages are terse).
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        let m = inner.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = inner.source();
-    }
-    s
 }
 
 #[cfg(test)]

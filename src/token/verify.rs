@@ -15,7 +15,7 @@ use hyper_util::client::legacy::Client;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
-use super::grant::error_chain;
+use crate::error::error_chain;
 use crate::upstream::Connector;
 
 const MIN_REFETCH: Duration = Duration::from_secs(10);

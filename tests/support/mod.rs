@@ -162,6 +162,17 @@ client_secret = "client-secret-value-123"
     }
 }
 
+impl World {
+    /// `config`, with a fresh refresh token of this IdP for `main`.
+    pub fn config_rt(&self, extra_route: &str, extra_cred: &str) -> String {
+        let rt = self.auth.new_refresh_token();
+        self.config(
+            extra_route,
+            &format!("refresh_token = \"{rt}\"\n{extra_cred}"),
+        )
+    }
+}
+
 /// Run the proxy in-process from config text.
 pub async fn start(toml: &str) -> AppHandle {
     let config = Config::parse(toml, &|name| std::env::var(name).ok()).expect("valid config");
