@@ -16,7 +16,7 @@ use tokio::sync::{watch, Notify};
 use super::grant::{Grant, GrantError};
 use super::response::{jwt_expiry, parse_token_response, TokenSet};
 use super::state::{FileStateStore, StateStore};
-use super::verify::{Verifier, VerifierConfig, VerifyError};
+use super::verify::{Verifier, VerifyError};
 use crate::config::CredentialConfig;
 use crate::metrics::Metrics;
 
@@ -146,26 +146,17 @@ impl Credential {
             .state_file
             .clone()
             .map(|p| Arc::new(FileStateStore::new(p)) as Arc<dyn StateStore>);
-        let verifier = match &config.verify {
-            Some(v) => Some(Verifier::new(
-                VerifierConfig {
-                    jwks_url: v.jwks_url.clone(),
-                    issuer: v.issuer.clone(),
-                    audience: v.audience.clone(),
-                    algorithms: v.algorithms.clone(),
-                    timeout: config.timeout,
-                },
-                crate::upstream::client(config.ca_file.as_deref(), config.timeout)
-                    .map_err(|e| format!("credentials.{}: {e}", config.name))?,
-            )),
-            None => None,
-        };
+        let verifier = Verifier::for_credential(config)
+            .map_err(|e| format!("credentials.{}: {e}", config.name))?;
         let now = SystemTime::now();
         let saved = match &state_store {
             Some(_) if start.prefer_config => None,
             Some(store) => store.load().map_err(|e| e.to_string())?,
             None => None,
         };
+        if saved.is_some() {
+            tracing::info!(credential = %config.name, "starting from the tokens in state_file");
+        }
         let initial = match (saved, &config.initial_tokens) {
             (Some(set), _) => Some(set),
             (None, _) if start.carried_refresh_token.is_some() => None,
@@ -208,10 +199,9 @@ impl Credential {
             reject_budget: Mutex::new(RejectBudget::new()),
             metrics,
         };
-        // A saved token is used at once (a restart costs no refresh), unless tokens must be
-        // verified: then the refresher fetches a fresh one and verifies it before first use.
+        // A saved access token still valid is used at once (a restart costs no refresh),
+        // unless tokens must be verified: then the refresher fetches and verifies a new one.
         if let Some(set) = initial.filter(|_| credential.verifier.is_none()) {
-            // A saved access token still valid is used at once: a restart costs no refresh.
             if set.expires_at.is_none_or(|at| at > now) {
                 if let Ok(active) = credential.activate(1, &set) {
                     credential.writer.get_mut().generation = 1;

@@ -15,18 +15,19 @@ use hyper_util::client::legacy::Client;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
+use crate::config::CredentialConfig;
 use crate::error::error_chain;
 use crate::upstream::Connector;
 
 const MIN_REFETCH: Duration = Duration::from_secs(10);
 const MAX_JWKS: usize = 256 * 1024;
 
-pub struct VerifierConfig {
-    pub jwks_url: Uri,
-    pub issuer: Option<String>,
-    pub audience: Option<String>,
-    pub algorithms: Vec<Algorithm>,
-    pub timeout: Duration,
+struct VerifierConfig {
+    jwks_url: Uri,
+    issuer: Option<String>,
+    audience: Option<String>,
+    algorithms: Vec<Algorithm>,
+    timeout: Duration,
 }
 
 pub struct Verifier {
@@ -53,12 +54,22 @@ pub enum VerifyError {
 }
 
 impl Verifier {
-    pub fn new(config: VerifierConfig, client: Client<Connector, Full<Bytes>>) -> Verifier {
-        Verifier {
+    /// The verifier a credential's config asks for, if any.
+    pub fn for_credential(c: &CredentialConfig) -> Result<Option<Verifier>, String> {
+        let Some(v) = &c.verify else { return Ok(None) };
+        let config = VerifierConfig {
+            jwks_url: v.jwks_url.clone(),
+            issuer: v.issuer.clone(),
+            audience: v.audience.clone(),
+            algorithms: v.algorithms.clone(),
+            timeout: c.timeout,
+        };
+        let client = crate::upstream::client(c.ca_file.as_deref(), c.timeout)?;
+        Ok(Some(Verifier {
             config,
             client,
             cache: tokio::sync::Mutex::new(Cache::default()),
-        }
+        }))
     }
 
     pub async fn verify(&self, token: &str) -> Result<(), VerifyError> {
