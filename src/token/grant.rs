@@ -9,7 +9,9 @@ use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{
+    HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, USER_AGENT,
+};
 use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
@@ -221,6 +223,10 @@ impl Endpoint {
             .uri(self.url.clone())
             .header(CONTENT_TYPE, content_type)
             .header(ACCEPT, "application/json")
+            .header(
+                USER_AGENT,
+                concat!("token-proxy/", env!("CARGO_PKG_VERSION")),
+            )
             .body(Full::new(body))
             .map_err(|e| GrantError::Rejected(format!("cannot build token request: {e}")))?;
         if let Some(auth) = self.basic_auth() {
