@@ -134,6 +134,8 @@ pub struct CredentialConfig {
     /// Raw JSON text of a token response to start from (`initial_tokens_file`).
     pub initial_tokens: Option<SecretString>,
     pub scope: Option<String>,
+    /// Extra token request parameters (e.g. Auth0's `audience`, `resource` of RFC 8707).
+    pub params: Vec<(String, String)>,
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub state_file: Option<PathBuf>,
     pub refresh_before: Duration,
@@ -245,6 +247,7 @@ struct RawCredential {
     refresh_token_file: Option<String>,
     initial_tokens_file: Option<String>,
     scope: Option<String>,
+    params: Option<BTreeMap<String, String>>,
     headers: Option<BTreeMap<String, String>>,
     state_file: Option<String>,
     refresh_before: Option<String>,
@@ -730,6 +733,22 @@ fn build_credential(name: &str, c: RawCredential) -> Result<CredentialConfig, Co
         return err(format!("{key}.client_auth: \"basic\" needs client_id"));
     }
 
+    let mut params = Vec::new();
+    for (k, v) in c.params.unwrap_or_default() {
+        const RESERVED: [&str; 5] = [
+            "grant_type",
+            "refresh_token",
+            "client_id",
+            "client_secret",
+            "scope",
+        ];
+        if RESERVED.contains(&k.as_str()) {
+            return err(format!(
+                "{key}.params.{k}: set by token-proxy itself; use the credential's own key"
+            ));
+        }
+        params.push((k, v));
+    }
     let mut headers = Vec::new();
     for (k, v) in c.headers.unwrap_or_default() {
         let hn = HeaderName::from_bytes(k.as_bytes())
@@ -779,6 +798,7 @@ fn build_credential(name: &str, c: RawCredential) -> Result<CredentialConfig, Co
         refresh_token,
         initial_tokens,
         scope: c.scope,
+        params,
         headers,
         state_file: c.state_file.map(PathBuf::from),
         refresh_before,

@@ -34,6 +34,7 @@ const VARS: &[(&str, &str, &str, Kind)] = &[
     ("TOKEN_PROXY_INITIAL_TOKENS_FILE", "cred", "initial_tokens_file", Kind::Str),
     ("TOKEN_PROXY_SCOPE", "cred", "scope", Kind::Str),
     ("TOKEN_PROXY_TOKEN_HEADERS", "cred", "headers", Kind::Map),
+    ("TOKEN_PROXY_TOKEN_PARAMS", "cred", "params", Kind::Map),
     ("TOKEN_PROXY_STATE_FILE", "cred", "state_file", Kind::Str),
     ("TOKEN_PROXY_REFRESH_BEFORE", "cred", "refresh_before", Kind::Str),
     ("TOKEN_PROXY_HEADER", "cred", "header", Kind::Str),

@@ -34,6 +34,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Each proxied request holds two sockets; the common soft limit of 1024 descriptors
+    // would cap a sidecar at ~500 concurrent requests. Raise it to the hard limit.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
     // The demo prints its own narrative; its log lines would only repeat it.
     init_logging(if matches!(cli.command, Some(Command::Demo)) {
         "warn"

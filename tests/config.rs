@@ -124,6 +124,13 @@ fn bad_configs_exit_2_naming_the_key() {
             "credentials.main.refresh_before",
         ),
         ("[[routes]\n".to_string(), "TOML"),
+        (
+            good.replace(
+                "client_id = \"cid\"",
+                "client_id = \"cid\"\nparams = { grant_type = \"password\" }",
+            ),
+            "credentials.main.params.grant_type",
+        ),
     ];
     for (text, key) in cases {
         let cfg = write(dir.path(), &text);

@@ -90,7 +90,7 @@ async fn client_credentials_grant_fetches_with_basic_auth() {
     let world = World::new(Duration::from_secs(2)).await;
     let toml = world.config("", "").replace(
         "grant = \"refresh_token\"",
-        "grant = \"client_credentials\"\nscope = \"read write\"",
+        "grant = \"client_credentials\"\nscope = \"read write\"\nparams = { audience = \"https://api.example.com\" }",
     );
     let app = start(&toml).await;
     for i in 0..5 {
@@ -101,6 +101,10 @@ async fn client_credentials_grant_fetches_with_basic_auth() {
     let req = &world.auth.requests()[0];
     assert_eq!(req.params["grant_type"], "client_credentials");
     assert_eq!(req.params["scope"], "read write");
+    assert_eq!(
+        req.params["audience"], "https://api.example.com",
+        "extra params are sent"
+    );
     assert!(
         !req.params.contains_key("client_secret"),
         "basic auth keeps the secret out of the body"

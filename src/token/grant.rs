@@ -56,6 +56,7 @@ pub struct Endpoint {
     client_secret: Option<SecretString>,
     client_auth: ClientAuth,
     scope: Option<String>,
+    params: Vec<(String, String)>,
     headers: Vec<(HeaderName, HeaderValue)>,
     timeout: Duration,
     client: Client<Connector, Full<Bytes>>,
@@ -77,6 +78,7 @@ impl Grant {
                 client_secret: c.client_secret.clone(),
                 client_auth: c.client_auth,
                 scope: c.scope.clone(),
+                params: c.params.clone(),
                 headers: c.headers.clone(),
                 timeout: c.timeout,
                 client: upstream::client(c.ca_file.as_deref(), c.timeout)?,
@@ -161,6 +163,9 @@ impl Endpoint {
         }
         if let Some(scope) = &self.scope {
             fields.push(("scope", scope));
+        }
+        for (k, v) in &self.params {
+            fields.push((k, v));
         }
         if self.client_auth == ClientAuth::Body {
             if let Some(id) = &self.client_id {
