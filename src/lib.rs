@@ -33,6 +33,27 @@ use crate::routes::RouteTable;
 use crate::server::ConnLimits;
 use crate::token::TokenStore;
 
+/// Tokens sent over plain HTTP beyond this host can be read on the wire: allowed (a service
+/// mesh may encrypt), but said out loud once at start.
+fn warn_about_plaintext(config: &Config) {
+    let remote = |host: &str| !matches!(host, "localhost" | "127.0.0.1" | "[::1]" | "::1");
+    for r in &config.routes {
+        if r.credential.is_some()
+            && r.upstream.scheme == http::uri::Scheme::HTTP
+            && remote(r.upstream.authority.host())
+        {
+            tracing::warn!(route = %r.name, "tokens go to this upstream over plain http");
+        }
+    }
+    for c in config.credentials.values() {
+        if let Some(url) = &c.token_url {
+            if url.scheme_str() == Some("http") && url.host().is_some_and(remote) {
+                tracing::warn!(credential = %c.name, "secrets go to this token_url over plain http");
+            }
+        }
+    }
+}
+
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -76,6 +97,7 @@ impl App {
                 .map_err(StartError::Runtime)?,
         );
         let routes = RouteTable::from_config(&config).map_err(StartError::Config)?;
+        warn_about_plaintext(&config);
         let proxy_listener = TcpListener::bind(config.server.listen).await.map_err(|e| {
             StartError::Runtime(format!("cannot listen on {}: {e}", config.server.listen))
         })?;
