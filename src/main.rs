@@ -38,7 +38,7 @@ fn main() -> ExitCode {
     // would cap a sidecar at ~500 concurrent requests. Raise it to the hard limit.
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     // The demo prints its own narrative; its log lines would only repeat it.
-    init_logging(if matches!(cli.command, Some(Command::Demo)) {
+    let _log_guard = init_logging(if matches!(cli.command, Some(Command::Demo)) {
         "warn"
     } else {
         "info"
@@ -227,18 +227,25 @@ impl Signals {
 }
 
 /// `TOKEN_PROXY_LOG` is the filter (default `info`, `warn` for the demo); `TOKEN_PROXY_LOG_FORMAT=json` for JSON.
-fn init_logging(default_filter: &str) {
+/// Lines are written by a background thread, so a request never waits on stderr; the
+/// returned guard flushes what is queued when dropped (at exit).
+fn init_logging(default_filter: &str) -> tracing_appender::non_blocking::WorkerGuard {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("TOKEN_PROXY_LOG")
         .unwrap_or_else(|_| EnvFilter::new(default_filter));
-    use std::io::IsTerminal;
+    // Not lossy: under a burst, requests slow down rather than log lines vanish.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal());
     if std::env::var("TOKEN_PROXY_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
         builder.json().init();
     } else {
         builder.init();
     }
+    guard
 }
