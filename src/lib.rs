@@ -33,6 +33,27 @@ use crate::routes::RouteTable;
 use crate::server::ConnLimits;
 use crate::token::TokenStore;
 
+/// What `Config` validation cannot see without building things: that every CA file holds
+/// certificates, every token client and JWKS client can be built, and every
+/// `initial_tokens_file` is a usable token response. Touches no state file, no network.
+pub fn check_deep(config: &Config) -> Result<(), String> {
+    RouteTable::from_config(config)?;
+    for c in config.credentials.values() {
+        token::grant::Grant::from_config(c).map_err(|e| format!("credentials.{}: {e}", c.name))?;
+        token::verify::Verifier::for_credential(c)
+            .map_err(|e| format!("credentials.{}: {e}", c.name))?;
+        if let Some(json) = &c.initial_tokens {
+            use secrecy::ExposeSecret;
+            token::response::parse_token_response(
+                json.expose_secret().as_bytes(),
+                std::time::SystemTime::now(),
+            )
+            .map_err(|e| format!("credentials.{}.initial_tokens_file: {e}", c.name))?;
+        }
+    }
+    Ok(())
+}
+
 /// Tokens sent over plain HTTP beyond this host can be read on the wire: allowed (a service
 /// mesh may encrypt), but said out loud once at start.
 fn warn_about_plaintext(config: &Config) {
@@ -90,6 +111,7 @@ pub struct App;
 impl App {
     /// Build everything from `config`, bind the listeners, start refreshers and servers.
     pub async fn spawn(config: Config) -> Result<AppHandle, StartError> {
+        check_deep(&config).map_err(StartError::Config)?;
         let metrics = Arc::new(Metrics::new());
         let stop_all = CancellationToken::new();
         let store = Arc::new(

@@ -72,6 +72,10 @@ fn check(source: ConfigSource) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    if let Err(e) = token_proxy::check_deep(&config) {
+        eprintln!("token-proxy: config error in {source}: {e}");
+        return ExitCode::from(2);
+    }
     print!("{}", summary(&source, &config));
     ExitCode::SUCCESS
 }

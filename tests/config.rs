@@ -213,3 +213,39 @@ fn the_commented_cotter_example_is_valid_when_uncommented() {
         "{out}"
     );
 }
+
+#[test]
+fn unusable_files_named_by_the_config_exit_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = write_file(dir.path(), "rt", "rt");
+    let not_pem = write_file(dir.path(), "ca.pem", "this is not a certificate");
+    let not_tokens = write_file(dir.path(), "tokens.json", "{\"token_type\": \"Bearer\"}");
+    let good = GOOD.replace("RT_FILE", rt.to_str().unwrap());
+    let cases = [
+        (
+            good.replace(
+                "credential = \"main\"",
+                &format!("credential = \"main\"\nca_file = \"{}\"", not_pem.display()),
+            ),
+            "no PEM certificates",
+        ),
+        (
+            good.replace(
+                "refresh_token_file",
+                &format!(
+                    "initial_tokens_file = \"{}\"\nrefresh_token_file",
+                    not_tokens.display()
+                ),
+            ),
+            "credentials.main.initial_tokens_file",
+        ),
+    ];
+    for (text, want) in cases {
+        let cfg = write(dir.path(), &text);
+        for args in [vec!["check", "--config", &cfg], vec!["--config", &cfg]] {
+            let (code, _, err) = run_binary(&args, &[("TP_TEST_SECRET", "x")]);
+            assert_eq!(code, 2, "{args:?}: {err}");
+            assert!(err.contains(want), "{err}");
+        }
+    }
+}
