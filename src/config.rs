@@ -71,6 +71,8 @@ pub struct ServerConfig {
     /// After SIGTERM, keep accepting for this long (readiness already 503) before draining.
     pub shutdown_delay: Duration,
     pub max_header_size: usize,
+    /// Log request paths with their query string (off: queries often carry secrets).
+    pub log_query: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -215,6 +217,7 @@ struct RawServer {
     shutdown_grace: Option<String>,
     shutdown_delay: Option<String>,
     max_header_size: Option<String>,
+    log_query: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -542,6 +545,7 @@ fn build(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
             raw.server.shutdown_delay,
             Duration::ZERO,
         )?,
+        log_query: raw.server.log_query.unwrap_or(false),
         max_header_size: opt_size(
             "server.max_header_size",
             raw.server.max_header_size,

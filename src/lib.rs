@@ -143,7 +143,12 @@ impl App {
         let stop_proxy = CancellationToken::new();
 
         let routes = Arc::new(RwLock::new(Arc::new(routes)));
-        let proxy = proxy::Proxy::new(routes.clone(), store.clone(), metrics.clone());
+        let proxy = proxy::Proxy::new(
+            routes.clone(),
+            store.clone(),
+            metrics.clone(),
+            config.server.log_query,
+        );
         let handler = move |req| {
             let proxy = proxy.clone();
             async move { proxy.handle(req).await }
@@ -218,6 +223,7 @@ impl AppHandle {
             || s.max_header_size != self.server.max_header_size
             || s.shutdown_grace != self.server.shutdown_grace
             || s.shutdown_delay != self.server.shutdown_delay
+            || s.log_query != self.server.log_query
         {
             summary.push_str("; [server] changes take effect after a restart");
         }

@@ -26,6 +26,8 @@ struct Inner {
     routes: Arc<RwLock<Arc<RouteTable>>>,
     store: Arc<TokenStore>,
     metrics: Arc<Metrics>,
+    /// Log the query string too (`server.log_query`).
+    log_query: bool,
 }
 
 /// What one request did, for the metrics and the log line.
@@ -43,12 +45,14 @@ impl Proxy {
         routes: Arc<RwLock<Arc<RouteTable>>>,
         store: Arc<TokenStore>,
         metrics: Arc<Metrics>,
+        log_query: bool,
     ) -> Proxy {
         Proxy {
             inner: Arc::new(Inner {
                 routes,
                 store,
                 metrics,
+                log_query,
             }),
         }
     }
@@ -57,7 +61,10 @@ impl Proxy {
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         let started = Instant::now();
         let method = req.method().clone();
-        let path = req.uri().path().to_string();
+        let path = match (self.inner.log_query, req.uri().path_and_query()) {
+            (true, Some(pq)) => pq.to_string(),
+            _ => req.uri().path().to_string(),
+        };
         let mut trace = Trace::default();
         let response = match self.forward(req, &mut trace).await {
             Ok(resp) => resp,

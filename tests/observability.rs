@@ -122,5 +122,45 @@ async fn one_log_line_per_request_and_refresh_in_json() {
         .collect();
     assert_eq!(refreshes.len(), 2);
     assert_eq!(refreshes[0]["fields"]["credential"], "main");
+    assert_eq!(refreshes[0]["fields"]["outcome"], "ok");
     assert!(refreshes[0]["fields"]["next_refresh_in_s"].is_number());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_refreshes_log_the_outcome_and_query_logging_is_opt_in() {
+    let world = World::new(Duration::from_secs(300)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = world.config_rt("", "").replace(
+        "shutdown_grace = \"5s\"",
+        "shutdown_grace = \"5s\"\nlog_query = true",
+    );
+    let cfg = write_file(dir.path(), "proxy.toml", &toml);
+    let bin = Binary::start(&cfg, &[("TOKEN_PROXY_LOG", "info")]);
+    assert_eq!(get(&bin.url("/v1/search?q=visible")).await.status, 200);
+    world
+        .auth
+        .fail_with(Some(http::StatusCode::SERVICE_UNAVAILABLE));
+    assert_eq!(
+        send(
+            http::Method::POST,
+            &bin.admin_url("/tokens/main/refresh"),
+            &[],
+            ""
+        )
+        .await
+        .status,
+        502
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let logs = bin.logs();
+    assert!(logs.contains("path=/v1/search?q=visible"), "{logs}");
+    let failed = logs
+        .lines()
+        .find(|l| l.contains("token refresh failed"))
+        .expect("a failure line");
+    assert!(
+        failed.contains("outcome=\"error\"") || failed.contains("outcome=error"),
+        "{failed}"
+    );
+    assert!(failed.contains("retry_in_ms="), "{failed}");
 }

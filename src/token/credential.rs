@@ -370,7 +370,22 @@ impl Credential {
             }
             GrantError::Rejected(_) | GrantError::NoRefreshToken => Phase::NeedsReauth,
         };
-        tracing::warn!(credential = %self.name, error = %message, next = ?phase, "token refresh failed");
+        match phase {
+            Phase::Backoff { until } => tracing::warn!(
+                credential = %self.name,
+                outcome = "error",
+                error = %message,
+                retry_in_ms = until.duration_since(SystemTime::now()).unwrap_or_default().as_millis() as u64,
+                "token refresh failed; retrying"
+            ),
+            _ => tracing::error!(
+                credential = %self.name,
+                outcome = "error",
+                error = %message,
+                state = "needs_reauth",
+                "token refresh refused; a new login is needed (PUT /tokens/<name>, a new secret, or a restart)"
+            ),
+        }
         self.snapshot.send_modify(|s| {
             s.phase = phase;
             s.last_error = Some(message);
@@ -418,6 +433,7 @@ impl Credential {
         self.metrics.refresh(&self.name, true);
         tracing::info!(
             credential = %self.name,
+            outcome = "ok",
             generation = w.generation,
             expires_in_s = set.expires_at.and_then(|e| e.duration_since(now).ok()).map(|d| d.as_secs()),
             next_refresh_in_s = next.and_then(|n| n.duration_since(now).ok()).map(|d| d.as_secs()),
