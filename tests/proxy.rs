@@ -198,6 +198,9 @@ async fn forward_mode_matches_listed_hosts_only() {
         1,
         "nothing refused reached the upstream"
     );
+    // Reverse mode works on the same listener, side by side.
+    assert_eq!(get(&url(&app, "/v1/reverse")).await.status, 200);
+    assert_eq!(world.api.seen().last().unwrap().uri, "/v1/reverse");
     app.stop().await;
 }
 
