@@ -1,10 +1,10 @@
 //! The request path: pick a route, attach the token, forward (streaming), replay once on 401.
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::HeaderMap;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use hyper::body::Incoming;
@@ -126,30 +126,29 @@ impl Proxy {
 
         // Only requests that can be replayed keep a copy of what they sent.
         let replay = match (&credential, route.retry_on_401) {
-            (Some(_), true) => Some((
-                ReplayBuffer::new(route.max_retry_body, &incoming.size_hint()),
-                parts.method.clone(),
-                parts.uri.clone(),
-                parts.headers.clone(),
-            )),
+            (Some(_), true) => Some(ReplayCopy {
+                buffer: ReplayBuffer::new(route.max_retry_body, &incoming.size_hint()),
+                method: parts.method.clone(),
+                uri: parts.uri.clone(),
+                headers: parts.headers.clone(),
+            }),
             _ => None,
         };
         let body = match &replay {
-            Some((buffer, ..)) => body::boxed(TeeBody::new(incoming, buffer.clone())),
+            Some(copy) => body::boxed(TeeBody::new(incoming, copy.buffer.clone())),
             None => body::boxed(incoming),
         };
         let response = send(&route, Request::from_parts(parts, body), trace).await?;
 
-        let (Some(credential), Some(lease), Some((buffer, method, uri, mut headers))) =
-            (credential, lease, replay)
-        else {
+        let (Some(credential), Some(lease), Some(copy)) = (credential, lease, replay) else {
             return Ok(finish(response));
         };
         if response.status() != StatusCode::UNAUTHORIZED || !credential.reject(lease.generation) {
             return Ok(finish(response));
         }
         // Our token was refused and a new one is coming. Replay only a body we hold whole.
-        let Some(bytes) = buffer
+        let Some(bytes) = copy
+            .buffer
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .replayable()
@@ -159,11 +158,31 @@ impl Proxy {
         };
         drop(response);
         let fresh = self::lease(&credential).await?;
-        headers.insert(credential.header.clone(), fresh.header_value.clone());
         trace.replayed = true;
         self.inner.metrics.retry(&route.name);
-        let response = send(&route, build(method, uri, headers, bytes), trace).await?;
+        let again = copy.rebuild(bytes, (&credential.header, &fresh.header_value));
+        let response = send(&route, again, trace).await?;
         Ok(finish(response))
+    }
+}
+
+/// What a request keeps so it can be sent again after a 401.
+struct ReplayCopy {
+    buffer: Arc<Mutex<ReplayBuffer>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl ReplayCopy {
+    /// The same request with the whole body and a new token.
+    fn rebuild(self, body: Bytes, token: (&HeaderName, &HeaderValue)) -> Request<ProxyBody> {
+        let mut req = Request::new(body::full(body));
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.headers_mut() = self.headers;
+        req.headers_mut().insert(token.0.clone(), token.1.clone());
+        req
     }
 }
 
@@ -203,19 +222,11 @@ async fn lease(credential: &Credential) -> Result<Arc<ActiveToken>, ProxyError> 
 fn header_of<'a>(
     credential: &'a Option<Arc<Credential>>,
     lease: &'a Option<Arc<ActiveToken>>,
-) -> Option<(&'a http::HeaderName, &'a http::HeaderValue)> {
+) -> Option<(&'a HeaderName, &'a HeaderValue)> {
     match (credential, lease) {
         (Some(c), Some(l)) => Some((&c.header, &l.header_value)),
         _ => None,
     }
-}
-
-fn build(method: Method, uri: Uri, headers: HeaderMap, bytes: Bytes) -> Request<ProxyBody> {
-    let mut req = Request::new(body::full(bytes));
-    *req.method_mut() = method;
-    *req.uri_mut() = uri;
-    *req.headers_mut() = headers;
-    req
 }
 
 /// Send upstream; the response head must arrive within the route's timeout.
