@@ -14,7 +14,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::{watch, Notify};
 
 use super::grant::{Grant, GrantError};
-use super::response::{jwt_expiry, parse_token_response, TokenSet};
+use super::response::{parse_handed_over, TokenSet};
 use super::state::{FileStateStore, StateStore};
 use super::verify::{Verifier, VerifyError};
 use crate::config::CredentialConfig;
@@ -319,7 +319,7 @@ impl Credential {
 
     /// Install a token response handed over by a person or an SDK (`PUT /tokens/{name}`).
     pub async fn install(&self, body: &[u8]) -> Result<(), String> {
-        let set = parse_handed_over(body, SystemTime::now()).map_err(|e| e.to_string())?;
+        let set = parse_handed_over(body, SystemTime::now())?;
         let mut w = self.writer.lock().await;
         if let Err(e) = self.publish_new(&mut w, set).await {
             let message = e.to_string();
@@ -487,17 +487,6 @@ impl Credential {
             refresh_at,
         })
     }
-}
-
-/// Parse a token response handed over from elsewhere (an SDK's stored `oauth_token`, a
-/// file). It may be old: a JWT `exp` earlier than `expires_in` suggests wins, and an
-/// already-expired access token is accepted for its refresh token (refreshed at once).
-fn parse_handed_over(body: &[u8], now: SystemTime) -> Result<TokenSet, String> {
-    let mut set = parse_token_response(body, now).map_err(|e| e.to_string())?;
-    if let Some(jwt_exp) = jwt_expiry(set.access_token.expose_secret()) {
-        set.expires_at = Some(set.expires_at.map_or(jwt_exp, |e| e.min(jwt_exp)));
-    }
-    Ok(set)
 }
 
 /// A small token bucket: 5 rejections at once, then one per 5 s.

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 /// A set of tokens as received (or loaded from the state file).
@@ -98,6 +98,27 @@ pub fn parse_token_response(body: &[u8], now: SystemTime) -> Result<TokenSet, Re
     })
 }
 
+/// Parse a token response handed over from elsewhere (`PUT /tokens/{name}`,
+/// `initial_tokens_file`): a bare token response, or a whole login response carrying it as
+/// `oauth_token` (as Cotter's SDKs return). It may be old: a JWT `exp` earlier than
+/// `expires_in` suggests wins, and an already-expired access token is accepted for its
+/// refresh token (the refresher then refreshes at once).
+pub fn parse_handed_over(body: &[u8], now: SystemTime) -> Result<TokenSet, String> {
+    let nested = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .filter(|v| v.get("access_token").is_none())
+        .and_then(|v| v.get("oauth_token").filter(|t| t.is_object()).cloned());
+    let parsed = match nested {
+        Some(inner) => parse_token_response(inner.to_string().as_bytes(), now),
+        None => parse_token_response(body, now),
+    };
+    let mut set = parsed.map_err(|e| e.to_string())?;
+    if let Some(jwt_exp) = jwt_expiry(set.access_token.expose_secret()) {
+        set.expires_at = Some(set.expires_at.map_or(jwt_exp, |e| e.min(jwt_exp)));
+    }
+    Ok(set)
+}
+
 /// A token fresh from an endpoint must not be dead on arrival (clock skew, or a server
 /// bug): such a token is refused, never attached.
 pub fn ensure_not_expired(set: TokenSet) -> Result<TokenSet, ResponseError> {
@@ -152,7 +173,6 @@ pub fn jwt_expiry(token: &str) -> Option<SystemTime> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use secrecy::ExposeSecret;
 
     fn now() -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(1_800_000_000)
@@ -196,6 +216,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!e.contains("secret-token"), "{e}");
+    }
+
+    #[test]
+    fn a_whole_cotter_login_response_is_accepted() {
+        let body = br#"{"approved":true,"method":"TRUSTED_DEVICE","oauth_token":{"access_token":"at","expires_in":3600,"refresh_token":"96:rt","token_type":"Bearer","id_token":"x","auth_method":"TRUSTED_DEVICE"}}"#;
+        let t = parse_handed_over(body, now()).unwrap();
+        assert_eq!(t.access_token.expose_secret(), "at");
+        assert_eq!(t.refresh_token.unwrap().expose_secret(), "96:rt");
+        assert!(parse_handed_over(br#"{"oauth_token": 5}"#, now()).is_err());
     }
 
     #[test]
