@@ -231,6 +231,14 @@ async fn oversized_request_head_gets_431() {
     )
     .await;
     assert!(small.starts_with("HTTP/1.1 200"), "{small}");
+    // h2c too.
+    let req = http::Request::get(url(&app, "/x"))
+        .header("x-big", "a".repeat(40 * 1024))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = h2c_client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 431);
+    assert_eq!(world.api.seen().len(), 0);
     app.stop().await;
 }
 
