@@ -238,7 +238,11 @@ async fn oversized_request_head_gets_431() {
         .unwrap();
     let resp = h2c_client().request(req).await.unwrap();
     assert_eq!(resp.status(), 431);
-    assert_eq!(world.api.seen().len(), 1, "only the small request got through");
+    assert_eq!(
+        world.api.seen().len(),
+        1,
+        "only the small request got through"
+    );
     app.stop().await;
 }
 

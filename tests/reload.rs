@@ -90,7 +90,9 @@ async fn a_changed_credential_carries_its_rotated_refresh_token() {
 async fn a_new_refresh_token_in_a_watched_secret_file_revives_the_credential() {
     let world = World::new(Duration::from_secs(300)).await;
     let dir = tempfile::tempdir().unwrap();
-    let secret = write_file(dir.path(), "refresh_token", &world.auth.new_refresh_token());
+    // A Secret volume: the file is `token` behind Kubernetes' `..data` symlink.
+    publish(dir.path(), "v1", &world.auth.new_refresh_token());
+    let secret = dir.path().join("token");
     let state = dir.path().join("state.json");
     let cred = format!(
         "refresh_token_file = \"{}\"\nstate_file = \"{}\"",
@@ -106,7 +108,7 @@ async fn a_new_refresh_token_in_a_watched_secret_file_revives_the_credential() {
     world.auth.revoke_all_access();
     assert_eq!(get(&bin.url("/b")).await.status, 503);
     // The operator updates the Secret (no signal): the new refresh token wins over the state file.
-    std::fs::write(&secret, world.auth.new_refresh_token()).unwrap();
+    publish(dir.path(), "v2", &world.auth.new_refresh_token());
     wait_for(
         "the credential to recover",
         Duration::from_secs(15),

@@ -4,8 +4,6 @@
 
 mod support;
 
-use std::os::unix::fs::symlink;
-use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use support::*;
@@ -22,20 +20,6 @@ fn jwt(exp_in: i64, sub: &str) -> String {
         &key,
     )
     .unwrap()
-}
-
-/// Lay out a Kubernetes-style volume: `token -> ..data/token`, `..data -> ..<version>`.
-fn publish(volume: &Path, version: &str, token: &str) {
-    let dir = volume.join(format!("..{version}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("token"), token).unwrap();
-    let tmp = volume.join("..data_tmp");
-    let _ = std::fs::remove_file(&tmp);
-    symlink(format!("..{version}"), &tmp).unwrap();
-    std::fs::rename(&tmp, volume.join("..data")).unwrap(); // atomic swap
-    if !volume.join("token").exists() {
-        symlink("..data/token", volume.join("token")).unwrap();
-    }
 }
 
 fn bearer(seen: &token_proxy::mock::SeenRequest) -> String {

@@ -471,3 +471,18 @@ impl Jwks {
         *self.doc.lock().unwrap() = serde_json::json!({ "keys": keys });
     }
 }
+
+/// Lay out a Kubernetes-style volume holding one file `token`:
+/// `token -> ..data/token`, `..data -> ..<version>`; a new version swaps `..data` atomically.
+pub fn publish(volume: &Path, version: &str, token: &str) {
+    let dir = volume.join(format!("..{version}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("token"), token).unwrap();
+    let tmp = volume.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(format!("..{version}"), &tmp).unwrap();
+    std::fs::rename(&tmp, volume.join("..data")).unwrap(); // atomic swap
+    if !volume.join("token").exists() {
+        std::os::unix::fs::symlink("..data/token", volume.join("token")).unwrap();
+    }
+}
