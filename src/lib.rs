@@ -9,7 +9,6 @@ pub mod admin;
 pub mod body;
 pub mod config;
 pub mod demo;
-pub mod env_config;
 pub mod error;
 pub mod metrics;
 pub mod mock;

@@ -1,0 +1,354 @@
+//! From the raw schema to a validated [`Config`]: defaults, secrets resolved, cross-checks
+//! (a route's credential exists, a grant has what it needs), errors naming the key.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue};
+use http::uri::{Authority, Uri};
+
+use super::raw::{RawConfig, RawCredential, RawRoute};
+use super::values::{opt_duration, opt_size, parse_addr, parse_upstream, read_secret_file, secret};
+use super::*;
+
+pub(super) fn build(
+    raw: RawConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let listen_s = env("TOKEN_PROXY_LISTEN")
+        .or(raw.server.listen)
+        .unwrap_or_else(|| "127.0.0.1:8080".into());
+    let admin_s = env("TOKEN_PROXY_ADMIN_LISTEN").or(raw.server.admin_listen);
+    let server = ServerConfig {
+        listen: parse_addr("server.listen", &listen_s)?,
+        admin_listen: admin_s
+            .map(|s| parse_addr("server.admin_listen", &s))
+            .transpose()?,
+        shutdown_grace: opt_duration(
+            "server.shutdown_grace",
+            raw.server.shutdown_grace,
+            Duration::from_secs(10),
+        )?,
+        shutdown_delay: opt_duration(
+            "server.shutdown_delay",
+            raw.server.shutdown_delay,
+            Duration::ZERO,
+        )?,
+        log_query: raw.server.log_query.unwrap_or(false),
+        max_header_size: opt_size(
+            "server.max_header_size",
+            raw.server.max_header_size,
+            64 * 1024,
+        )?,
+    };
+    if server.max_header_size < 1024 {
+        return err("server.max_header_size: must be at least 1KiB");
+    }
+
+    let mut credentials = BTreeMap::new();
+    for (name, c) in raw.credentials {
+        let cred = build_credential(&name, c)?;
+        credentials.insert(name, cred);
+    }
+
+    if raw.routes.is_empty() {
+        return err("routes: at least one [[routes]] entry is required");
+    }
+    let mut routes = Vec::new();
+    for (i, r) in raw.routes.into_iter().enumerate() {
+        routes.push(build_route(i, r, &credentials)?);
+    }
+    let mut seen = std::collections::HashSet::new();
+    for r in &routes {
+        if !seen.insert(r.name.clone()) {
+            return err(format!(
+                "routes: two routes are named {:?}; names must be unique",
+                r.name
+            ));
+        }
+    }
+    Ok(Config {
+        server,
+        routes,
+        credentials,
+        source: None,
+    })
+}
+
+pub(super) fn build_route(
+    i: usize,
+    r: RawRoute,
+    credentials: &BTreeMap<String, CredentialConfig>,
+) -> Result<RouteConfig, ConfigError> {
+    let key = format!("routes[{i}]");
+    let name = r.name.unwrap_or_else(|| format!("route{i}"));
+    if let Some(p) = &r.prefix {
+        if !p.starts_with('/') {
+            return err(format!("{key}.prefix: {p:?} must start with '/'"));
+        }
+    }
+    let mut hosts = Vec::new();
+    for (j, h) in r.hosts.unwrap_or_default().into_iter().enumerate() {
+        let h = h.trim().to_ascii_lowercase();
+        if h.is_empty() || h.parse::<Authority>().is_err() || h.contains('@') || h.contains('/') {
+            return err(format!(
+                "{key}.hosts[{j}]: {h:?} is not a host or host:port"
+            ));
+        }
+        hosts.push(h);
+    }
+    if r.prefix.is_none() && hosts.is_empty() {
+        return err(format!(
+            "{key} ({name}): a route needs `prefix`, `hosts`, or both"
+        ));
+    }
+    let Some(upstream_s) = r.upstream else {
+        return err(format!(
+            "{key}.upstream: missing (e.g. \"https://api.example.com\")"
+        ));
+    };
+    let upstream = parse_upstream(&format!("{key}.upstream"), &upstream_s)?;
+    if let Some(c) = &r.credential {
+        if !credentials.contains_key(c) {
+            return err(format!("{key}.credential: no [credentials.{c}] is defined"));
+        }
+    }
+    let ca_file = r.ca_file.map(PathBuf::from);
+    if let Some(p) = &ca_file {
+        if !p.is_file() {
+            return err(format!("{key}.ca_file: {} does not exist", p.display()));
+        }
+    }
+    Ok(RouteConfig {
+        name,
+        prefix: r.prefix,
+        hosts,
+        upstream,
+        strip_prefix: r.strip_prefix.unwrap_or(false),
+        credential: r.credential,
+        retry_on_401: r.retry_on_401.unwrap_or(true),
+        max_retry_body: opt_size(&format!("{key}.max_retry_body"), r.max_retry_body, 1 << 20)?,
+        timeout: opt_duration(
+            &format!("{key}.timeout"),
+            r.timeout,
+            Duration::from_secs(30),
+        )?,
+        connect_timeout: opt_duration(
+            &format!("{key}.connect_timeout"),
+            r.connect_timeout,
+            Duration::from_secs(5),
+        )?,
+        ca_file,
+    })
+}
+
+pub(super) fn build_credential(
+    name: &str,
+    c: RawCredential,
+) -> Result<CredentialConfig, ConfigError> {
+    let key = format!("credentials.{name}");
+    let Some(grant) = c.grant else {
+        return err(format!(
+            "{key}.grant: missing (refresh_token | client_credentials | static)"
+        ));
+    };
+    let verify = build_verification(&key, c.jwks_url, c.issuer, c.audience, c.algorithms)?;
+    let token_url = match c.token_url {
+        Some(u) => {
+            parse_upstream(&format!("{key}.token_url"), &u)?;
+            Some(
+                u.parse::<Uri>()
+                    .map_err(|_| ConfigError(format!("{key}.token_url: invalid URL {u:?}")))?,
+            )
+        }
+        None => None,
+    };
+    let files: Vec<PathBuf> = [
+        &c.client_secret_file,
+        &c.refresh_token_file,
+        &c.initial_tokens_file,
+        &c.ca_file,
+    ]
+    .into_iter()
+    .flatten()
+    .map(PathBuf::from)
+    .collect();
+    let client_secret = secret(&key, "client_secret", c.client_secret, c.client_secret_file)?;
+    let refresh_token = secret(&key, "refresh_token", c.refresh_token, c.refresh_token_file)?;
+    let access_token_file = c.access_token_file.clone().map(PathBuf::from);
+    let access_token = secret(&key, "access_token", c.access_token, c.access_token_file)?;
+    let initial_tokens = match c.initial_tokens_file {
+        Some(p) => Some(read_secret_file(&format!("{key}.initial_tokens_file"), &p)?),
+        None => None,
+    };
+
+    match grant {
+        GrantKind::RefreshToken | GrantKind::ClientCredentials => {
+            if token_url.is_none() {
+                return err(format!("{key}.token_url: required for grant = {grant:?}"));
+            }
+            if access_token.is_some() {
+                return err(format!(
+                    "{key}.access_token: only allowed with grant = \"static\""
+                ));
+            }
+        }
+        GrantKind::Static => {
+            if access_token.is_none() {
+                return err(format!(
+                    "{key}.access_token: required for grant = \"static\" (or access_token_file)"
+                ));
+            }
+            if refresh_token.is_some() || initial_tokens.is_some() || token_url.is_some() {
+                return err(format!(
+                    "{key}.grant: \"static\" takes no token_url, refresh_token or initial_tokens_file"
+                ));
+            }
+        }
+    }
+    if grant == GrantKind::ClientCredentials && c.client_id.is_none() {
+        return err(format!(
+            "{key}.client_id: required for grant = \"client_credentials\""
+        ));
+    }
+    if grant == GrantKind::ClientCredentials
+        && (refresh_token.is_some() || initial_tokens.is_some())
+    {
+        return err(format!(
+            "{key}.refresh_token: not used by grant = \"client_credentials\""
+        ));
+    }
+    let client_auth = c.client_auth.unwrap_or(if client_secret.is_some() {
+        ClientAuth::Basic
+    } else if c.client_id.is_some() {
+        ClientAuth::Body
+    } else {
+        ClientAuth::None
+    });
+    if client_auth == ClientAuth::Basic && c.client_id.is_none() {
+        return err(format!("{key}.client_auth: \"basic\" needs client_id"));
+    }
+
+    let mut params = Vec::new();
+    for (k, v) in c.params.unwrap_or_default() {
+        const RESERVED: [&str; 5] = [
+            "grant_type",
+            "refresh_token",
+            "client_id",
+            "client_secret",
+            "scope",
+        ];
+        if RESERVED.contains(&k.as_str()) {
+            return err(format!(
+                "{key}.params.{k}: set by token-proxy itself; use the credential's own key"
+            ));
+        }
+        params.push((k, v));
+    }
+    let mut headers = Vec::new();
+    for (k, v) in c.headers.unwrap_or_default() {
+        let hn = HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| ConfigError(format!("{key}.headers.{k}: not a valid header name")))?;
+        let mut hv = HeaderValue::from_str(&v)
+            .map_err(|_| ConfigError(format!("{key}.headers.{k}: not a valid header value")))?;
+        hv.set_sensitive(true);
+        headers.push((hn, hv));
+    }
+    let header_s = c.header.unwrap_or_else(|| "Authorization".into());
+    let header = HeaderName::from_bytes(header_s.as_bytes()).map_err(|_| {
+        ConfigError(format!(
+            "{key}.header: {header_s:?} is not a valid header name"
+        ))
+    })?;
+    let header_prefix = c.header_prefix.unwrap_or_else(|| "Bearer ".into());
+    if HeaderValue::from_str(&header_prefix).is_err() {
+        return err(format!("{key}.header_prefix: not a valid header value"));
+    }
+    let ca_file = c.ca_file.map(PathBuf::from);
+    if let Some(p) = &ca_file {
+        if !p.is_file() {
+            return err(format!("{key}.ca_file: {} does not exist", p.display()));
+        }
+    }
+    let refresh_before = opt_duration(
+        &format!("{key}.refresh_before"),
+        c.refresh_before,
+        Duration::from_secs(60),
+    )?;
+    let timeout = opt_duration(
+        &format!("{key}.timeout"),
+        c.timeout,
+        Duration::from_secs(10),
+    )?;
+    if timeout.is_zero() {
+        return err(format!("{key}.timeout: must be greater than zero"));
+    }
+    Ok(CredentialConfig {
+        name: name.to_string(),
+        grant,
+        token_url,
+        encoding: c.encoding.unwrap_or(Encoding::Form),
+        client_id: c.client_id,
+        client_secret,
+        client_auth,
+        refresh_token,
+        initial_tokens,
+        scope: c.scope,
+        params,
+        headers,
+        state_file: c.state_file.map(PathBuf::from),
+        refresh_before,
+        header,
+        header_prefix,
+        access_token,
+        access_token_file,
+        timeout,
+        ca_file,
+        verify,
+        files,
+    })
+}
+
+pub(super) fn build_verification(
+    key: &str,
+    jwks_url: Option<String>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    algorithms: Option<Vec<String>>,
+) -> Result<Option<JwtVerification>, ConfigError> {
+    let Some(url) = jwks_url else {
+        if issuer.is_some() || audience.is_some() || algorithms.is_some() {
+            return err(format!(
+                "{key}.jwks_url: required when issuer, audience or algorithms is set"
+            ));
+        }
+        return Ok(None);
+    };
+    parse_upstream(&format!("{key}.jwks_url"), &url)?;
+    let jwks_url = url
+        .parse::<Uri>()
+        .map_err(|_| ConfigError(format!("{key}.jwks_url: invalid URL {url:?}")))?;
+    let names = algorithms.unwrap_or_else(|| vec!["RS256".into(), "ES256".into()]);
+    if names.is_empty() {
+        return err(format!("{key}.algorithms: must not be empty"));
+    }
+    let mut parsed = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let alg: jsonwebtoken::Algorithm = name.parse().map_err(|_| {
+            ConfigError(format!("{key}.algorithms[{i}]: unknown algorithm {name:?}"))
+        })?;
+        if name.starts_with("HS") {
+            return err(format!(
+                "{key}.algorithms[{i}]: {name} is symmetric; a JWKS needs RS*, PS*, ES* or EdDSA"
+            ));
+        }
+        parsed.push(alg);
+    }
+    Ok(Some(JwtVerification {
+        jwks_url,
+        issuer,
+        audience,
+        algorithms: parsed,
+    }))
+}

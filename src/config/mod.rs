@@ -1,0 +1,384 @@
+//! `proxy.toml`: the schema, `${VAR}` expansion, `*_file` secrets and validation.
+//!
+//! Loading happens in three steps so that every error names the key at fault:
+//! 1. parse the text into a `toml::Value` (syntax errors carry line and column);
+//! 2. expand `${VAR}` in every string, tracking the key path;
+//! 3. deserialize into the raw schema with `serde_path_to_error` (unknown keys and bad
+//!    types name their path), then resolve secrets and validate into [`Config`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue};
+use http::uri::{Authority, Scheme, Uri};
+use secrecy::SecretString;
+use serde::Deserialize;
+
+mod build;
+pub mod env;
+mod raw;
+mod values;
+
+use build::build;
+use raw::RawConfig;
+use values::expand_env;
+pub use values::{parse_duration, parse_size, parse_upstream};
+
+/// A configuration problem; the message names the key and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub routes: Vec<RouteConfig>,
+    pub credentials: BTreeMap<String, CredentialConfig>,
+    /// The file this was loaded from, if any.
+    pub source: Option<PathBuf>,
+}
+
+impl Config {
+    /// Every file whose change should trigger a reload: the config itself, secret files,
+    /// initial token files and CA files.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = self.source.iter().cloned().collect();
+        files.extend(self.routes.iter().filter_map(|r| r.ca_file.clone()));
+        files.extend(
+            self.credentials
+                .values()
+                .flat_map(|c| c.files.iter().cloned()),
+        );
+        files
+    }
+}
+
+/// A fingerprint of the contents of `files` (a missing file counts as such), to notice
+/// changes by polling. Kubernetes updates mounted secrets by swapping a `..data` symlink,
+/// which file-event watchers often miss; reading the contents does not.
+pub fn fingerprint_files(files: &[PathBuf]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for f in files {
+        f.hash(&mut h);
+        std::fs::read(f).ok().hash(&mut h);
+    }
+    h.finish()
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: Option<SocketAddr>,
+    pub shutdown_grace: Duration,
+    /// After SIGTERM, keep accepting for this long (readiness already 503) before draining.
+    pub shutdown_delay: Duration,
+    pub max_header_size: usize,
+    /// Log request paths with their query string (off: queries often carry secrets).
+    pub log_query: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub name: String,
+    pub prefix: Option<String>,
+    /// Lower-cased `host` or `host:port` entries for forward mode.
+    pub hosts: Vec<String>,
+    pub upstream: UpstreamUrl,
+    pub strip_prefix: bool,
+    pub credential: Option<String>,
+    pub retry_on_401: bool,
+    pub max_retry_body: usize,
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    pub ca_file: Option<PathBuf>,
+}
+
+/// `scheme://host[:port][/base-path]`, split once at load time.
+#[derive(Debug, Clone)]
+pub struct UpstreamUrl {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// Base path without a trailing slash ("" when none).
+    pub base_path: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantKind {
+    RefreshToken,
+    ClientCredentials,
+    Static,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Encoding {
+    Form,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    Basic,
+    Body,
+    None,
+}
+
+#[derive(Debug, Clone)]
+pub struct CredentialConfig {
+    pub name: String,
+    pub grant: GrantKind,
+    pub token_url: Option<Uri>,
+    pub encoding: Encoding,
+    pub client_id: Option<String>,
+    pub client_secret: Option<SecretString>,
+    pub client_auth: ClientAuth,
+    pub refresh_token: Option<SecretString>,
+    /// Raw JSON text of a token response to start from (`initial_tokens_file`).
+    pub initial_tokens: Option<SecretString>,
+    pub scope: Option<String>,
+    /// Extra token request parameters (e.g. Auth0's `audience`, `resource` of RFC 8707).
+    pub params: Vec<(String, String)>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub state_file: Option<PathBuf>,
+    pub refresh_before: Duration,
+    pub header: HeaderName,
+    pub header_prefix: String,
+    pub access_token: Option<SecretString>,
+    /// For `grant = "static"`: re-read when its contents change.
+    pub access_token_file: Option<PathBuf>,
+    pub timeout: Duration,
+    pub ca_file: Option<PathBuf>,
+    /// Verify access tokens (JWTs) against the issuer's keys before attaching them.
+    pub verify: Option<JwtVerification>,
+    /// Files this credential's config was read from (secrets, initial tokens, CA): a change
+    /// to any of them is a config change (watched for reloads). Not `state_file`.
+    pub files: Vec<PathBuf>,
+}
+
+impl CredentialConfig {
+    /// Identifies this exact configuration, secrets included, so a reload can tell an
+    /// unchanged credential (keep its token) from a changed one. Never shown anywhere.
+    pub fn fingerprint(&self) -> u64 {
+        use secrecy::ExposeSecret;
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        // Debug covers every non-secret field (secrets and sensitive headers print redacted).
+        format!("{self:?}").hash(&mut h);
+        let secrets = [
+            &self.client_secret,
+            &self.refresh_token,
+            &self.initial_tokens,
+        ];
+        for s in secrets {
+            s.as_ref()
+                .map(|s| s.expose_secret().to_string())
+                .hash(&mut h);
+        }
+        if self.access_token_file.is_none() {
+            // An access_token_file is followed by the refresher itself; only inline counts.
+            self.access_token
+                .as_ref()
+                .map(|s| s.expose_secret().to_string())
+                .hash(&mut h);
+        }
+        for (_, v) in &self.headers {
+            v.as_bytes().hash(&mut h);
+        }
+        h.finish()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct JwtVerification {
+    pub jwks_url: Uri,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+}
+
+/// Where the config comes from.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    File(PathBuf),
+    /// `TOKEN_PROXY_*` variables (see [`env`]).
+    Environment,
+}
+
+impl ConfigSource {
+    /// `--config`, else `$TOKEN_PROXY_CONFIG`, else `./proxy.toml` if it exists, else the
+    /// environment if `TOKEN_PROXY_UPSTREAM` is set, else `./proxy.toml` (which then fails
+    /// to load with a clear message).
+    pub fn resolve(cli: Option<PathBuf>) -> ConfigSource {
+        if let Some(p) = cli.or_else(|| std::env::var_os("TOKEN_PROXY_CONFIG").map(PathBuf::from)) {
+            return ConfigSource::File(p);
+        }
+        let default = PathBuf::from("proxy.toml");
+        if !default.exists() && crate::config::env::requested(&|k| std::env::var(k).ok()) {
+            return ConfigSource::Environment;
+        }
+        ConfigSource::File(default)
+    }
+
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        match self {
+            ConfigSource::File(p) => Config::load(p),
+            ConfigSource::Environment => crate::config::env::from_env(&|k| std::env::var(k).ok()),
+        }
+    }
+}
+
+impl std::fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigSource::File(p) => write!(f, "{}", p.display()),
+            ConfigSource::Environment => write!(f, "TOKEN_PROXY_* environment variables"),
+        }
+    }
+}
+
+impl Config {
+    /// Read and validate a config file. Relative paths inside it are taken relative to the
+    /// current directory, as a user running the binary would expect.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read config {}: {e}", path.display())))?;
+        let mut config = Config::parse(&text, &|name| std::env::var(name).ok())?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
+    }
+
+    /// Parse config text; `env` resolves `${VAR}` (and the listen overrides).
+    pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        Self::parse_with(text, env, true)
+    }
+
+    /// Parse config text whose strings are taken literally (no `${VAR}` expansion).
+    pub fn parse_literal(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        Self::parse_with(text, env, false)
+    }
+
+    fn parse_with(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+        expand: bool,
+    ) -> Result<Config, ConfigError> {
+        let mut value: toml::Value =
+            toml::from_str(text).map_err(|e| ConfigError(format!("invalid TOML: {e}")))?;
+        if expand {
+            expand_env(&mut value, "", env)?;
+        }
+        let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            // toml appends its own "in `key`" line; the path already says where.
+            let inner = e.into_inner().to_string();
+            let inner = inner
+                .split("\nin `")
+                .next()
+                .unwrap_or_default()
+                .trim_end()
+                .to_string();
+            if path == "." || path.is_empty() {
+                ConfigError(inner)
+            } else {
+                ConfigError(format!("{path}: {inner}"))
+            }
+        })?;
+        build(raw, env)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, &|name| match name {
+            "SECRET" => Some("s3cret".into()),
+            _ => None,
+        })
+    }
+
+    const MIN: &str = r#"
+        [[routes]]
+        prefix = "/"
+        upstream = "https://api.example.com/v1/"
+        credential = "main"
+        [credentials.main]
+        grant = "client_credentials"
+        token_url = "https://auth.example.com/token"
+        client_id = "id"
+        client_secret = "${SECRET}"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.server.max_header_size, 65536);
+        assert_eq!(c.routes[0].upstream.base_path, "/v1");
+        assert_eq!(c.routes[0].max_retry_body, 1 << 20);
+        assert_eq!(c.credentials["main"].client_auth, ClientAuth::Basic);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            (MIN.replace("prefix", "prefx"), "prefx"),
+            (
+                MIN.replace("${SECRET}", "${NOPE}"),
+                "credentials.main.client_secret: environment variable `NOPE`",
+            ),
+            (
+                format!("[server]\nshutdown_grace = \"ten\"\n{MIN}"),
+                "server.shutdown_grace",
+            ),
+            (
+                format!("[server]\nmax_header_size = \"64XB\"\n{MIN}"),
+                "server.max_header_size",
+            ),
+            (
+                MIN.replace("credential = \"main\"", "credential = \"other\""),
+                "routes[0].credential",
+            ),
+            (
+                MIN.replace("https://api", "ftp://api"),
+                "routes[0].upstream",
+            ),
+            (MIN.replace("prefix = \"/\"", ""), "needs `prefix`, `hosts`"),
+            (
+                MIN.replace("\"client_credentials\"", "\"password\""),
+                "credentials.main.grant",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(want), "error {e:?} should contain {want:?}");
+        }
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("k", "64KiB").unwrap(), 65536);
+        assert_eq!(parse_size("k", "1MiB").unwrap(), 1 << 20);
+        assert_eq!(parse_size("k", "10").unwrap(), 10);
+        assert!(parse_size("k", "x").is_err());
+        assert_eq!(
+            parse_duration("k", "500ms").unwrap(),
+            Duration::from_millis(500)
+        );
+        assert_eq!(parse_duration("k", "5m").unwrap(), Duration::from_secs(300));
+    }
+}
