@@ -210,7 +210,7 @@ pub struct JwtVerification {
 #[derive(Debug, Clone)]
 pub enum ConfigSource {
     File(PathBuf),
-    /// `TOKEN_PROXY_*` variables (see [`env`]).
+    /// `TOKEN_PROXY_*` variables (see [`crate::config::env`]).
     Environment,
 }
 
