@@ -240,9 +240,29 @@ async fn send(
     trace.upstream += started.elapsed();
     match result {
         Err(_) => Err(ProxyError::UpstreamTimeout(route.timeout)),
+        Ok(Err(e)) if app_body_failed(&e) => Err(ProxyError::BadRequest(format!(
+            "the request body could not be read: {}",
+            error_chain(&e)
+        ))),
         Ok(Err(e)) => Err(ProxyError::UpstreamUnreachable(error_chain(&e))),
         Ok(Ok(resp)) => Ok(resp),
     }
+}
+
+/// Whether sending failed because the app's own request body broke (malformed chunking,
+/// a connection cut mid-body): the app's fault (400), not the upstream's (502).
+fn app_body_failed(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut cause = std::error::Error::source(e);
+    while let Some(err) = cause {
+        if err
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_user)
+        {
+            return true;
+        }
+        cause = err.source();
+    }
+    false
 }
 
 /// The upstream's response, streamed back with hop-by-hop headers removed.

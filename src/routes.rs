@@ -149,8 +149,13 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     HeaderName::from_static("keep-alive"),
 ];
 
-/// Remove hop-by-hop headers, including any the `Connection` header names.
+/// Remove hop-by-hop headers, including any the `Connection` header names. A message that
+/// came with `Transfer-Encoding` also loses `Content-Length` (RFC 9112 §6.3: a sender must
+/// remove it before forwarding; keeping both is how requests are smuggled).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -288,5 +293,23 @@ mod tests {
         assert!(h.get(header::CONNECTION).is_none());
         assert!(h.get(header::HOST).is_none());
         assert_eq!(h["x-keep"], "yes");
+    }
+
+    #[test]
+    fn content_length_is_dropped_when_transfer_encoding_came_too() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        strip_hop_by_hop(&mut h);
+        assert!(
+            h.get(header::CONTENT_LENGTH).is_none() && h.get(header::TRANSFER_ENCODING).is_none()
+        );
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h[header::CONTENT_LENGTH], "5");
     }
 }
