@@ -4,16 +4,22 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, UPGRADE};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioIo;
 
 use crate::body::{self, ProxyBody, ReplayBuffer, TeeBody};
 use crate::error::{error_chain, ProxyError};
 use crate::metrics::Metrics;
-use crate::routes::{rewrite_request_headers, strip_hop_by_hop, Route, RouteTable};
+use crate::routes::{
+    requested_upgrade, rewrite_request_headers, strip_hop_by_hop, Route, RouteTable,
+};
 use crate::token::{ActiveToken, Credential, TokenStore};
+use crate::upstream::Connector;
 
 /// Cheap to clone: one per connection.
 #[derive(Clone)]
@@ -92,7 +98,7 @@ impl Proxy {
 
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         trace: &mut Trace,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let routes = self
@@ -119,10 +125,30 @@ impl Proxy {
             None => None,
         };
 
+        // A protocol upgrade (WebSocket) is forwarded over HTTP/1.1 and, once the upstream
+        // agrees (101), the two connections are spliced together.
+        let upgrade = requested_upgrade(req.version(), req.headers())
+            .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
+
         let (mut parts, incoming) = req.into_parts();
         parts.uri = route.upstream_uri(&parts.uri)?;
         parts.version = Version::HTTP_11; // the client negotiates h2 upstream via ALPN itself
         rewrite_request_headers(&mut parts.headers, header_of(&credential, &lease));
+        if let Some((protocol, app_side)) = upgrade {
+            parts
+                .headers
+                .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(UPGRADE, protocol);
+            let req = Request::from_parts(parts, body::boxed(incoming));
+            let response = send_with(&route.upgrade_client, &route, req, trace).await?;
+            if let (Some(credential), Some(lease)) = (&credential, &lease) {
+                if response.status() == StatusCode::UNAUTHORIZED {
+                    // Not replayed (the app's handshake is spent), but the next one gets a new token.
+                    credential.reject(lease.generation);
+                }
+            }
+            return Ok(splice(response, app_side));
+        }
 
         // Only requests that can be replayed keep a copy of what they sent.
         let replay = match (&credential, route.retry_on_401) {
@@ -235,8 +261,17 @@ async fn send(
     req: Request<ProxyBody>,
     trace: &mut Trace,
 ) -> Result<Response<Incoming>, ProxyError> {
+    send_with(&route.client, route, req, trace).await
+}
+
+async fn send_with(
+    client: &Client<Connector, ProxyBody>,
+    route: &Route,
+    req: Request<ProxyBody>,
+    trace: &mut Trace,
+) -> Result<Response<Incoming>, ProxyError> {
     let started = Instant::now();
-    let result = tokio::time::timeout(route.timeout, route.client.request(req)).await;
+    let result = tokio::time::timeout(route.timeout, client.request(req)).await;
     trace.upstream += started.elapsed();
     match result {
         Err(_) => Err(ProxyError::UpstreamTimeout(route.timeout)),
@@ -263,6 +298,27 @@ fn app_body_failed(e: &hyper_util::client::legacy::Error) -> bool {
         cause = err.source();
     }
     false
+}
+
+/// The upstream's answer to an upgrade request. On 101 both sides switch protocols and a
+/// task copies bytes both ways until either closes; anything else is an ordinary response.
+fn splice(mut response: Response<Incoming>, app_side: OnUpgrade) -> Response<ProxyBody> {
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return finish(response);
+    }
+    let upstream_side = hyper::upgrade::on(&mut response);
+    tokio::spawn(async move {
+        match tokio::try_join!(app_side, upstream_side) {
+            Ok((app, upstream)) => {
+                let (mut app, mut upstream) = (TokioIo::new(app), TokioIo::new(upstream));
+                let _ = tokio::io::copy_bidirectional(&mut app, &mut upstream).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "protocol upgrade did not complete"),
+        }
+    });
+    // The 101 keeps its Connection/Upgrade headers: they are the handshake.
+    let (parts, _) = response.into_parts();
+    Response::from_parts(parts, body::full(Bytes::new()))
 }
 
 /// The upstream's response, streamed back with hop-by-hop headers removed.

@@ -24,6 +24,8 @@ pub struct Route {
     pub timeout: Duration,
     /// Pooled per route: each route may trust its own CA and have its own connect timeout.
     pub client: Client<Connector, ProxyBody>,
+    /// HTTP/1.1 only, for protocol upgrades (WebSocket), which h2 does not carry.
+    pub upgrade_client: Client<Connector, ProxyBody>,
 }
 
 impl Route {
@@ -39,6 +41,8 @@ impl Route {
             max_retry_body: c.max_retry_body,
             timeout: c.timeout,
             client: upstream::client(c.ca_file.as_deref(), c.connect_timeout)
+                .map_err(|e| format!("routes.{}: {e}", c.name))?,
+            upgrade_client: upstream::http1_client(c.ca_file.as_deref(), c.connect_timeout)
                 .map_err(|e| format!("routes.{}: {e}", c.name))?,
         })
     }
@@ -167,6 +171,21 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(name);
     }
     headers.remove("proxy-connection");
+}
+
+/// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` + `Upgrade`).
+pub fn requested_upgrade(version: http::Version, headers: &HeaderMap) -> Option<HeaderValue> {
+    if version != http::Version::HTTP_11 {
+        return None;
+    }
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| headers.get(header::UPGRADE).cloned())
+        .flatten()
 }
 
 /// Prepare request headers for the upstream: hop-by-hop and `Host` removed (the client

@@ -74,7 +74,7 @@ pub async fn serve<F, Fut>(
             async move { Ok::<_, Infallible>(fut.await) }
         });
         let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {

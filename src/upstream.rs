@@ -18,10 +18,34 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The connector every outbound client uses.
 pub type Connector = TimeoutConnector<HttpsConnector<HttpConnector>>;
 
-/// Build a pooled client for bodies of type `B`.
+/// Build a pooled client for bodies of type `B` (HTTP/1.1, and h2 when TLS negotiates it).
 pub fn client<B>(
     ca_file: Option<&Path>,
     connect_timeout: Duration,
+) -> Result<Client<Connector, B>, String>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+{
+    build_client(ca_file, connect_timeout, true)
+}
+
+/// The same, HTTP/1.1 only: protocol upgrades (WebSocket) exist only there.
+pub fn http1_client<B>(
+    ca_file: Option<&Path>,
+    connect_timeout: Duration,
+) -> Result<Client<Connector, B>, String>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+{
+    build_client(ca_file, connect_timeout, false)
+}
+
+fn build_client<B>(
+    ca_file: Option<&Path>,
+    connect_timeout: Duration,
+    http2: bool,
 ) -> Result<Client<Connector, B>, String>
 where
     B: http_body::Body + Send + 'static,
@@ -32,12 +56,15 @@ where
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
-    let https = HttpsConnectorBuilder::new()
+    let builder = HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
+        .enable_http1();
+    let https = if http2 {
+        builder.enable_http2().wrap_connector(http)
+    } else {
+        builder.wrap_connector(http)
+    };
     let connector = TimeoutConnector {
         inner: https,
         timeout: connect_timeout,

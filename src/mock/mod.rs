@@ -73,13 +73,13 @@ pub(crate) async fn spawn(tls: Option<tokio_rustls::TlsAcceptor>, handler: Handl
                     Some(acceptor) => {
                         if let Ok(stream) = acceptor.accept(stream).await {
                             let _ = builder
-                                .serve_connection(TokioIo::new(stream), service)
+                                .serve_connection_with_upgrades(TokioIo::new(stream), service)
                                 .await;
                         }
                     }
                     None => {
                         let _ = builder
-                            .serve_connection(TokioIo::new(stream), service)
+                            .serve_connection_with_upgrades(TokioIo::new(stream), service)
                             .await;
                     }
                 }

@@ -8,11 +8,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, AUTHORIZATION, WWW_AUTHENTICATE};
+use http::header::{HeaderValue, AUTHORIZATION, CONNECTION, UPGRADE, WWW_AUTHENTICATE};
+use http::request::Parts;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 
 use super::{json, spawn, MockAuth, MockServer};
 use crate::body::{self, ProxyBody};
@@ -67,6 +69,49 @@ impl MockUpstream {
         bearer.is_some_and(|t| auth.check(t).is_ok())
     }
 
+    /// Accept a protocol upgrade (with a valid bearer) and echo every byte back.
+    fn upgrade(
+        &self,
+        parts: Parts,
+        on_upgrade: hyper::upgrade::OnUpgrade,
+        protocol: HeaderValue,
+    ) -> Response<ProxyBody> {
+        let authorized = self.authorized(&parts.headers);
+        self.record(&parts, Bytes::new(), 0, authorized);
+        if !authorized {
+            return self.unauthorized();
+        }
+        tokio::spawn(async move {
+            if let Ok(upgraded) = on_upgrade.await {
+                let (mut reader, mut writer) = tokio::io::split(TokioIo::new(upgraded));
+                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+            }
+        });
+        let mut r = Response::new(body::full(Bytes::new()));
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        r.headers_mut().insert(UPGRADE, protocol);
+        r
+    }
+
+    fn record(&self, parts: &Parts, body: Bytes, body_len: u64, authorized: bool) {
+        let uri = parts.uri.path_and_query().map(|p| p.to_string());
+        let seen = SeenRequest {
+            method: parts.method.clone(),
+            version: parts.version,
+            uri: uri.unwrap_or_default(),
+            headers: parts.headers.clone(),
+            body,
+            body_len,
+            authorized,
+        };
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(seen);
+    }
+
     fn unauthorized(&self) -> Response<ProxyBody> {
         self.unauthorized.fetch_add(1, Ordering::SeqCst);
         let mut r = json(
@@ -80,7 +125,11 @@ impl MockUpstream {
         r
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Response<ProxyBody> {
+        if let Some(protocol) = req.headers().get(UPGRADE).cloned() {
+            let on_upgrade = hyper::upgrade::on(&mut req);
+            return self.upgrade(req.into_parts().0, on_upgrade, protocol);
+        }
         let (parts, mut body) = req.into_parts();
         let path = parts.uri.path().to_string();
         let authorized = self.authorized(&parts.headers);
@@ -99,22 +148,7 @@ impl MockUpstream {
                 }
             }
         }
-        self.seen
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(SeenRequest {
-                method: parts.method.clone(),
-                version: parts.version,
-                uri: parts
-                    .uri
-                    .path_and_query()
-                    .map(|p| p.to_string())
-                    .unwrap_or_default(),
-                headers: parts.headers.clone(),
-                body: Bytes::from(kept),
-                body_len: len,
-                authorized,
-            });
+        self.record(&parts, Bytes::from(kept), len, authorized);
         if !authorized {
             return self.unauthorized();
         }
