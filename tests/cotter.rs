@@ -195,5 +195,8 @@ async fn key_rotation_is_picked_up_by_refetching_the_jwks() {
     .await;
     let hits = c.jwks.hits.load(Ordering::SeqCst);
     assert_eq!(hits, 2, "one refetch for the new kid, not one per attempt");
+    // The token fetched with the new kid was held and verified again, not refetched:
+    // one refresh at start, one after the revocation.
+    assert_eq!(c.world.auth.refresh_calls.load(Ordering::SeqCst), 2);
     app.stop().await;
 }

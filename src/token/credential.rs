@@ -109,6 +109,10 @@ struct Writer {
     refresh_token: Option<SecretString>,
     generation: u64,
     consecutive_failures: u32,
+    /// A fetched token set whose verification could not finish (JWKS unreachable, or a new
+    /// `kid` not yet refetchable): verified again on the next attempt instead of fetching
+    /// (and rotating) anew.
+    unverified: Option<TokenSet>,
 }
 
 pub struct Credential {
@@ -193,6 +197,7 @@ impl Credential {
                 refresh_token,
                 generation: 0,
                 consecutive_failures: 0,
+                unverified: None,
             }),
             wake: Notify::new(),
             force: AtomicBool::new(false),
@@ -337,7 +342,15 @@ impl Credential {
         if !poll_only {
             self.snapshot.send_modify(|s| s.phase = Phase::Refreshing);
         }
-        let outcome = match self.grant.fetch(w.refresh_token.as_ref()).await {
+        let held = w
+            .unverified
+            .take()
+            .filter(|set| set.expires_at.is_none_or(|at| at > SystemTime::now()));
+        let fetched = match held {
+            Some(set) => Ok(set),
+            None => self.grant.fetch(w.refresh_token.as_ref()).await,
+        };
+        let outcome = match fetched {
             Ok(set) => {
                 let unchanged = poll_only
                     && self.snapshot.borrow().token.as_ref().is_some_and(|t| {
@@ -406,16 +419,19 @@ impl Credential {
             .activate(w.generation + 1, &set)
             .map_err(GrantError::Rejected)?;
         if let Some(verifier) = &self.verifier {
-            verifier
-                .verify(set.access_token.expose_secret())
-                .await
-                .map_err(|e| match e {
-                    VerifyError::Jwks(_) => GrantError::Transient {
+            match verifier.verify(set.access_token.expose_secret()).await {
+                Ok(()) => {}
+                Err(e @ VerifyError::Jwks(_)) => {
+                    w.unverified = Some(set);
+                    return Err(GrantError::Transient {
                         message: e.to_string(),
                         retry_after: None,
-                    },
-                    VerifyError::Invalid(_) => GrantError::Rejected(e.to_string()),
-                })?;
+                    });
+                }
+                Err(e @ VerifyError::Invalid(_)) => {
+                    return Err(GrantError::Rejected(e.to_string()))
+                }
+            }
         }
         w.generation += 1;
         w.consecutive_failures = 0;
