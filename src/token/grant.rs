@@ -295,10 +295,17 @@ impl Endpoint {
     }
 }
 
-/// `Retry-After` as seconds (the HTTP-date form is rare from token endpoints; ignored).
+/// `Retry-After` (RFC 9110 §10.2.3): delay-seconds or an HTTP-date; capped at an hour.
 pub fn parse_retry_after(v: &HeaderValue) -> Option<Duration> {
-    let secs: u64 = v.to_str().ok()?.trim().parse().ok()?;
-    Some(Duration::from_secs(secs.min(3600)))
+    let text = v.to_str().ok()?.trim();
+    let delay = match text.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => httpdate::parse_http_date(text)
+            .ok()?
+            .duration_since(SystemTime::now())
+            .unwrap_or_default(),
+    };
+    Some(delay.min(Duration::from_secs(3600)))
 }
 
 /// The error code of an RFC 6749 §5.2 body, or the `msg`/`type` of Cotter's. Only these
@@ -330,6 +337,23 @@ fn describe_error_body(body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_in_both_forms() {
+        let secs = HeaderValue::from_static("120");
+        assert_eq!(parse_retry_after(&secs), Some(Duration::from_secs(120)));
+        let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(90));
+        let date = parse_retry_after(&HeaderValue::from_str(&later).unwrap()).unwrap();
+        assert!(
+            date > Duration::from_secs(80) && date <= Duration::from_secs(90),
+            "{date:?}"
+        );
+        assert_eq!(parse_retry_after(&HeaderValue::from_static("soon")), None);
+        assert_eq!(
+            parse_retry_after(&HeaderValue::from_static("999999")),
+            Some(Duration::from_secs(3600))
+        );
+    }
 
     #[test]
     fn error_bodies_are_described() {
