@@ -3,7 +3,6 @@
 //! Labels carry route and credential *names* only, never token material.
 
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -209,6 +208,3 @@ impl Metrics {
         out
     }
 }
-
-/// Shared handle.
-pub type SharedMetrics = Arc<Metrics>;

@@ -135,10 +135,6 @@ impl RouteTable {
             .find(|r| r.matches_path(path))
             .ok_or(ProxyError::NoRoute)
     }
-
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Route>> {
-        self.routes.iter()
-    }
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1).

@@ -95,11 +95,6 @@ impl Grant {
         })
     }
 
-    /// Whether this grant needs a refresh token to fetch.
-    pub fn uses_refresh_token(&self) -> bool {
-        matches!(self, Grant::RefreshToken(_))
-    }
-
     /// Obtain a new token set. `refresh_token` is the current one, for the refresh grant.
     pub async fn fetch(
         &self,
