@@ -182,16 +182,19 @@ async fn an_upstream_that_always_says_401_is_tried_twice_never_more() {
     assert_eq!(r.status, 401);
     assert_eq!(stranger.seen().len(), 2, "one request, one replay");
     assert_eq!(world.auth.refresh_calls.load(Ordering::SeqCst), 2);
-    // Many more 401s do not turn into a refresh storm (bounded by a small budget).
-    for _ in 0..20 {
+    // Many more 401s do not turn into a refresh storm: a burst of 10, then about one a
+    // second, however many requests arrive.
+    let started = std::time::Instant::now();
+    for _ in 0..60 {
         assert_eq!(get(&url(&app, "/v1/never")).await.status, 401);
     }
     let refreshes = world.auth.refresh_calls.load(Ordering::SeqCst);
+    let allowed = 2 + 10 + started.elapsed().as_secs() + 1;
     assert!(
-        refreshes <= 7,
-        "401-driven refreshes are rate-limited, saw {refreshes}"
+        refreshes <= allowed,
+        "401-driven refreshes are rate-limited, saw {refreshes} (allowed {allowed})"
     );
-    assert!(stranger.seen().len() <= 42);
+    assert!(stranger.seen().len() <= 2 + 2 * 60);
     app.stop().await;
 }
 

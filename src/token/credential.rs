@@ -505,15 +505,15 @@ impl Credential {
     }
 }
 
-/// A small token bucket: 5 rejections at once, then one per 5 s.
+/// A small token bucket: 10 rejections at once, then one per second.
 struct RejectBudget {
     tokens: f64,
     at: Instant,
 }
 
 impl RejectBudget {
-    const BURST: f64 = 5.0;
-    const PER_SECOND: f64 = 0.2;
+    const BURST: f64 = 10.0;
+    const PER_SECOND: f64 = 1.0;
 
     fn new() -> Self {
         RejectBudget {
