@@ -199,3 +199,70 @@ async fn unmatched_path_is_404_no_route() {
     assert_eq!(get(&url(&app, "/api/x")).await.status, 200);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_endpoint_that_hangs_times_out_and_is_retried() {
+    let world = World::new(Duration::from_secs(300)).await;
+    world.auth.set_gate(false); // every token request hangs
+    let app = start(&world.config_rt("", "timeout = \"1s\"")).await;
+    let r = get(&url(&app, "/a")).await;
+    assert_error(&r, 503, "token_unavailable");
+    let tokens = get(&admin(&app, "/tokens")).await.json();
+    assert!(
+        tokens["main"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("did not answer within"),
+        "{tokens}"
+    );
+    world.auth.set_gate(true);
+    wait_for(
+        "recovery after the hang",
+        Duration::from_secs(30),
+        || async { get(&url(&app, "/b")).await.status == 200 },
+    )
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_dies_mid_response_does_not_hang_the_app() {
+    let world = World::new(Duration::from_secs(300)).await;
+    // An "upstream" that sends a response head promising 1 MB, a few bytes, then closes.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\npartial")
+                .await;
+            drop(s);
+        }
+    });
+    let toml = format!(
+        "{}\n[[routes]]\nname = \"dying\"\nprefix = \"/dying\"\nupstream = \"http://{addr}\"\ncredential = \"main\"\n",
+        world.config_rt("", "")
+    );
+    let app = start(&toml).await;
+    let resp = tokio::time::timeout(
+        Duration::from_secs(20),
+        client().get(url(&app, "/dying/x").parse().unwrap()),
+    )
+    .await
+    .expect("the head arrives")
+    .expect("a response");
+    assert_eq!(resp.status(), 200);
+    use http_body_util::BodyExt;
+    let body = tokio::time::timeout(Duration::from_secs(20), resp.into_body().collect())
+        .await
+        .expect("the app is not left hanging");
+    assert!(
+        body.is_err(),
+        "a truncated body surfaces as an error, not as a complete body"
+    );
+    assert_eq!(get(&url(&app, "/still/fine")).await.status, 200);
+    app.stop().await;
+}
