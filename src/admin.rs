@@ -10,6 +10,7 @@
 //! | GET  /tokens/{name}          | the same, for one credential |
 //! | POST /tokens/{name}/refresh  | force a refresh now: 200 with the new status, 502 with the token endpoint's error |
 //! | PUT  /tokens/{name}          | install a token response JSON (e.g. a login SDK's `oauth_token`); 200 with the status, 400 if unusable |
+//! | DELETE /tokens/{name}        | sign out: forget the tokens (memory and state file); requests get 503 until a new PUT |
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -102,6 +103,16 @@ impl Admin {
                     Err(e) => bad_request(name, &e),
                 }
             }
+            (Method::DELETE, ["tokens", name]) => match self.store.get(name) {
+                Some(c) => match c.sign_out().await {
+                    Ok(()) => json_response(StatusCode::OK, status(&c)),
+                    Err(e) => json_response(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        json!({"error": "sign_out_failed", "message": e, "credential": name}),
+                    ),
+                },
+                None => unknown(name),
+            },
             (_, ["healthz" | "readyz" | "metrics" | "tokens", ..]) => json_response(
                 StatusCode::METHOD_NOT_ALLOWED,
                 json!({"error": "method_not_allowed"}),
@@ -202,6 +213,8 @@ mod tests {
         assert!(allowed(&Method::POST, Some(&local6)));
         assert!(!allowed(&Method::PUT, Some(&remote)));
         assert!(!allowed(&Method::POST, Some(&remote)));
+        assert!(!allowed(&Method::DELETE, Some(&remote)));
+        assert!(allowed(&Method::DELETE, Some(&local)));
         assert!(!allowed(&Method::PUT, None));
         assert!(allowed(&Method::GET, Some(&remote)));
     }

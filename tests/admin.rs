@@ -153,3 +153,35 @@ async fn tokens_and_metrics_describe_state_without_token_values() {
     assert_eq!(get(&admin(&app, "/nothing")).await.status, 404);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_signs_a_credential_out_until_a_new_token_is_put() {
+    let world = World::new(Duration::from_secs(300)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("main.json");
+    let app = start(&world.config_rt("", &format!("state_file = \"{}\"", state.display()))).await;
+    assert_eq!(get(&url(&app, "/a")).await.status, 200);
+    assert!(state.exists());
+
+    let r = send(Method::DELETE, &admin(&app, "/tokens/main"), &[], "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["state"], "needs_reauth");
+    assert!(!state.exists(), "the state file is gone too");
+    let before = world.api.seen().len();
+    let r = get(&url(&app, "/b")).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["error"], "token_unavailable");
+    assert_eq!(world.api.seen().len(), before, "no token, nothing sent");
+    assert_eq!(get(&admin(&app, "/readyz")).await.status, 503);
+
+    let login = world.auth.login().to_string();
+    assert_eq!(
+        send(Method::PUT, &admin(&app, "/tokens/main"), &[], login)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(get(&url(&app, "/c")).await.status, 200);
+    assert!(state.exists());
+    app.stop().await;
+}

@@ -88,7 +88,8 @@ async fn hostile_admin_input_is_refused_cleanly() {
         ),
         (http::Method::PUT, "/tokens/main", vec![b'{'; 100 * 1024]),
         (http::Method::PUT, "/tokens/..%2F..%2Fetc", b"{}".to_vec()),
-        (http::Method::DELETE, "/tokens/main", Vec::new()),
+        (http::Method::PATCH, "/tokens/main", Vec::new()),
+        (http::Method::DELETE, "/tokens/nope", Vec::new()),
         (http::Method::POST, "/metrics", Vec::new()),
     ];
     for (method, path, body) in cases {

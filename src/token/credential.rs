@@ -336,6 +336,27 @@ impl Credential {
         Ok(())
     }
 
+    /// Sign out (`DELETE /tokens/{name}`): forget the tokens here and in the state file, so
+    /// nothing is attached until a new token is installed. (Revoking them at the IdP is the
+    /// IdP's business.)
+    pub async fn sign_out(&self) -> Result<(), String> {
+        let mut w = self.writer.lock().await;
+        if let Some(store) = &self.state_store {
+            store.clear().map_err(|e| e.to_string())?;
+        }
+        w.refresh_token = None;
+        w.unverified = None;
+        w.generation += 1;
+        self.snapshot.send_modify(|s| {
+            s.token = None;
+            s.invalidated = false;
+            s.phase = Phase::NeedsReauth;
+            s.last_error = Some("signed out: install a new token with PUT /tokens/<name>".into());
+        });
+        tracing::warn!(credential = %self.name, "signed out; tokens forgotten");
+        Ok(())
+    }
+
     /// Run one fetch and publish its outcome. Called by the refresher only.
     pub(super) async fn attempt(&self, poll_only: bool) {
         let mut w = self.writer.lock().await;

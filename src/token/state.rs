@@ -19,6 +19,8 @@ pub trait StateStore: Send + Sync + 'static {
     fn load(&self) -> Result<Option<TokenSet>, StateError>;
     /// Durably replace the saved tokens.
     fn save(&self, tokens: &TokenSet) -> Result<(), StateError>;
+    /// Forget the saved tokens (sign-out).
+    fn clear(&self) -> Result<(), StateError>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +92,14 @@ impl StateStore for FileStateStore {
             expires_at: p.expires_at_ms.map(from_ms),
             received_at: from_ms(p.received_at_ms),
         }))
+    }
+
+    fn clear(&self) -> Result<(), StateError> {
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.error(e)),
+        }
     }
 
     fn save(&self, t: &TokenSet) -> Result<(), StateError> {
