@@ -134,3 +134,24 @@ async fn expires_in_as_a_string_is_honoured() {
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_that_quotes_the_refresh_token_does_not_leak_it() {
+    let echo = Canned {
+        status: StatusCode::BAD_REQUEST,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: Bytes::from(
+            serde_json::json!({"error": "invalid_grant", "error_description": "token rt-123 was revoked"})
+                .to_string(),
+        ),
+    };
+    let (_, app, last) = with_canned(echo).await;
+    assert!(
+        last.contains("invalid_grant") && last.contains("[redacted]"),
+        "{last}"
+    );
+    assert!(!last.contains("rt-123"), "{last}");
+    let body = get(&url(&app, "/again")).await.text();
+    assert!(!body.contains("rt-123"), "{body}");
+    app.stop().await;
+}

@@ -270,7 +270,9 @@ impl Endpoint {
                     other => GrantError::Rejected(other.to_string()),
                 });
         }
-        let detail = describe_error_body(&body);
+        // The endpoint's own words may quote what it was sent: never pass our secrets on.
+        let sent = [refresh_token, self.client_secret.as_ref()];
+        let detail = redact(describe_error_body(&body), &sent);
         let message = format!("token endpoint answered {}{}", status.as_u16(), detail);
         if status.is_server_error()
             || status == StatusCode::TOO_MANY_REQUESTS
@@ -329,6 +331,17 @@ fn describe_error_body(body: &[u8]) -> String {
     }
 }
 
+/// `text` with every occurrence of the given secrets replaced by `[redacted]`.
+fn redact(mut text: String, secrets: &[Option<&SecretString>]) -> String {
+    for secret in secrets.iter().flatten() {
+        let value = secret.expose_secret();
+        if !value.is_empty() && text.contains(value) {
+            text = text.replace(value, "[redacted]");
+        }
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,6 +361,14 @@ mod tests {
             parse_retry_after(&HeaderValue::from_static("999999")),
             Some(Duration::from_secs(3600))
         );
+    }
+
+    #[test]
+    fn secrets_quoted_by_the_endpoint_are_redacted() {
+        let rt = SecretString::from("235:s3kjlwkg035".to_string());
+        let body = br#"{"error":"invalid_grant","error_description":"refresh token 235:s3kjlwkg035 is revoked"}"#;
+        let text = redact(describe_error_body(body), &[Some(&rt), None]);
+        assert_eq!(text, ": invalid_grant: refresh token [redacted] is revoked");
     }
 
     #[test]
