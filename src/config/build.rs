@@ -329,7 +329,10 @@ pub(super) fn build_verification(
     let jwks_url = url
         .parse::<Uri>()
         .map_err(|_| ConfigError(format!("{key}.jwks_url: invalid URL {url:?}")))?;
-    let names = algorithms.unwrap_or_else(|| vec!["RS256".into(), "ES256".into()]);
+    // Every asymmetric algorithm by default: each token is checked against a key of its own
+    // family (an RSA key never verifies an ES256 token), so the list only narrows policy.
+    let names =
+        algorithms.unwrap_or_else(|| DEFAULT_ALGORITHMS.iter().map(|a| a.to_string()).collect());
     if names.is_empty() {
         return err(format!("{key}.algorithms: must not be empty"));
     }
@@ -352,3 +355,8 @@ pub(super) fn build_verification(
         algorithms: parsed,
     }))
 }
+
+/// `algorithms` when the config names none: the asymmetric JWS algorithms ring verifies.
+pub const DEFAULT_ALGORITHMS: [&str; 9] = [
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+];

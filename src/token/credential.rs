@@ -449,8 +449,14 @@ impl Credential {
                         retry_after: None,
                     });
                 }
+                // The grant still works (the refresh token was accepted); the provider may
+                // be mid key rotation or mid bad deploy. Never attach this token; fetch again
+                // with backoff and recover by itself once good tokens come.
                 Err(e @ VerifyError::Invalid(_)) => {
-                    return Err(GrantError::Rejected(e.to_string()))
+                    return Err(GrantError::Transient {
+                        message: e.to_string(),
+                        retry_after: None,
+                    })
                 }
             }
         }

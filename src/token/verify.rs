@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::Uri;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
-use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
 use crate::config::CredentialConfig;
@@ -38,7 +38,7 @@ pub struct Verifier {
 
 #[derive(Default)]
 struct Cache {
-    keys: Option<JwkSet>,
+    keys: Vec<Jwk>,
     fetched_at: Option<Instant>,
 }
 
@@ -75,17 +75,20 @@ impl Verifier {
     pub async fn verify(&self, token: &str) -> Result<(), VerifyError> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| VerifyError::Invalid(format!("not a JWT ({e})")))?;
-        if !self.config.algorithms.contains(&header.alg) {
+        let alg = header.alg;
+        if !self.config.algorithms.contains(&alg) {
             return Err(VerifyError::Invalid(format!(
-                "algorithm {:?} is not in `algorithms`",
-                header.alg
+                "algorithm {alg:?} is not in `algorithms`"
             )));
         }
-        let jwk = self.key_for(header.kid.as_deref()).await?;
+        let jwk = self.key_for(header.kid.as_deref(), alg).await?;
         let key = DecodingKey::from_jwk(&jwk)
             .map_err(|e| VerifyError::Invalid(format!("unusable JWK: {e}")))?;
-        let mut validation = Validation::new(header.alg);
-        validation.algorithms = self.config.algorithms.clone();
+        // Verify with exactly the token's algorithm: it is in the allowed list and fits the
+        // key (checked above). jsonwebtoken insists every listed algorithm fits the key, so
+        // handing it the whole list would refuse RS256 tokens whenever ES256 is also allowed.
+        let mut validation = Validation::new(alg);
+        validation.algorithms = vec![alg];
         validation.leeway = 30;
         match &self.config.issuer {
             Some(iss) => validation.set_issuer(&[iss]),
@@ -100,10 +103,11 @@ impl Verifier {
             .map_err(|e| VerifyError::Invalid(e.to_string()))
     }
 
-    /// The key for `kid` (or the only key, when the token names none).
-    async fn key_for(&self, kid: Option<&str>) -> Result<jsonwebtoken::jwk::Jwk, VerifyError> {
+    /// The signing key for `kid` that fits `alg` (or the only such key, when the token
+    /// names no kid).
+    async fn key_for(&self, kid: Option<&str>, alg: Algorithm) -> Result<Jwk, VerifyError> {
         let mut cache = self.cache.lock().await;
-        if let Some(jwk) = find(cache.keys.as_ref(), kid) {
+        if let Some(jwk) = find(&cache.keys, kid, alg) {
             return Ok(jwk);
         }
         let shown = kid.unwrap_or("(none)");
@@ -113,16 +117,17 @@ impl Verifier {
         {
             // Possibly a key rotation we have not seen yet: try again later.
             return Err(VerifyError::Jwks(format!(
-                "no key with kid {shown:?} in the cached JWKS; refetching at most every {MIN_REFETCH:?}"
+                "no {alg:?} key with kid {shown:?} in the cached JWKS; refetching at most every {MIN_REFETCH:?}"
             )));
         }
-        cache.keys = Some(self.fetch().await?);
+        cache.keys = self.fetch().await?;
         cache.fetched_at = Some(Instant::now());
-        find(cache.keys.as_ref(), kid)
-            .ok_or_else(|| VerifyError::Invalid(format!("no key with kid {shown:?} in the JWKS")))
+        find(&cache.keys, kid, alg).ok_or_else(|| {
+            VerifyError::Invalid(format!("no {alg:?} key with kid {shown:?} in the JWKS"))
+        })
     }
 
-    async fn fetch(&self) -> Result<JwkSet, VerifyError> {
+    async fn fetch(&self) -> Result<Vec<Jwk>, VerifyError> {
         let err = |m: String| VerifyError::Jwks(m);
         let exchange = async {
             let resp = self
@@ -141,8 +146,7 @@ impl Verifier {
                 .await
                 .map_err(|e| err(format!("reading JWKS: {e}")))?
                 .to_bytes();
-            serde_json::from_slice::<JwkSet>(&body)
-                .map_err(|e| err(format!("JWKS is not a key set: {e}")))
+            parse_jwks(&body).map_err(err)
         };
         tokio::time::timeout(self.config.timeout, exchange)
             .await
@@ -155,11 +159,56 @@ impl Verifier {
     }
 }
 
-fn find(keys: Option<&JwkSet>, kid: Option<&str>) -> Option<jsonwebtoken::jwk::Jwk> {
-    let keys = keys?;
+/// The usable signing keys of a JWKS document. Keys this verifier cannot use (encryption
+/// keys, curves or key types it does not know) are skipped, not fatal: real providers
+/// publish them side by side with their signing keys.
+pub fn parse_jwks(body: &[u8]) -> Result<Vec<Jwk>, String> {
+    #[derive(serde::Deserialize)]
+    struct RawSet {
+        keys: Vec<serde_json::Value>,
+    }
+    let set: RawSet = serde_json::from_slice(body)
+        .map_err(|e| format!("JWKS is not a key set ({:?} error)", e.classify()))?;
+    Ok(set
+        .keys
+        .into_iter()
+        .filter_map(|k| serde_json::from_value::<Jwk>(k).ok())
+        .filter(|k| k.common.public_key_use != Some(PublicKeyUse::Encryption))
+        .collect())
+}
+
+/// Whether `jwk` can verify a signature made with `alg`: the key type and curve fit the
+/// algorithm, and a key that names its own `alg` names this one.
+pub fn key_fits(jwk: &Jwk, alg: Algorithm) -> bool {
+    use Algorithm::*;
+    let family_fits = match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => matches!(alg, RS256 | RS384 | RS512 | PS256 | PS384 | PS512),
+        AlgorithmParameters::EllipticCurve(ec) => matches!(
+            (&ec.curve, alg),
+            (EllipticCurve::P256, ES256) | (EllipticCurve::P384, ES384)
+        ),
+        AlgorithmParameters::OctetKeyPair(okp) => {
+            okp.curve == EllipticCurve::Ed25519 && alg == EdDSA
+        }
+        // Symmetric keys never verify: a published "secret" would let anyone sign.
+        AlgorithmParameters::OctetKey(_) => false,
+    };
+    let named_fits = match &jwk.common.key_algorithm {
+        None => true,
+        Some(named) => format!("{named:?}") == format!("{alg:?}"),
+    };
+    family_fits && named_fits
+}
+
+fn find(keys: &[Jwk], kid: Option<&str>, alg: Algorithm) -> Option<Jwk> {
+    let mut fitting = keys.iter().filter(|k| key_fits(k, alg));
     match kid {
-        Some(kid) => keys.find(kid).cloned(),
-        None if keys.keys.len() == 1 => keys.keys.first().cloned(),
-        None => None,
+        Some(kid) => fitting
+            .find(|k| k.common.key_id.as_deref() == Some(kid))
+            .cloned(),
+        None => {
+            let only = fitting.next()?;
+            fitting.next().is_none().then(|| only.clone())
+        }
     }
 }

@@ -486,3 +486,26 @@ pub fn publish(volume: &Path, version: &str, token: &str) {
         std::os::unix::fs::symlink("..data/token", volume.join("token")).unwrap();
     }
 }
+
+/// A fixed 2048-bit RSA test key (ring cannot generate RSA keys): a signer for `alg`
+/// (RS256, PS256...) and its public JWK.
+pub fn rsa_signer(
+    kid: &str,
+    alg: jsonwebtoken::Algorithm,
+    issuer: &str,
+    audience: &str,
+) -> (token_proxy::mock::JwtSigner, serde_json::Value) {
+    let pem = include_bytes!("rsa_test_key.pem");
+    let n = include_str!("rsa_test_key.n").trim();
+    let jwk = serde_json::json!({
+        "kty": "RSA", "use": "sig", "kid": kid, "n": n, "e": "AQAB",
+    });
+    let signer = token_proxy::mock::JwtSigner {
+        key: jsonwebtoken::EncodingKey::from_rsa_pem(pem).expect("RSA test key"),
+        algorithm: alg,
+        kid: kid.to_string(),
+        issuer: issuer.to_string(),
+        audience: audience.to_string(),
+    };
+    (signer, jwk)
+}
