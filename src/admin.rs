@@ -23,6 +23,7 @@ use hyper::body::Incoming;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
+use crate::access::{is_loopback, requested_host, AccessPolicy};
 use crate::body::{self, ProxyBody};
 use crate::metrics::Metrics;
 use crate::server::PeerAddr;
@@ -37,17 +38,17 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     /// Cancelled on SIGTERM: readiness fails at once so the kubelet stops sending traffic.
     pub draining: CancellationToken,
+    /// Which `Host` names reads may use (`server.allowed_hosts`); writes need a local name.
+    pub access: AccessPolicy,
 }
 
 impl Admin {
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         let path = req.uri().path().trim_end_matches('/').to_string();
-        // Probes and scrapes may come from anywhere the listener is reachable; changing
-        // tokens is for this host only (the app's pod, the operator's shell).
-        if !allowed(req.method(), req.extensions().get::<PeerAddr>()) {
+        if let Err(message) = self.admit(&req) {
             return json_response(
                 StatusCode::FORBIDDEN,
-                json!({"error": "forbidden", "message": "token changes are accepted from loopback only"}),
+                json!({"error": "forbidden", "message": message}),
             );
         }
         let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
@@ -141,9 +142,32 @@ impl Admin {
     }
 }
 
-/// Reads from anyone who can reach the listener; writes from loopback only.
-fn allowed(method: &Method, peer: Option<&PeerAddr>) -> bool {
-    matches!(*method, Method::GET | Method::HEAD) || peer.is_some_and(|p| p.0.ip().is_loopback())
+impl Admin {
+    /// Probes and scrapes may come from anywhere the listener is reachable, addressed to an
+    /// IP literal, localhost or an `allowed_hosts` name (a DNS-rebound name is refused).
+    /// Token changes are for this host only (the app's pod, the operator's shell): a
+    /// loopback client, addressing us by a local name, outside any web page.
+    fn admit(&self, req: &Request<Incoming>) -> Result<(), String> {
+        let host = requested_host(req.uri(), req.headers());
+        self.access.check_host(host.as_deref()).map_err(|r| r.0)?;
+        if is_read(req.method()) {
+            return Ok(());
+        }
+        if !from_loopback(req.extensions().get::<PeerAddr>()) {
+            return Err("token changes are accepted from loopback only".into());
+        }
+        self.access
+            .check_admin_write(req.headers(), req.uri())
+            .map_err(|r| r.0)
+    }
+}
+
+fn is_read(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD)
+}
+
+fn from_loopback(peer: Option<&PeerAddr>) -> bool {
+    peer.is_some_and(|p| is_loopback(p.0.ip()))
 }
 
 /// A credential's status as JSON. Built from the snapshot only: no token material in it.
@@ -206,16 +230,13 @@ mod tests {
 
     #[test]
     fn only_loopback_may_change_tokens() {
-        let local = PeerAddr("127.0.0.1:5000".parse().unwrap());
-        let local6 = PeerAddr("[::1]:5000".parse().unwrap());
-        let remote = PeerAddr("10.1.2.3:5000".parse().unwrap());
-        assert!(allowed(&Method::PUT, Some(&local)));
-        assert!(allowed(&Method::POST, Some(&local6)));
-        assert!(!allowed(&Method::PUT, Some(&remote)));
-        assert!(!allowed(&Method::POST, Some(&remote)));
-        assert!(!allowed(&Method::DELETE, Some(&remote)));
-        assert!(allowed(&Method::DELETE, Some(&local)));
-        assert!(!allowed(&Method::PUT, None));
-        assert!(allowed(&Method::GET, Some(&remote)));
+        let peer = |a: &str| PeerAddr(a.parse().unwrap());
+        for local in ["127.0.0.1:5000", "[::1]:5000", "[::ffff:127.0.0.1]:5000"] {
+            assert!(from_loopback(Some(&peer(local))), "{local}");
+        }
+        assert!(!from_loopback(Some(&peer("10.1.2.3:5000"))));
+        assert!(!from_loopback(Some(&peer("[::ffff:10.1.2.3]:5000"))));
+        assert!(!from_loopback(None));
+        assert!(is_read(&Method::GET) && !is_read(&Method::DELETE));
     }
 }

@@ -30,6 +30,9 @@ pub enum ProxyError {
     UpstreamTimeout(Duration),
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// A web page's request, or a name DNS rebinding could produce (see `access`).
+    #[error("{0}")]
+    BrowserRequestRefused(String),
 }
 
 impl ProxyError {
@@ -42,6 +45,7 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BrowserRequestRefused(_) => StatusCode::FORBIDDEN,
         }
     }
 
@@ -54,6 +58,7 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::BrowserRequestRefused(_) => "browser_request_refused",
         }
     }
 

@@ -5,6 +5,7 @@
 //! so tests and the demo run the whole proxy in-process on port 0.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod admin;
 pub mod body;
 pub mod config;
@@ -147,6 +148,7 @@ impl App {
             store.clone(),
             metrics.clone(),
             config.server.log_query,
+            config.server.access.clone(),
         );
         let handler = move |req| {
             let proxy = proxy.clone();
@@ -166,6 +168,7 @@ impl App {
                 store: store.clone(),
                 metrics: metrics.clone(),
                 draining: draining.clone(),
+                access: config.server.access.clone(),
             };
             let handler = move |req| {
                 let admin = admin.clone();
@@ -223,6 +226,7 @@ impl AppHandle {
             || s.shutdown_grace != self.server.shutdown_grace
             || s.shutdown_delay != self.server.shutdown_delay
             || s.log_query != self.server.log_query
+            || s.access != self.server.access
         {
             summary.push_str("; [server] changes take effect after a restart");
         }

@@ -96,6 +96,19 @@ fn summary(source: &ConfigSource, config: &Config) -> String {
         s.shutdown_delay,
         s.max_header_size
     );
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "(none)".to_string()
+        } else {
+            v.join(",")
+        }
+    };
+    let _ = writeln!(
+        out,
+        "access: Host accepted = IP literals, localhost, allowed_hosts=[{}]; web pages refused unless allowed_origins=[{}]",
+        list(&s.access.allowed_hosts),
+        list(&s.access.allowed_origins)
+    );
     for r in &config.routes {
         let upstream = format!(
             "{}://{}{}",

@@ -12,6 +12,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioIo;
 
+use crate::access::{requested_host, AccessPolicy};
 use crate::body::{self, ProxyBody, ReplayBuffer, TeeBody};
 use crate::error::{error_chain, ProxyError};
 use crate::metrics::Metrics;
@@ -34,6 +35,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// Log the query string too (`server.log_query`).
     log_query: bool,
+    /// Which hosts and web origins may use the proxy (DNS rebinding, CSRF).
+    access: AccessPolicy,
 }
 
 /// What one request did, for the metrics and the log line.
@@ -52,6 +55,7 @@ impl Proxy {
         store: Arc<TokenStore>,
         metrics: Arc<Metrics>,
         log_query: bool,
+        access: AccessPolicy,
     ) -> Proxy {
         Proxy {
             inner: Arc::new(Inner {
@@ -59,6 +63,7 @@ impl Proxy {
                 store,
                 metrics,
                 log_query,
+                access,
             }),
         }
     }
@@ -107,6 +112,7 @@ impl Proxy {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        admit(&self.inner.access, &req)?;
         let route = select_route(&routes, &req)?.clone();
         trace.route = Some(route.name.clone());
         trace.credential = route.credential.clone();
@@ -212,6 +218,27 @@ impl ReplayCopy {
     }
 }
 
+/// Absolute-form over HTTP/1 means the app uses us as HTTP_PROXY. (HTTP/2 requests always
+/// carry an authority; they are reverse-mode requests.)
+fn is_forward_mode<B>(req: &Request<B>) -> bool {
+    req.version() < Version::HTTP_2 && req.uri().scheme().is_some()
+}
+
+/// Refuse requests made by web pages, and reverse-mode requests addressed to a name that
+/// DNS rebinding could have pointed here (forward-mode hosts are checked by the routes).
+fn admit<B>(access: &AccessPolicy, req: &Request<B>) -> Result<(), ProxyError> {
+    access
+        .check_browser(req.headers())
+        .map_err(|r| ProxyError::BrowserRequestRefused(r.0))?;
+    if !is_forward_mode(req) && req.method() != Method::CONNECT {
+        let host = requested_host(req.uri(), req.headers());
+        access
+            .check_host(host.as_deref())
+            .map_err(|r| ProxyError::BrowserRequestRefused(r.0))?;
+    }
+    Ok(())
+}
+
 fn select_route<'a>(
     routes: &'a RouteTable,
     req: &Request<Incoming>,
@@ -225,10 +252,7 @@ fn select_route<'a>(
         return Err(ProxyError::ConnectNotSupported { host });
     }
     let uri = req.uri();
-    // Absolute-form over HTTP/1 means the app uses us as HTTP_PROXY. (HTTP/2 requests
-    // always carry an authority; they are reverse-mode requests.)
-    let forward = req.version() < Version::HTTP_2 && uri.scheme().is_some();
-    match (forward, uri.host()) {
+    match (is_forward_mode(req), uri.host()) {
         (true, Some(host)) => routes.by_host(host, uri.port_u16(), uri.path()),
         (true, None) => Err(ProxyError::BadRequest("absolute URI without a host".into())),
         (false, _) => routes.by_path(uri.path()),

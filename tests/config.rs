@@ -40,6 +40,8 @@ fn check_accepts_a_good_config_and_prints_a_summary_without_secrets() {
     assert!(out.contains("route api"), "{out}");
     assert!(out.contains("https://api.example.com/v1"), "{out}");
     assert!(out.contains("credential main"), "{out}");
+    assert!(out.contains("allowed_hosts=[(none)]"), "{out}");
+    assert!(out.contains("allowed_origins=[(none)]"), "{out}");
     assert!(!out.contains("rt-secret-value") && !out.contains("cs-secret-value"));
 }
 
@@ -124,6 +126,20 @@ fn bad_configs_exit_2_naming_the_key() {
             "credentials.main.refresh_before",
         ),
         ("[[routes]\n".to_string(), "TOML"),
+        (
+            good.replace(
+                "listen = \"127.0.0.1:0\"",
+                "listen = \"127.0.0.1:0\"\nallowed_hosts = [\"token-proxy:8080\"]",
+            ),
+            "server.allowed_hosts[0]",
+        ),
+        (
+            good.replace(
+                "listen = \"127.0.0.1:0\"",
+                "listen = \"127.0.0.1:0\"\nallowed_origins = [\"https://a.example/app\"]",
+            ),
+            "server.allowed_origins[0]",
+        ),
         (
             good.replace(
                 "client_id = \"cid\"",

@@ -14,20 +14,20 @@ async fn malformed_requests_are_refused_and_the_proxy_keeps_serving() {
     let garbage: Vec<&[u8]> = vec![
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 TLS to a plain port\r\n\r\n",
         b"GARBAGE\r\n\r\n",
-        b"GET /x HTTP/9.9\r\nHost: x\r\n\r\n",
-        b"GET /x HTTP/1.1\r\nHost: x\r\nBad Header Name: v\r\n\r\n",
-        b"GET /x HTTP/1.1\r\nHost: x\r\nX: \x00\x01\r\n\r\n",
-        b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999999\r\n\r\n",
-        b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
-        b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
-        b"GET http:///nohost HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /x HTTP/9.9\r\nHost: localhost\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: localhost\r\nBad Header Name: v\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: localhost\r\nX: \x00\x01\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+        b"POST /x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        b"GET http:///nohost HTTP/1.1\r\nHost: localhost\r\n\r\n",
         b"GET http://[::1 HTTP/1.1\r\n\r\n",
     ];
     // Both Content-Length and Transfer-Encoding: hyper reads it as chunked (RFC 9112 §6.3);
     // it must reach the upstream without the conflicting Content-Length.
     let both = raw(
         app.proxy_addr,
-        b"POST /smuggle HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        b"POST /smuggle HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
         Duration::from_secs(5),
     )
     .await;
@@ -56,7 +56,7 @@ async fn malformed_requests_are_refused_and_the_proxy_keeps_serving() {
     // A body that lies about its length (shorter than promised, then the client goes away).
     let _ = raw(
         app.proxy_addr,
-        b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nonly this",
+        b"POST /x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000\r\n\r\nonly this",
         Duration::from_millis(500),
     )
     .await;

@@ -216,7 +216,7 @@ async fn oversized_request_head_gets_431() {
         );
     let app = start(&toml).await;
     let big = "a".repeat(40 * 1024);
-    let req = format!("GET /x HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n");
+    let req = format!("GET /x HTTP/1.1\r\nHost: localhost\r\nX-Big: {big}\r\n\r\n");
     let resp = raw(app.proxy_addr, req.as_bytes(), Duration::from_secs(10)).await;
     assert!(
         resp.starts_with("HTTP/1.1 431"),
@@ -226,7 +226,7 @@ async fn oversized_request_head_gets_431() {
     assert_eq!(world.api.seen().len(), 0);
     let small = raw(
         app.proxy_addr,
-        b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
         Duration::from_secs(10),
     )
     .await;

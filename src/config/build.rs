@@ -36,6 +36,10 @@ pub(super) fn build(
             Duration::ZERO,
         )?,
         log_query: raw.server.log_query.unwrap_or(false),
+        access: crate::access::AccessPolicy {
+            allowed_hosts: allowed_hosts(raw.server.allowed_hosts.unwrap_or_default())?,
+            allowed_origins: allowed_origins(raw.server.allowed_origins.unwrap_or_default())?,
+        },
         max_header_size: opt_size(
             "server.max_header_size",
             raw.server.max_header_size,
@@ -360,3 +364,48 @@ pub(super) fn build_verification(
 pub const DEFAULT_ALGORITHMS: [&str; 9] = [
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
 ];
+
+/// `server.allowed_hosts`: bare host names (no scheme, port or path), lower-cased.
+fn allowed_hosts(names: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let key = format!("server.allowed_hosts[{i}]");
+            let host = crate::access::host_name(name.trim())
+                .filter(|h| !h.is_empty() && !name.contains(['/', '@']))
+                .ok_or_else(|| ConfigError(format!("{key}: {name:?} is not a host name")))?;
+            if name.trim().trim_end_matches('.').len() != host.len() {
+                return err(format!(
+                    "{key}: {name:?}: give the host name alone (any port is accepted)"
+                ));
+            }
+            Ok(host)
+        })
+        .collect()
+}
+
+/// `server.allowed_origins`: `scheme://host[:port]` exactly as browsers send `Origin`.
+fn allowed_origins(origins: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    origins
+        .iter()
+        .enumerate()
+        .map(|(i, origin)| {
+            let key = format!("server.allowed_origins[{i}]");
+            let normalised = origin.trim().trim_end_matches('/').to_ascii_lowercase();
+            let uri: Uri = normalised
+                .parse()
+                .map_err(|_| ConfigError(format!("{key}: {origin:?} is not an origin")))?;
+            let shaped = matches!(uri.scheme_str(), Some("http" | "https"))
+                && uri.authority().is_some()
+                && uri.path_and_query().is_none_or(|pq| pq.as_str() == "/")
+                && !normalised.contains('@');
+            if !shaped {
+                return err(format!(
+                    "{key}: {origin:?} must be scheme://host[:port], as a browser sends in Origin"
+                ));
+            }
+            Ok(normalised)
+        })
+        .collect()
+}

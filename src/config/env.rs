@@ -14,6 +14,8 @@ const VARS: &[(&str, &str, &str, Kind)] = &[
     ("TOKEN_PROXY_SHUTDOWN_DELAY", "server", "shutdown_delay", Kind::Str),
     ("TOKEN_PROXY_MAX_HEADER_SIZE", "server", "max_header_size", Kind::Str),
     ("TOKEN_PROXY_LOG_QUERY", "server", "log_query", Kind::Bool),
+    ("TOKEN_PROXY_ALLOWED_HOSTS", "server", "allowed_hosts", Kind::List),
+    ("TOKEN_PROXY_ALLOWED_ORIGINS", "server", "allowed_origins", Kind::List),
     ("TOKEN_PROXY_UPSTREAM", "route", "upstream", Kind::Str),
     ("TOKEN_PROXY_PREFIX", "route", "prefix", Kind::Str),
     ("TOKEN_PROXY_HOSTS", "route", "hosts", Kind::List),

@@ -83,6 +83,8 @@ pub struct ServerConfig {
     pub max_header_size: usize,
     /// Log request paths with their query string (off: queries often carry secrets).
     pub log_query: bool,
+    /// `allowed_hosts` and `allowed_origins`: who besides local apps may use the listeners.
+    pub access: crate::access::AccessPolicy,
 }
 
 #[derive(Debug, Clone)]
