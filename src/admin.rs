@@ -189,6 +189,7 @@ pub fn status(c: &Credential) -> Value {
         "refresh_count": snap.refresh_count,
         "last_error": snap.last_error,
         "generation": snap.token.as_ref().map(|t| t.generation),
+        "persisted": snap.persisted,
     })
 }
 

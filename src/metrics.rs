@@ -60,6 +60,8 @@ pub struct Metrics {
     expires_in: Family<CredentialLabel, FloatGauge>,
     since_refresh: Family<CredentialLabel, FloatGauge>,
     state: Family<CredentialState, Gauge>,
+    persist_failures: Family<CredentialLabel, Counter>,
+    persisted: Family<CredentialLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -81,6 +83,18 @@ impl Metrics {
         let expires_in = Family::<CredentialLabel, FloatGauge>::default();
         let since_refresh = Family::<CredentialLabel, FloatGauge>::default();
         let state = Family::<CredentialState, Gauge>::default();
+        let persist_failures = Family::<CredentialLabel, Counter>::default();
+        let persisted = Family::<CredentialLabel, Gauge>::default();
+        registry.register(
+            "token_proxy_state_write_failures",
+            "Failed writes of a credential's state_file (each is retried until it succeeds)",
+            persist_failures.clone(),
+        );
+        registry.register(
+            "token_proxy_state_persisted",
+            "1 when a credential's current tokens are saved in its state_file, 0 when the last write failed (a restart would need a new login)",
+            persisted.clone(),
+        );
         registry.register(
             "token_proxy_requests",
             "Requests answered, by route, status code and status class",
@@ -130,7 +144,17 @@ impl Metrics {
             expires_in,
             since_refresh,
             state,
+            persist_failures,
+            persisted,
         }
+    }
+
+    pub fn persist_failed(&self, credential: &str) {
+        self.persist_failures
+            .get_or_create(&CredentialLabel {
+                credential: credential.into(),
+            })
+            .inc();
     }
 
     pub fn request(&self, route: &str, status: u16, elapsed: Duration) {
@@ -189,6 +213,9 @@ impl Metrics {
             if let Some(at) = snap.refreshed_at {
                 let age = now.duration_since(at).unwrap_or_default().as_secs_f64();
                 self.since_refresh.get_or_create(&label).set(age);
+            }
+            if let Some(saved) = snap.persisted {
+                self.persisted.get_or_create(&label).set(i64::from(saved));
             }
             let current = snap.state_name(now);
             for state in ["fresh", "refreshing", "expired", "needs_reauth"] {

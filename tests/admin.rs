@@ -185,3 +185,90 @@ async fn delete_signs_a_credential_out_until_a_new_token_is_put() {
     assert!(state.exists());
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_install_leaves_the_working_tokens_alone() {
+    let world = World::new(Duration::from_secs(300)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("main.json");
+    let app = start(&world.config_rt("", &format!("state_file = \"{}\"", state.display()))).await;
+    assert_eq!(get(&url(&app, "/v1/before")).await.status, 200);
+    let saved = std::fs::read_to_string(&state).unwrap();
+    let status = get(&admin(&app, "/tokens/main")).await.json();
+
+    for bad in [
+        // Not usable in an HTTP header.
+        r#"{"access_token":"line\nbreak","refresh_token":"attacker-rt","expires_in":3600}"#,
+        r#"{"access_token":"ctl\u0001x","refresh_token":"attacker-rt"}"#,
+        r#"{"access_token":"ok","refresh_token":"rt\r\nX-Evil: 1"}"#,
+        r#"{"access_token":"ok","token_type":"mac","refresh_token":"attacker-rt"}"#,
+    ] {
+        let r = send(Method::PUT, &admin(&app, "/tokens/main"), &[], bad).await;
+        assert_eq!(r.status, 400, "{bad}: {}", r.text());
+        assert!(!r.text().contains("attacker-rt"), "{}", r.text());
+    }
+    assert_eq!(
+        std::fs::read_to_string(&state).unwrap(),
+        saved,
+        "state file untouched"
+    );
+    let after = get(&admin(&app, "/tokens/main")).await.json();
+    assert_eq!(after["state"], "fresh", "{after}");
+    assert_eq!(after["generation"], status["generation"]);
+    assert_eq!(get(&url(&app, "/v1/after")).await.status, 200);
+    // The refresh token kept is the working one: the next refresh is not a reuse.
+    let r = send(Method::POST, &admin(&app, "/tokens/main/refresh"), &[], "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(world.auth.reuse_detected.load(Ordering::SeqCst), 0);
+    assert_eq!(world.auth.rejected_calls.load(Ordering::SeqCst), 0);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_install_that_fails_verification_is_refused_without_damage() {
+    let world = World::new(Duration::from_secs(300)).await;
+    let (signer, jwk) = es256_signer("k1", "https://idp.test", "api");
+    world.auth.set_jwt_signer(Some(signer));
+    let jwks = Jwks::serve(vec![jwk]).await;
+    let extra = format!(
+        "jwks_url = \"{}/jwks\"\nissuer = \"https://idp.test\"\naudience = \"api\"",
+        jwks.server.url
+    );
+    let app = start(&world.config_rt("", &extra)).await;
+    assert_eq!(get(&url(&app, "/v1/before")).await.status, 200);
+    // Signed by someone else's key, with a refresh token of theirs.
+    let (forger, _) = es256_signer("k1", "https://idp.test", "api");
+    let forged = jsonwebtoken::encode(
+        &{
+            let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+            h.kid = Some("k1".into());
+            h
+        },
+        &serde_json::json!({"iss": "https://idp.test", "aud": "api", "exp": 4_000_000_000u64}),
+        &forger.key,
+    )
+    .unwrap();
+    let body = serde_json::json!({"access_token": forged, "refresh_token": "forged-rt"});
+    let r = send(
+        Method::PUT,
+        &admin(&app, "/tokens/main"),
+        &[],
+        body.to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("verification"), "{}", r.text());
+    assert_eq!(
+        get(&admin(&app, "/tokens/main")).await.json()["state"],
+        "fresh"
+    );
+    assert_eq!(get(&url(&app, "/v1/after")).await.status, 200);
+    let r = send(Method::POST, &admin(&app, "/tokens/main/refresh"), &[], "").await;
+    assert_eq!(
+        r.status,
+        200,
+        "the refresh token was not replaced: {}",
+        r.text()
+    );
+    app.stop().await;
+}

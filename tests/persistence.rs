@@ -7,6 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use http::Method;
 use support::*;
 
 async fn refresh_count(bin: &Binary) -> u64 {
@@ -123,4 +124,130 @@ async fn a_corrupt_state_file_stops_startup_instead_of_being_overwritten() {
         "{half a file",
         "left untouched for the user"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_that_cannot_be_saved_is_reported_and_written_once_it_can() {
+    let world = World::new(Duration::from_secs(300)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    let state = state_dir.join("main.json");
+    let app = start(&world.config_rt("", &format!("state_file = \"{}\"", state.display()))).await;
+    assert_eq!(get(&url(&app, "/v1/x")).await.status, 200);
+    assert_eq!(
+        get(&admin(&app, "/tokens/main")).await.json()["persisted"],
+        true
+    );
+
+    // The volume goes bad (root ignores modes, so the directory is swapped for a file).
+    let aside = dir.path().join("state.aside");
+    std::fs::rename(&state_dir, &aside).unwrap();
+    std::fs::write(&state_dir, "not a directory").unwrap();
+    let r = send(Method::POST, &admin(&app, "/tokens/main/refresh"), &[], "").await;
+    assert_eq!(
+        r.status,
+        200,
+        "the rotation is kept in memory: {}",
+        r.text()
+    );
+    assert_eq!(get(&url(&app, "/v1/x")).await.status, 200, "still serving");
+    let status = get(&admin(&app, "/tokens/main")).await.json();
+    assert_eq!(status["persisted"], false, "{status}");
+    assert!(
+        status["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("state_file"),
+        "{status}"
+    );
+    let metrics = get(&admin(&app, "/metrics")).await.text();
+    assert!(
+        metrics.contains("token_proxy_state_persisted{credential=\"main\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("token_proxy_state_write_failures_total{credential=\"main\"}"),
+        "{metrics}"
+    );
+
+    // The volume comes back: the write is retried until it lands, unprompted.
+    std::fs::remove_file(&state_dir).unwrap();
+    std::fs::rename(&aside, &state_dir).unwrap();
+    wait_for(
+        "the state file to be written",
+        Duration::from_secs(30),
+        || async { get(&admin(&app, "/tokens/main")).await.json()["persisted"] == true },
+    )
+    .await;
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    let current = app
+        .store
+        .get("main")
+        .unwrap()
+        .refresh_token_now()
+        .await
+        .unwrap();
+    use secrecy::ExposeSecret;
+    assert_eq!(
+        saved["refresh_token"],
+        current.expose_secret(),
+        "the rotated token is on disk"
+    );
+    let metrics = get(&admin(&app, "/metrics")).await.text();
+    assert!(metrics.contains("token_proxy_state_persisted{credential=\"main\"} 1"));
+    app.stop().await;
+}
+
+#[test]
+fn an_unsafe_or_unwritable_state_directory_is_refused_at_start_and_by_check() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let not_a_dir = write_file(dir.path(), "file", "x");
+    let linked = dir.path().join("linked");
+    std::fs::create_dir(&linked).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", linked.join("main.json")).unwrap();
+    let cases = [
+        (shared.join("main.json"), "writable by other users"),
+        (not_a_dir.join("main.json"), "state"),
+        (linked.join("main.json"), "symbolic link"),
+    ];
+    for (state, why) in cases {
+        let toml = format!(
+            r#"[[routes]]
+prefix = "/"
+upstream = "http://127.0.0.1:1"
+credential = "main"
+[credentials.main]
+grant = "refresh_token"
+token_url = "http://127.0.0.1:1/token"
+refresh_token = "rt"
+state_file = "{}"
+"#,
+            state.display()
+        );
+        let cfg = write_file(dir.path(), "proxy.toml", &toml);
+        for args in [
+            vec!["check", "--config", cfg.to_str().unwrap()],
+            vec!["--config", cfg.to_str().unwrap()],
+        ] {
+            let (code, _, stderr) = run_binary(&args, &[]);
+            assert_eq!(code, 2, "{args:?} {state:?}: {stderr}");
+            assert!(
+                stderr.contains("credentials.main.state_file") && stderr.contains(why),
+                "{stderr}"
+            );
+        }
+    }
+    // A sticky world-writable directory we own is fine (like a private /tmp).
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let toml = std::fs::read_to_string(dir.path().join("proxy.toml"))
+        .unwrap()
+        .replace(linked.to_str().unwrap(), shared.to_str().unwrap());
+    let cfg = write_file(dir.path(), "proxy.toml", &toml);
+    let (code, _, stderr) = run_binary(&["check", "--config", cfg.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{stderr}");
 }

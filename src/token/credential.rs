@@ -65,6 +65,9 @@ pub struct Snapshot {
     pub refresh_count: u64,
     /// Completed fetch attempts, successful or not, so waiters can see an outcome.
     pub attempts: u64,
+    /// Whether the current tokens are in `state_file` (`None`: no state file). `false`
+    /// after a failed write: a restart would present a rotated-away refresh token.
+    pub persisted: Option<bool>,
 }
 
 impl Snapshot {
@@ -113,6 +116,8 @@ struct Writer {
     /// `kid` not yet refetchable): verified again on the next attempt instead of fetching
     /// (and rotating) anew.
     unverified: Option<TokenSet>,
+    /// The token set whose write to `state_file` failed; written again until it succeeds.
+    unsaved: Option<TokenSet>,
 }
 
 pub struct Credential {
@@ -146,6 +151,10 @@ impl Credential {
     ) -> Result<Arc<Credential>, String> {
         let grant =
             Grant::from_config(config).map_err(|e| format!("credentials.{}: {e}", config.name))?;
+        if let Some(path) = &config.state_file {
+            super::state::check_state_dir(path)
+                .map_err(|e| format!("credentials.{}.state_file: {e}", config.name))?;
+        }
         let state_store: Option<Arc<dyn StateStore>> = config
             .state_file
             .clone()
@@ -192,12 +201,14 @@ impl Credential {
                 refreshed_at: None,
                 refresh_count: 0,
                 attempts: 0,
+                persisted: config.state_file.as_ref().map(|_| true),
             }),
             writer: tokio::sync::Mutex::new(Writer {
                 refresh_token,
                 generation: 0,
                 consecutive_failures: 0,
                 unverified: None,
+                unsaved: None,
             }),
             wake: Notify::new(),
             force: AtomicBool::new(false),
@@ -323,14 +334,29 @@ impl Credential {
     }
 
     /// Install a token response handed over by a person or an SDK (`PUT /tokens/{name}`).
+    /// Everything is checked before anything is replaced: a refused install leaves the
+    /// working tokens (memory and state file) exactly as they were.
     pub async fn install(&self, body: &[u8]) -> Result<(), String> {
-        let set = parse_handed_over(body, SystemTime::now())?;
-        let mut w = self.writer.lock().await;
-        if let Err(e) = self.publish_new(&mut w, set).await {
-            let message = e.to_string();
-            self.record_failure(&mut w, e);
-            return Err(message);
+        let now = SystemTime::now();
+        let set = parse_handed_over(body, now)?;
+        self.header_value(&set)?;
+        if let Some(rt) = &set.refresh_token {
+            if rt.expose_secret().chars().any(char::is_control) {
+                return Err("refresh_token contains control characters".into());
+            }
         }
+        // An expired access token is accepted for its refresh token (it is never attached;
+        // the refresher fetches a new, verified one at once).
+        let live = set.expires_at.is_none_or(|at| at > now);
+        if let (Some(verifier), true) = (&self.verifier, live) {
+            verifier
+                .verify(set.access_token.expose_secret())
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let mut w = self.writer.lock().await;
+        w.unverified = None;
+        self.publish_checked(&mut w, set).await?;
         // A handed-over token may already be due (or past) its refresh.
         self.wake.notify_one();
         Ok(())
@@ -346,12 +372,14 @@ impl Credential {
         }
         w.refresh_token = None;
         w.unverified = None;
+        w.unsaved = None;
         w.generation += 1;
         self.snapshot.send_modify(|s| {
             s.token = None;
             s.invalidated = false;
             s.phase = Phase::NeedsReauth;
             s.last_error = Some("signed out: install a new token with PUT /tokens/<name>".into());
+            s.persisted = s.persisted.map(|_| true);
         });
         tracing::warn!(credential = %self.name, "signed out; tokens forgotten");
         Ok(())
@@ -427,14 +455,14 @@ impl Credential {
         });
     }
 
-    /// Persist the new set (before anything uses it, and before anything can fail: its
+    /// Persist a fetched set (before anything uses it, and before anything can fail: its
     /// refresh token may be the only valid one left), then check and publish it.
     async fn publish_new(&self, w: &mut Writer, mut set: TokenSet) -> Result<(), GrantError> {
         // An absent refresh token in a response means "keep the one you have" (RFC 6749 §6).
         if set.refresh_token.is_none() {
             set.refresh_token = w.refresh_token.clone();
         }
-        let persist_error = self.persist(&set).await;
+        self.persist(w, &set).await;
         w.refresh_token = set.refresh_token.clone();
         let active = self
             .activate(w.generation + 1, &set)
@@ -460,15 +488,36 @@ impl Credential {
                 }
             }
         }
+        self.publish(w, &set, active);
+        Ok(())
+    }
+
+    /// Persist and publish a set that has already passed every check (an install).
+    async fn publish_checked(&self, w: &mut Writer, mut set: TokenSet) -> Result<(), String> {
+        if set.refresh_token.is_none() {
+            set.refresh_token = w.refresh_token.clone();
+        }
+        let active = self.activate(w.generation + 1, &set)?;
+        self.persist(w, &set).await;
+        w.refresh_token = set.refresh_token.clone();
+        self.publish(w, &set, active);
+        Ok(())
+    }
+
+    /// Make `active` the token requests get.
+    fn publish(&self, w: &mut Writer, set: &TokenSet, active: ActiveToken) {
         w.generation += 1;
         w.consecutive_failures = 0;
         let now = SystemTime::now();
         let next = active.refresh_at;
+        let persisted = w.unsaved.is_none();
         self.snapshot.send_modify(|s| {
             s.token = Some(Arc::new(active));
             s.invalidated = false;
             s.phase = Phase::Idle;
-            s.last_error = persist_error;
+            if persisted {
+                s.last_error = None; // else keep the save failure persist() reported
+            }
             s.refreshed_at = Some(now);
             s.refresh_count += 1;
             s.attempts += 1;
@@ -482,21 +531,59 @@ impl Credential {
             next_refresh_in_s = next.and_then(|n| n.duration_since(now).ok()).map(|d| d.as_secs()),
             "token refreshed"
         );
-        Ok(())
     }
 
-    /// Save `set` to the state store, if any. A failure is reported, not fatal: the server
-    /// has already rotated, and losing the new token in memory too would be worse.
-    async fn persist(&self, set: &TokenSet) -> Option<String> {
-        let store = self.state_store.clone()?;
+    /// Save `set` to the state store, if any. A failure is reported everywhere (error log,
+    /// `/tokens` `persisted: false`, a metric) and the write is retried by the refresher,
+    /// but it is not fatal: the server has already rotated, and losing the new token in
+    /// memory too would be worse.
+    async fn persist(&self, w: &mut Writer, set: &TokenSet) {
+        let Some(store) = self.state_store.clone() else {
+            return;
+        };
         let to_save = set.clone();
         let failure = match tokio::task::spawn_blocking(move || store.save(&to_save)).await {
-            Ok(Ok(())) => return None,
-            Ok(Err(e)) => e.to_string(),
-            Err(e) => format!("state save panicked: {e}"),
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(format!("state save panicked: {e}")),
         };
-        tracing::error!(credential = %self.name, error = %failure, "could not persist tokens; a restart will need a new login");
-        Some(format!("could not persist tokens: {failure}"))
+        match failure {
+            None => {
+                if w.unsaved.take().is_some() {
+                    tracing::info!(credential = %self.name, "tokens saved to state_file again");
+                }
+                self.snapshot.send_modify(|s| s.persisted = Some(true));
+            }
+            Some(failure) => {
+                self.metrics.persist_failed(&self.name);
+                tracing::error!(credential = %self.name, error = %failure, "could not save tokens to state_file; retrying; a restart now would need a new login");
+                w.unsaved = Some(set.clone());
+                self.snapshot.send_modify(|s| {
+                    s.persisted = Some(false);
+                    s.last_error = Some(format!(
+                        "could not save tokens to state_file (retrying): {failure}"
+                    ));
+                });
+            }
+        }
+    }
+
+    /// Write the set whose save failed again (called by the refresher until it succeeds).
+    pub(super) async fn retry_persist(&self) {
+        let mut w = self.writer.lock().await;
+        if let Some(set) = w.unsaved.clone() {
+            self.persist(&mut w, &set).await;
+            if w.unsaved.is_none() {
+                self.snapshot.send_modify(|s| {
+                    if s.last_error
+                        .as_deref()
+                        .is_some_and(|e| e.contains("state_file"))
+                    {
+                        s.last_error = None;
+                    }
+                });
+            }
+        }
     }
 
     fn header_value(&self, set: &TokenSet) -> Result<HeaderValue, String> {

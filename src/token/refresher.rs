@@ -53,9 +53,21 @@ impl Credential {
     /// The refresher loop; returns when `shutdown` is cancelled.
     pub async fn run_refresher(self: Arc<Self>, shutdown: CancellationToken) {
         let mut next_poll = tokio::time::Instant::now() + FILE_POLL;
+        let mut save_failures = 0u32;
+        let mut next_save = tokio::time::Instant::now();
         loop {
             let snap = self.snapshot();
             let now = SystemTime::now();
+            let unsaved = snap.persisted == Some(false);
+            if !unsaved {
+                save_failures = 0;
+            } else if tokio::time::Instant::now() >= next_save {
+                // A rotation that is not on disk: keep writing it until it is.
+                save_failures += 1;
+                next_save = tokio::time::Instant::now() + backoff(save_failures);
+                self.retry_persist().await;
+                continue;
+            }
             let forced = self.force.swap(false, Ordering::SeqCst);
             let due = forced
                 || match snap.phase {
@@ -81,6 +93,10 @@ impl Credential {
             if self.polls_file() {
                 let poll_in = next_poll.saturating_duration_since(tokio::time::Instant::now());
                 sleep_for = Some(sleep_for.map_or(poll_in, |s| s.min(poll_in)));
+            }
+            if unsaved {
+                let save_in = next_save.saturating_duration_since(tokio::time::Instant::now());
+                sleep_for = Some(sleep_for.map_or(save_in, |s| s.min(save_in)));
             }
             let sleep = async {
                 match sleep_for {

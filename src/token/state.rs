@@ -59,6 +59,18 @@ impl FileStateStore {
     }
 }
 
+fn read_no_follow(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 fn to_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -71,9 +83,12 @@ fn from_ms(ms: u64) -> SystemTime {
 
 impl StateStore for FileStateStore {
     fn load(&self) -> Result<Option<TokenSet>, StateError> {
-        let bytes = match std::fs::read(&self.path) {
+        let bytes = match read_no_follow(&self.path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(self.error("is a symbolic link; token-proxy never follows one"))
+            }
             Err(e) => return Err(self.error(e)),
         };
         let p: Persisted = serde_json::from_slice(&bytes).map_err(|e| {
@@ -118,13 +133,81 @@ impl StateStore for FileStateStore {
     }
 }
 
-/// Write `bytes` to `path` so that a crash leaves either the old or the new file, never a mix.
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = match path.parent() {
+/// The directory a state file lives in.
+fn dir_of(path: &Path) -> PathBuf {
+    match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
-    };
+    }
+}
+
+/// Check, at start and in `check`, that the state file's directory is safe and writable:
+/// created (0700) when missing; refused when other users could write it (they could plant
+/// or swap our files) unless it is sticky and ours; and proven writable by creating and
+/// removing a probe file, so an unwritable directory is found before a rotation is lost.
+pub fn check_state_dir(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let dir = dir_of(path);
+    let shown = dir.display();
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| format!("cannot create state directory {shown}: {e}"))?;
+    }
+    let meta = std::fs::metadata(&dir).map_err(|e| format!("state directory {shown}: {e}"))?;
+    if !meta.is_dir() {
+        return Err(format!("state directory {shown} is not a directory"));
+    }
+    let probe = dir.join(format!(".token-proxy-probe.{}", random_suffix()));
+    let probe_file = create_private(&probe)
+        .map_err(|e| format!("state directory {shown} is not writable: {e}"))?;
+    let ours = probe_file.metadata().map(|m| m.uid()).ok();
+    drop(probe_file);
+    let _ = std::fs::remove_file(&probe);
+    let mode = meta.permissions().mode();
+    let others_write = mode & 0o022 != 0;
+    let sticky_and_ours = mode & 0o1000 != 0 && ours == Some(meta.uid());
+    if others_write && !sticky_and_ours {
+        return Err(format!(
+            "state directory {shown} is writable by other users (mode {:o}): they could replace the tokens; use a directory only this user can write (chmod 700)",
+            mode & 0o7777
+        ));
+    }
+    if let Ok(link) = std::fs::symlink_metadata(path) {
+        if link.file_type().is_symlink() {
+            return Err(format!(
+                "state file {} is a symbolic link; token-proxy never follows one",
+                path.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn random_suffix() -> String {
+    use rand::Rng;
+    format!("{:016x}", rand::thread_rng().gen::<u64>())
+}
+
+/// A new file, mode 0600, that did not exist before (`O_EXCL`: a planted file or symlink
+/// makes this fail instead of being written through) and is not a symlink (`O_NOFOLLOW`).
+fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// Write `bytes` to `path` so that a crash leaves either the old or the new file, never a
+/// mix: a private temp file with an unpredictable name, fsync, rename over the target
+/// (which replaces a symlink rather than following it), fsync the directory.
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = dir_of(path);
     if !dir.exists() {
         // Only we need to read it: other users cannot even list a new state directory.
         use std::os::unix::fs::DirBuilderExt;
@@ -137,14 +220,9 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
+    let tmp = dir.join(format!(".{file_name}.tmp.{}", random_suffix()));
+    let mut f = create_private(&tmp)?;
     let result = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -194,5 +272,43 @@ mod tests {
         std::fs::write(&path, "{not json").unwrap();
         let e = FileStateStore::new(path).load().unwrap_err().to_string();
         assert!(e.contains("state file"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod hijack_tests {
+    use super::*;
+
+    #[test]
+    fn planted_temp_files_and_symlinks_are_never_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let path = dir.path().join("state.json");
+        // What another local user could plant: the old predictable temp name, as a symlink.
+        let predictable = dir
+            .path()
+            .join(format!(".state.json.tmp.{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &predictable).unwrap();
+        // And the target itself as a symlink to the victim.
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        let now = SystemTime::now();
+        let t = TokenSet {
+            access_token: SecretString::from("at".to_string()),
+            refresh_token: Some(SecretString::from("rt".to_string())),
+            expires_at: None,
+            received_at: now,
+        };
+        FileStateStore::new(path.clone()).save(&t).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert!(!std::fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        // Loading never follows a symlink either.
+        let link = dir.path().join("link.json");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        let e = FileStateStore::new(link).load().unwrap_err().to_string();
+        assert!(e.contains("symbolic link"), "{e}");
     }
 }
