@@ -80,7 +80,7 @@ impl AccessPolicy {
         if let Some(origin) = headers.get(ORIGIN) {
             let text = origin.to_str().unwrap_or("(not text)");
             let normalised = text.trim().trim_end_matches('/').to_ascii_lowercase();
-            if self.allowed_origins.iter().any(|o| *o == normalised) {
+            if self.allowed_origins.contains(&normalised) {
                 return Ok(());
             }
             return Err(Refusal(format!(
