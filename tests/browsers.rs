@@ -140,7 +140,8 @@ async fn web_pages_cannot_drive_the_admin_api() {
     let tokens = admin(&app, "/tokens/main");
     let attacker_token =
         r#"{"access_token":"attacker","refresh_token":"attacker-rt","expires_in":3600}"#;
-    let attempts: Vec<(Method, Vec<(&str, &str)>, &str)> = vec![
+    type Attempt<'a> = (Method, Vec<(&'a str, &'a str)>, &'a str);
+    let attempts: Vec<Attempt> = vec![
         (Method::DELETE, vec![("host", "evil.test:9901")], ""),
         (Method::PUT, vec![("host", "evil.test")], attacker_token),
         // allowed_hosts opens reads, never writes.
