@@ -14,6 +14,7 @@ pub mod error;
 pub mod metrics;
 pub mod mock;
 pub mod proxy;
+pub mod redact;
 pub mod routes;
 pub mod server;
 pub mod token;

@@ -11,7 +11,8 @@ use support::*;
 async fn exercise(format: &str) {
     let world = World::new(Duration::from_secs(2)).await;
     let dir = tempfile::tempdir().unwrap();
-    let client_secret = "cs-very-secret-7f3a9";
+    // Characters that URL encoding changes, so the encoded shapes differ from the raw one.
+    let client_secret = "cs-very+secret/7f3a9&xq=z";
     let secret_file = write_file(dir.path(), "client_secret", client_secret);
     let rt = world.auth.new_refresh_token();
     let cred = format!(
@@ -83,6 +84,35 @@ async fn exercise(format: &str) {
         .text(),
     );
     bodies.push(get(&bin.url("/after-install")).await.text());
+    // A careless token endpoint quoting the whole request back: the refresh token
+    // URL-encoded, the client secret inside Basic base64, JSON-escaped copies, a fragment.
+    world
+        .auth
+        .echo_requests_in_errors
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    world.auth.fail_with(Some(StatusCode::BAD_REQUEST));
+    bodies.push(
+        send(
+            Method::POST,
+            &bin.admin_url("/tokens/main/refresh"),
+            &[],
+            "",
+        )
+        .await
+        .text(),
+    );
+    bodies.push(get(&bin.url("/while-refused")).await.text());
+    bodies.push(get(&bin.admin_url("/tokens")).await.text());
+    let echoed = bodies
+        .iter()
+        .rev()
+        .take(3)
+        .any(|b| b.contains("could not process"));
+    assert!(
+        echoed,
+        "the endpoint's echo reached last_error (scrubbed): {bodies:?}"
+    );
+    world.auth.fail_with(None);
     bodies.push(get(&bin.admin_url("/tokens")).await.text());
     bodies.push(get(&bin.admin_url("/metrics")).await.text());
     bodies.push(get(&bin.admin_url("/readyz")).await.text());
@@ -112,22 +142,42 @@ async fn exercise(format: &str) {
         logs.contains("token refreshed"),
         "logs were captured:\n{logs}"
     );
+    // The client secret also travels form-encoded inside Basic auth's base64 (RFC 6749
+    // §2.3.1), and every secret may come back URL-encoded or JSON-escaped.
+    use base64::Engine;
+    let form = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let basic =
+        base64::engine::general_purpose::STANDARD.encode(format!("cid:{}", form(client_secret)));
+    let mut shapes = vec![basic];
     for secret in &secrets {
         // The opaque part only: a refresh token's "<family>:" prefix is not secret.
         let needle = secret.rsplit([':', '.']).next().unwrap();
         assert!(needle.len() >= 16, "{secret}");
-        assert!(
-            !logs.contains(needle),
-            "a secret reached the logs ({format})"
+        shapes.push(needle.to_string());
+        shapes.push(form(secret));
+        shapes.push(
+            serde_json::to_string(secret)
+                .unwrap()
+                .trim_matches('"')
+                .to_string(),
         );
-        for b in &bodies {
-            assert!(!b.contains(needle), "a secret reached a response body: {b}");
+    }
+    for shape in &shapes {
+        // Not even a 10-character fragment of any shape of any secret.
+        for fragment in shape.as_bytes().windows(10) {
+            let fragment = std::str::from_utf8(fragment).unwrap();
+            assert!(
+                !logs.contains(fragment),
+                "a fragment {fragment:?} of a secret reached the logs ({format})"
+            );
+            for b in &bodies {
+                assert!(
+                    !b.contains(fragment),
+                    "a fragment {fragment:?} of a secret reached a response body: {b}"
+                );
+            }
         }
     }
-    // The client secret also travels base64-encoded in Basic auth.
-    use base64::Engine;
-    let basic = base64::engine::general_purpose::STANDARD.encode(format!("cid:{client_secret}"));
-    assert!(!logs.contains(&basic));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

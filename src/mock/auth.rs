@@ -101,6 +101,9 @@ pub struct MockAuth {
     /// A refresh token presented a second time (a client lost a rotation).
     pub reuse_detected: AtomicU64,
     pub rejected_calls: AtomicU64,
+    /// While set, failures quote the request they answer (body, Authorization, JSON-escaped
+    /// body, a fragment): what careless real servers do, for the redaction tests.
+    pub echo_requests_in_errors: std::sync::atomic::AtomicBool,
 }
 
 impl MockAuth {
@@ -129,6 +132,7 @@ impl MockAuth {
             client_credentials_calls: AtomicU64::new(0),
             reuse_detected: AtomicU64::new(0),
             rejected_calls: AtomicU64::new(0),
+            echo_requests_in_errors: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -349,6 +353,21 @@ impl MockAuth {
         }
         let fail = self.lock().fail_with;
         if let Some(status) = fail {
+            if self.echo_requests_in_errors.load(Ordering::SeqCst) {
+                let sent = String::from_utf8_lossy(&body);
+                let auth = parts
+                    .headers
+                    .get(http::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                let rt = params.get("refresh_token").cloned().unwrap_or_default();
+                let fragment: String = rt.chars().skip(3).take(10).collect();
+                let echo = format!(
+                    "could not process {sent} with {auth}; json {}; near {fragment}",
+                    serde_json::to_string(&*sent).unwrap_or_default()
+                );
+                return self.error(status, "invalid_request", &echo);
+            }
             return self.error(
                 status,
                 "temporarily_unavailable",

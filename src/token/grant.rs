@@ -20,6 +20,7 @@ use secrecy::{ExposeSecret, SecretString};
 use super::response::{ensure_not_expired, parse_token_response, ResponseError, TokenSet};
 use crate::config::{ClientAuth, CredentialConfig, Encoding, GrantKind};
 use crate::error::error_chain;
+use crate::redact::Redactor;
 use crate::upstream::{self, Connector};
 
 /// Token responses larger than this are refused (a token endpoint is not a file server).
@@ -194,6 +195,29 @@ impl Endpoint {
         }
     }
 
+    /// Every secret this endpoint is sent, for scrubbing its answers.
+    fn redactor(&self, refresh_token: Option<&SecretString>) -> Redactor {
+        let mut r = Redactor::default();
+        for secret in [refresh_token, self.client_secret.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            r.add(secret.expose_secret());
+        }
+        if let Some(basic) = self.basic_auth() {
+            r.add(
+                basic
+                    .to_str()
+                    .unwrap_or_default()
+                    .trim_start_matches("Basic "),
+            );
+        }
+        for (_, v) in &self.headers {
+            r.add(v.to_str().unwrap_or_default());
+        }
+        r
+    }
+
     fn basic_auth(&self) -> Option<HeaderValue> {
         if self.client_auth != ClientAuth::Basic {
             return None;
@@ -271,8 +295,9 @@ impl Endpoint {
                 });
         }
         // The endpoint's own words may quote what it was sent: never pass our secrets on.
-        let sent = [refresh_token, self.client_secret.as_ref()];
-        let detail = redact(describe_error_body(&body), &sent);
+        let detail = self
+            .redactor(refresh_token)
+            .scrub(&describe_error_body(&body));
         let message = format!("token endpoint answered {}{}", status.as_u16(), detail);
         if status.is_server_error()
             || status == StatusCode::TOO_MANY_REQUESTS
@@ -305,41 +330,34 @@ pub fn parse_retry_after(v: &HeaderValue) -> Option<Duration> {
     Some(delay.min(Duration::from_secs(3600)))
 }
 
-/// The error code of an RFC 6749 §5.2 body, or the `msg`/`type` of Cotter's. Only these
-/// short fields are quoted (an error body could echo a token back).
+/// The error code of an RFC 6749 §5.2 body (and a bounded `error_description`), or the
+/// `msg`/`type` of Cotter's. Nothing else of the body is ever quoted, and what is quoted
+/// is cut to printable ASCII (RFC 6749 §5.2's own character set) and bounded.
 fn describe_error_body(body: &[u8]) -> String {
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
         return String::new();
     };
-    let field = |k: &str| {
-        v.get(k)
-            .and_then(|x| x.as_str())
-            .map(|s| s.chars().take(200).collect::<String>())
+    let field = |k: &str, max: usize| {
+        v.get(k).and_then(|x| x.as_str()).map(|s| {
+            s.chars()
+                .filter(|c| matches!(c, ' '..='~'))
+                .take(max)
+                .collect::<String>()
+        })
     };
-    if let Some(code) = field("error") {
-        match field("error_description") {
+    if let Some(code) = field("error", 64) {
+        match field("error_description", 200) {
             Some(d) => format!(": {code}: {d}"),
             None => format!(": {code}"),
         }
-    } else if let Some(msg) = field("msg") {
-        match field("type") {
+    } else if let Some(msg) = field("msg", 200) {
+        match field("type", 64) {
             Some(t) => format!(": {msg} ({t})"),
             None => format!(": {msg}"),
         }
     } else {
         String::new()
     }
-}
-
-/// `text` with every occurrence of the given secrets replaced by `[redacted]`.
-fn redact(mut text: String, secrets: &[Option<&SecretString>]) -> String {
-    for secret in secrets.iter().flatten() {
-        let value = secret.expose_secret();
-        if !value.is_empty() && text.contains(value) {
-            text = text.replace(value, "[redacted]");
-        }
-    }
-    text
 }
 
 #[cfg(test)]
@@ -365,10 +383,19 @@ mod tests {
 
     #[test]
     fn secrets_quoted_by_the_endpoint_are_redacted() {
-        let rt = SecretString::from("235:s3kjlwkg035".to_string());
+        let r = Redactor::new(["235:s3kjlwkg035"]);
         let body = br#"{"error":"invalid_grant","error_description":"refresh token 235:s3kjlwkg035 is revoked"}"#;
-        let text = redact(describe_error_body(body), &[Some(&rt), None]);
+        let text = r.scrub(&describe_error_body(body));
         assert_eq!(text, ": invalid_grant: refresh token [redacted] is revoked");
+    }
+
+    #[test]
+    fn only_bounded_printable_fields_are_quoted() {
+        let long = "x".repeat(5000);
+        let body = serde_json::json!({"error": "invalid_grant\n\u{1b}[31m", "error_description": long, "echo": "secret"});
+        let text = describe_error_body(body.to_string().as_bytes());
+        assert!(text.len() < 300, "{}", text.len());
+        assert!(!text.contains('\u{1b}') && !text.contains('\n') && !text.contains("secret"));
     }
 
     #[test]
