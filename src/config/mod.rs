@@ -277,8 +277,7 @@ impl Config {
         env: &dyn Fn(&str) -> Option<String>,
         expand: bool,
     ) -> Result<Config, ConfigError> {
-        let mut value: toml::Value =
-            toml::from_str(text).map_err(|e| ConfigError(format!("invalid TOML: {e}")))?;
+        let mut value: toml::Value = toml::from_str(text).map_err(|e| syntax_error(text, &e))?;
         if expand {
             expand_env(&mut value, "", env)?;
         }
@@ -286,12 +285,7 @@ impl Config {
             let path = e.path().to_string();
             // toml appends its own "in `key`" line; the path already says where.
             let inner = e.into_inner().to_string();
-            let inner = inner
-                .split("\nin `")
-                .next()
-                .unwrap_or_default()
-                .trim_end()
-                .to_string();
+            let inner = without_values(inner.split("\nin `").next().unwrap_or_default().trim_end());
             if path == "." || path.is_empty() {
                 ConfigError(inner)
             } else {
@@ -302,9 +296,83 @@ impl Config {
     }
 }
 
+/// A TOML syntax error by position only: the toml crate's own message quotes the
+/// offending line, and that line may hold a secret.
+fn syntax_error(text: &str, e: &toml::de::Error) -> ConfigError {
+    let Some(span) = e.span() else {
+        return ConfigError("invalid TOML".into());
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    let message = e.message().lines().next().unwrap_or("syntax error");
+    ConfigError(format!(
+        "invalid TOML at line {line}, column {column}: {}",
+        without_values(message)
+    ))
+}
+
+/// A deserializer message with any quoted value removed: serde says `invalid type: string
+/// "s3cret", expected a boolean`, and the value may be a secret put under the wrong key.
+fn without_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut chars = message.chars();
+    while let Some(c) = chars.next() {
+        let close = match c {
+            '"' => '"',
+            '`' => '`',
+            _ => {
+                out.push(c);
+                continue;
+            }
+        };
+        // Keep backticked key and variant names (`grant`, `refresh_token`), which are
+        // ours; drop everything double-quoted and any backticked run that looks like data.
+        let quoted: String = chars.by_ref().take_while(|&x| x != close).collect();
+        let is_name = close == '`'
+            && !quoted.is_empty()
+            && quoted.len() <= 40
+            && quoted
+                .chars()
+                .all(|x| x.is_ascii_alphanumeric() || x == '_' || x == '-' || x == '.')
+            && !quoted
+                .chars()
+                .all(|x| x.is_ascii_digit() || x == '.' || x == '-');
+        if is_name {
+            out.push('`');
+            out.push_str(&quoted);
+            out.push('`');
+        } else {
+            out.push_str("(value not shown)");
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_never_quote_values() {
+        let cases = [
+            "[credentials.main]\nclient_secret = \"s3cret-value-42\nx = 1\n",
+            "[credentials.main]\nclient_secret = 914265387\n",
+            "[[routes]]\nprefix = \"/\"\nretry_on_401 = \"s3cret-value-42\"\nupstream = \"http://a\"\n",
+            "[credentials.main]\ngrant = \"refresh_token\" client_secret = \"s3cret-value-42\"\n",
+        ];
+        for text in cases {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(
+                !e.contains("s3cret-value-42") && !e.contains("914265387"),
+                "{e}"
+            );
+        }
+        let e = parse(cases[0]).unwrap_err().to_string();
+        assert!(e.contains("line 2"), "{e}");
+        let e = parse(cases[2]).unwrap_err().to_string();
+        assert!(e.contains("retry_on_401"), "{e}");
+    }
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, &|name| match name {
