@@ -17,7 +17,7 @@ use crate::body::{self, ProxyBody, ReplayBuffer, TeeBody};
 use crate::error::{error_chain, ProxyError};
 use crate::metrics::Metrics;
 use crate::routes::{
-    requested_upgrade, rewrite_request_headers, strip_hop_by_hop, Route, RouteTable,
+    normalize_path, requested_upgrade, rewrite_request_headers, strip_hop_by_hop, Route, RouteTable,
 };
 use crate::token::{ActiveToken, Credential, TokenStore};
 use crate::upstream::Connector;
@@ -113,7 +113,12 @@ impl Proxy {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         admit(&self.inner.access, &req)?;
-        let route = select_route(&routes, &req)?.clone();
+        // Route (and forward) the path the upstream will actually serve: "/api/../admin"
+        // is "/admin", and must not ride the "/api" route's token there.
+        let path = normalize_path(req.uri().path())
+            .map_err(|e| ProxyError::BadRequest(e.to_string()))?
+            .into_owned();
+        let route = select_route(&routes, &req, &path)?.clone();
         trace.route = Some(route.name.clone());
         trace.credential = route.credential.clone();
         let credential =
@@ -137,7 +142,7 @@ impl Proxy {
             .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
 
         let (mut parts, incoming) = req.into_parts();
-        parts.uri = route.upstream_uri(&parts.uri)?;
+        parts.uri = route.upstream_uri(&parts.uri, &path)?;
         parts.version = Version::HTTP_11; // the client negotiates h2 upstream via ALPN itself
         rewrite_request_headers(&mut parts.headers, header_of(&credential, &lease));
         if let Some((protocol, app_side)) = upgrade {
@@ -242,6 +247,7 @@ fn admit<B>(access: &AccessPolicy, req: &Request<B>) -> Result<(), ProxyError> {
 fn select_route<'a>(
     routes: &'a RouteTable,
     req: &Request<Incoming>,
+    path: &str,
 ) -> Result<&'a Arc<Route>, ProxyError> {
     if req.method() == Method::CONNECT {
         let host = req
@@ -253,9 +259,9 @@ fn select_route<'a>(
     }
     let uri = req.uri();
     match (is_forward_mode(req), uri.host()) {
-        (true, Some(host)) => routes.by_host(host, uri.port_u16(), uri.path()),
+        (true, Some(host)) => routes.by_host(host, uri.port_u16(), path),
         (true, None) => Err(ProxyError::BadRequest("absolute URI without a host".into())),
-        (false, _) => routes.by_path(uri.path()),
+        (false, _) => routes.by_path(path),
     }
 }
 

@@ -52,13 +52,15 @@ impl Route {
     }
 
     fn matches_path(&self, path: &str) -> bool {
-        self.prefix.as_deref().is_none_or(|p| path.starts_with(p))
+        self.prefix
+            .as_deref()
+            .is_none_or(|p| prefix_matches(p, path))
     }
 
-    /// The upstream URI for a request to `original` (path and query kept, prefix stripped
-    /// if configured, upstream base path prepended).
-    pub fn upstream_uri(&self, original: &Uri) -> Result<Uri, ProxyError> {
-        let mut path = original.path();
+    /// The upstream URI for a request to `original` whose normalised path is `path`
+    /// (query kept, prefix stripped if configured, upstream base path prepended).
+    pub fn upstream_uri(&self, original: &Uri, path: &str) -> Result<Uri, ProxyError> {
+        let mut path = path;
         if self.strip_prefix {
             if let Some(p) = &self.prefix {
                 path = path.strip_prefix(p.as_str()).unwrap_or(path);
@@ -134,6 +136,96 @@ impl RouteTable {
         candidates
             .find(|r| r.matches_path(path))
             .ok_or(ProxyError::NoRoute)
+    }
+}
+
+/// Whether `prefix` (no trailing slash, or "/") covers `path` by whole segments: "/api"
+/// covers "/api" and "/api/x", never "/apix" or "/api-internal".
+pub fn prefix_matches(prefix: &str, path: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/') || prefix.ends_with('/'),
+        None => false,
+    }
+}
+
+/// Why a request path is refused (400).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathError {
+    /// `..` past the root: nothing legitimate does this.
+    AboveRoot,
+    /// `..;x`-style segments that some servers read as `..` (Tomcat): refused, not guessed.
+    AmbiguousDots,
+}
+
+impl std::fmt::Display for PathError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PathError::AboveRoot => "the path climbs above the root with \"..\"",
+            PathError::AmbiguousDots => "the path has a \"..;\" or \".;\" segment",
+        })
+    }
+}
+
+/// The path with dot-segments removed (RFC 3986 §5.2.4), `%2e` counting as a dot, so that
+/// `/api/../admin` is routed (and forwarded) as `/admin`, the path the upstream would
+/// serve. Other percent-encodings are left exactly as they came.
+pub fn normalize_path(path: &str) -> Result<std::borrow::Cow<'_, str>, PathError> {
+    use std::borrow::Cow;
+    let Some(rest) = path.strip_prefix('/') else {
+        return Ok(Cow::Borrowed(path)); // "*" (OPTIONS) or empty: nothing to normalise
+    };
+    let has_dot = |s: &str| s.contains('.') || s.contains("%2e") || s.contains("%2E");
+    if !has_dot(path) {
+        return Ok(Cow::Borrowed(path));
+    }
+    let segments: Vec<&str> = rest.split('/').collect();
+    let mut out: Vec<&str> = Vec::with_capacity(segments.len());
+    let mut changed = false;
+    for (i, seg) in segments.iter().enumerate() {
+        let last = i + 1 == segments.len();
+        match dot_segment(seg) {
+            Some(Dots::One) => {
+                changed = true;
+                if last {
+                    out.push("");
+                }
+            }
+            Some(Dots::Two) => {
+                changed = true;
+                if out.pop().is_none() {
+                    return Err(PathError::AboveRoot);
+                }
+                if last {
+                    out.push("");
+                }
+            }
+            None => {
+                let before_params = seg.split(';').next().unwrap_or_default();
+                if seg.contains(';') && dot_segment(before_params).is_some() {
+                    return Err(PathError::AmbiguousDots);
+                }
+                out.push(seg);
+            }
+        }
+    }
+    if !changed {
+        return Ok(Cow::Borrowed(path));
+    }
+    Ok(Cow::Owned(format!("/{}", out.join("/"))))
+}
+
+enum Dots {
+    One,
+    Two,
+}
+
+/// "." or ".." (each dot possibly written `%2e`).
+fn dot_segment(seg: &str) -> Option<Dots> {
+    let decoded = seg.replace("%2e", ".").replace("%2E", ".");
+    match decoded.as_str() {
+        "." => Some(Dots::One),
+        ".." => Some(Dots::Two),
+        _ => None,
     }
 }
 
@@ -225,6 +317,37 @@ mod tests {
     "#;
 
     #[test]
+    fn prefixes_match_whole_segments() {
+        let t = table(ROUTES);
+        assert_eq!(&*t.by_path("/api").unwrap().name, "api");
+        assert_eq!(&*t.by_path("/api/").unwrap().name, "api");
+        assert_eq!(&*t.by_path("/api/x/y").unwrap().name, "api");
+        for other in ["/apix", "/api-internal", "/ap", "/API/x"] {
+            assert_eq!(&*t.by_path(other).unwrap().name, "root", "{other}");
+        }
+        assert!(prefix_matches("/", "/anything"));
+        assert!(!prefix_matches("/api", "/apix"));
+    }
+
+    #[test]
+    fn dot_segments_are_removed_or_refused() {
+        let n = |p: &str| normalize_path(p).map(|c| c.into_owned());
+        assert_eq!(n("/api/../admin").unwrap(), "/admin");
+        assert_eq!(n("/api/%2e%2E/admin").unwrap(), "/admin");
+        assert_eq!(n("/api/./x/.").unwrap(), "/api/x/");
+        assert_eq!(n("/a/b/..").unwrap(), "/a/");
+        assert_eq!(n("/a//../b").unwrap(), "/a/b");
+        assert_eq!(n("/v1.2/file.json").unwrap(), "/v1.2/file.json");
+        assert_eq!(n("/a/...").unwrap(), "/a/...");
+        assert_eq!(n("/a%2fb/x").unwrap(), "/a%2fb/x");
+        assert_eq!(n("*").unwrap(), "*");
+        assert_eq!(n("/..").unwrap_err(), PathError::AboveRoot);
+        assert_eq!(n("/api/../../etc").unwrap_err(), PathError::AboveRoot);
+        assert_eq!(n("/api/..;/admin").unwrap_err(), PathError::AmbiguousDots);
+        assert_eq!(n("/api/%2e;x/admin").unwrap_err(), PathError::AmbiguousDots);
+    }
+
+    #[test]
     fn longest_prefix_wins() {
         let t = table(ROUTES);
         assert_eq!(&*t.by_path("/api/x").unwrap().name, "api");
@@ -237,18 +360,18 @@ mod tests {
         let api = t.by_path("/api/x").unwrap();
         let uri: Uri = "/api/users?id=1".parse().unwrap();
         assert_eq!(
-            api.upstream_uri(&uri).unwrap().to_string(),
+            api.upstream_uri(&uri, uri.path()).unwrap().to_string(),
             "https://api.example.com/v2/users?id=1"
         );
         let uri: Uri = "/api".parse().unwrap();
         assert_eq!(
-            api.upstream_uri(&uri).unwrap().to_string(),
+            api.upstream_uri(&uri, uri.path()).unwrap().to_string(),
             "https://api.example.com/v2/"
         );
         let root = t.by_path("/x").unwrap();
         let uri: Uri = "/a/b".parse().unwrap();
         assert_eq!(
-            root.upstream_uri(&uri).unwrap().to_string(),
+            root.upstream_uri(&uri, uri.path()).unwrap().to_string(),
             "http://127.0.0.1:1/a/b"
         );
     }

@@ -91,6 +91,11 @@ pub(super) fn build_route(
         if !p.starts_with('/') {
             return err(format!("{key}.prefix: {p:?} must start with '/'"));
         }
+        if crate::routes::normalize_path(p).ok().as_deref() != Some(p.as_str()) {
+            return err(format!(
+                "{key}.prefix: {p:?} must not contain dot-segments (\".\", \"..\")"
+            ));
+        }
     }
     let mut hosts = Vec::new();
     for (j, h) in r.hosts.unwrap_or_default().into_iter().enumerate() {
@@ -126,7 +131,11 @@ pub(super) fn build_route(
     }
     Ok(RouteConfig {
         name,
-        prefix: r.prefix,
+        // "/api/" and "/api" name the same segment: matching is by whole segments.
+        prefix: r.prefix.map(|p| match p.trim_end_matches('/') {
+            "" => "/".to_string(),
+            trimmed => trimmed.to_string(),
+        }),
         hosts,
         upstream,
         strip_prefix: r.strip_prefix.unwrap_or(false),
