@@ -30,6 +30,8 @@ pub enum ProxyError {
     UpstreamTimeout(Duration),
     #[error("bad request: {0}")]
     BadRequest(String),
+    #[error("the request body stopped arriving: nothing for {0:?} (routes.idle_timeout)")]
+    RequestTimeout(Duration),
     /// A web page's request, or a name DNS rebinding could produce (see `access`).
     #[error("{0}")]
     BrowserRequestRefused(String),
@@ -45,6 +47,7 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::BrowserRequestRefused(_) => StatusCode::FORBIDDEN,
         }
     }
@@ -58,6 +61,7 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::RequestTimeout(_) => "request_timeout",
             ProxyError::BrowserRequestRefused(_) => "browser_request_refused",
         }
     }

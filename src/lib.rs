@@ -11,6 +11,7 @@ pub mod body;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod idle;
 pub mod metrics;
 pub mod mock;
 pub mod proxy;

@@ -116,7 +116,7 @@ fn summary(source: &ConfigSource, config: &Config) -> String {
         );
         let _ = writeln!(
             out,
-            "route {}: prefix={} hosts=[{}] -> {upstream} strip_prefix={} credential={} retry_on_401={} max_retry_body={} timeout={:?} connect_timeout={:?}{}",
+            "route {}: prefix={} hosts=[{}] -> {upstream} strip_prefix={} credential={} retry_on_401={} max_retry_body={} timeout={:?} connect_timeout={:?} idle_timeout={:?}{}",
             r.name,
             r.prefix.as_deref().unwrap_or("(none)"),
             r.hosts.join(","),
@@ -126,6 +126,7 @@ fn summary(source: &ConfigSource, config: &Config) -> String {
             r.max_retry_body,
             r.timeout,
             r.connect_timeout,
+            r.idle_timeout,
             r.ca_file.as_ref().map(|p| format!(" ca_file={}", p.display())).unwrap_or_default(),
         );
     }

@@ -15,6 +15,7 @@ use hyper_util::rt::TokioIo;
 use crate::access::{requested_host, AccessPolicy};
 use crate::body::{self, ProxyBody, ReplayBuffer, TeeBody};
 use crate::error::{error_chain, ProxyError};
+use crate::idle::{is_idle_timeout, IdleBody};
 use crate::metrics::Metrics;
 use crate::routes::{
     normalize_path, requested_upgrade, rewrite_request_headers, strip_hop_by_hop, Route, RouteTable,
@@ -158,7 +159,7 @@ impl Proxy {
                     credential.reject(lease.generation);
                 }
             }
-            return Ok(splice(response, app_side));
+            return Ok(splice(response, app_side, &route));
         }
 
         // Only requests that can be replayed keep a copy of what they sent.
@@ -172,16 +173,19 @@ impl Proxy {
             _ => None,
         };
         let body = match &replay {
-            Some(copy) => body::boxed(TeeBody::new(incoming, copy.buffer.clone())),
-            None => body::boxed(incoming),
+            Some(copy) => body::boxed(IdleBody::new(
+                TeeBody::new(incoming, copy.buffer.clone()),
+                route.idle_timeout,
+            )),
+            None => body::boxed(IdleBody::new(incoming, route.idle_timeout)),
         };
         let response = send(&route, Request::from_parts(parts, body), trace).await?;
 
         let (Some(credential), Some(lease), Some(copy)) = (credential, lease, replay) else {
-            return Ok(finish(response));
+            return Ok(finish(response, &route));
         };
         if response.status() != StatusCode::UNAUTHORIZED || !credential.reject(lease.generation) {
-            return Ok(finish(response));
+            return Ok(finish(response, &route));
         }
         // Our token was refused and a new one is coming. Replay only a body we hold whole.
         let Some(bytes) = copy
@@ -191,7 +195,7 @@ impl Proxy {
             .replayable()
         else {
             tracing::info!(route = %route.name, "401 not replayed: body too large or still streaming");
-            return Ok(finish(response));
+            return Ok(finish(response, &route));
         };
         drop(response);
         let fresh = self::lease(&credential).await?;
@@ -199,7 +203,7 @@ impl Proxy {
         self.inner.metrics.retry(&route.name);
         let again = copy.rebuild(bytes, (&credential.header, &fresh.header_value));
         let response = send(&route, again, trace).await?;
-        Ok(finish(response))
+        Ok(finish(response, &route))
     }
 }
 
@@ -305,6 +309,9 @@ async fn send_with(
     trace.upstream += started.elapsed();
     match result {
         Err(_) => Err(ProxyError::UpstreamTimeout(route.timeout)),
+        Ok(Err(e)) if is_idle_timeout(&e) && app_body_failed(&e) => {
+            Err(ProxyError::RequestTimeout(route.idle_timeout))
+        }
         Ok(Err(e)) if app_body_failed(&e) => Err(ProxyError::BadRequest(format!(
             "the request body could not be read: {}",
             error_chain(&e)
@@ -332,9 +339,13 @@ fn app_body_failed(e: &hyper_util::client::legacy::Error) -> bool {
 
 /// The upstream's answer to an upgrade request. On 101 both sides switch protocols and a
 /// task copies bytes both ways until either closes; anything else is an ordinary response.
-fn splice(mut response: Response<Incoming>, app_side: OnUpgrade) -> Response<ProxyBody> {
+fn splice(
+    mut response: Response<Incoming>,
+    app_side: OnUpgrade,
+    route: &Route,
+) -> Response<ProxyBody> {
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-        return finish(response);
+        return finish(response, route);
     }
     let upstream_side = hyper::upgrade::on(&mut response);
     tokio::spawn(async move {
@@ -351,9 +362,13 @@ fn splice(mut response: Response<Incoming>, app_side: OnUpgrade) -> Response<Pro
     Response::from_parts(parts, body::full(Bytes::new()))
 }
 
-/// The upstream's response, streamed back with hop-by-hop headers removed.
-fn finish(response: Response<Incoming>) -> Response<ProxyBody> {
+/// The upstream's response, streamed back with hop-by-hop headers removed; an upstream
+/// that stops sending mid-body is cut off after the route's `idle_timeout`.
+fn finish(response: Response<Incoming>, route: &Route) -> Response<ProxyBody> {
     let (mut parts, incoming) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, body::boxed(incoming))
+    Response::from_parts(
+        parts,
+        body::boxed(IdleBody::new(incoming, route.idle_timeout)),
+    )
 }

@@ -22,6 +22,8 @@ pub struct Route {
     pub retry_on_401: bool,
     pub max_retry_body: usize,
     pub timeout: Duration,
+    /// A body (either way) that makes no progress for this long is abandoned.
+    pub idle_timeout: Duration,
     /// Pooled per route: each route may trust its own CA and have its own connect timeout.
     pub client: Client<Connector, ProxyBody>,
     /// HTTP/1.1 only, for protocol upgrades (WebSocket), which h2 does not carry.
@@ -30,6 +32,10 @@ pub struct Route {
 
 impl Route {
     pub fn from_config(c: &RouteConfig) -> Result<Route, String> {
+        let timeouts = upstream::Timeouts {
+            connect: c.connect_timeout,
+            write_stall: c.idle_timeout,
+        };
         Ok(Route {
             name: Arc::from(c.name.as_str()),
             prefix: c.prefix.clone(),
@@ -40,10 +46,11 @@ impl Route {
             retry_on_401: c.retry_on_401,
             max_retry_body: c.max_retry_body,
             timeout: c.timeout,
-            client: upstream::client(c.ca_file.as_deref(), c.connect_timeout)
+            client: upstream::client(c.ca_file.as_deref(), timeouts)
                 .map_err(|e| format!("routes.{}: {e}", c.name))?,
-            upgrade_client: upstream::http1_client(c.ca_file.as_deref(), c.connect_timeout)
+            upgrade_client: upstream::http1_client(c.ca_file.as_deref(), timeouts)
                 .map_err(|e| format!("routes.{}: {e}", c.name))?,
+            idle_timeout: c.idle_timeout,
         })
     }
 

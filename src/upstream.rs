@@ -13,38 +13,46 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use crate::idle::StallGuard;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The connector every outbound client uses.
 pub type Connector = TimeoutConnector<HttpsConnector<HttpConnector>>;
 
+/// How an outbound client connects.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// TCP + TLS handshake.
+    pub connect: Duration,
+    /// A socket write that makes no progress for this long fails (and the connection closes).
+    pub write_stall: Duration,
+}
+
 /// Build a pooled client for bodies of type `B` (HTTP/1.1, and h2 when TLS negotiates it).
-pub fn client<B>(
-    ca_file: Option<&Path>,
-    connect_timeout: Duration,
-) -> Result<Client<Connector, B>, String>
+pub fn client<B>(ca_file: Option<&Path>, timeouts: Timeouts) -> Result<Client<Connector, B>, String>
 where
     B: http_body::Body + Send + 'static,
     B::Data: Send,
 {
-    build_client(ca_file, connect_timeout, true)
+    build_client(ca_file, timeouts, true)
 }
 
 /// The same, HTTP/1.1 only: protocol upgrades (WebSocket) exist only there.
 pub fn http1_client<B>(
     ca_file: Option<&Path>,
-    connect_timeout: Duration,
+    timeouts: Timeouts,
 ) -> Result<Client<Connector, B>, String>
 where
     B: http_body::Body + Send + 'static,
     B::Data: Send,
 {
-    build_client(ca_file, connect_timeout, false)
+    build_client(ca_file, timeouts, false)
 }
 
 fn build_client<B>(
     ca_file: Option<&Path>,
-    connect_timeout: Duration,
+    timeouts: Timeouts,
     http2: bool,
 ) -> Result<Client<Connector, B>, String>
 where
@@ -55,7 +63,7 @@ where
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
-    http.set_connect_timeout(Some(connect_timeout));
+    http.set_connect_timeout(Some(timeouts.connect));
     let builder = HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
@@ -67,7 +75,8 @@ where
     };
     let connector = TimeoutConnector {
         inner: https,
-        timeout: connect_timeout,
+        timeout: timeouts.connect,
+        write_stall: timeouts.write_stall,
     };
     Ok(Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
@@ -107,10 +116,12 @@ fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String> {
 }
 
 /// Bounds the whole connect (TCP + TLS): `HttpConnector`'s own timeout covers TCP only.
+/// The connections it makes fail a write that stalls longer than `write_stall`.
 #[derive(Clone)]
 pub struct TimeoutConnector<C> {
     inner: C,
     timeout: Duration,
+    write_stall: Duration,
 }
 
 impl<C> tower_service::Service<Uri> for TimeoutConnector<C>
@@ -119,9 +130,9 @@ where
     C::Future: Send + 'static,
     C::Error: Into<BoxError>,
 {
-    type Response = C::Response;
+    type Response = StallGuard<C::Response>;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<C::Response, BoxError>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -129,10 +140,12 @@ where
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let connecting = self.inner.call(uri);
-        let timeout = self.timeout;
+        let (timeout, write_stall) = (self.timeout, self.write_stall);
         Box::pin(async move {
             match tokio::time::timeout(timeout, connecting).await {
-                Ok(result) => result.map_err(Into::into),
+                Ok(result) => result
+                    .map(|io| StallGuard::new(io, write_stall))
+                    .map_err(Into::into),
                 Err(_) => Err(format!("connect timed out after {timeout:?}").into()),
             }
         })

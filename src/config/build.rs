@@ -123,6 +123,14 @@ pub(super) fn build_route(
             return err(format!("{key}.credential: no [credentials.{c}] is defined"));
         }
     }
+    let idle_timeout = opt_duration(
+        &format!("{key}.idle_timeout"),
+        r.idle_timeout,
+        Duration::from_secs(60),
+    )?;
+    if idle_timeout < Duration::from_millis(100) {
+        return err(format!("{key}.idle_timeout: must be at least 100ms"));
+    }
     let ca_file = r.ca_file.map(PathBuf::from);
     if let Some(p) = &ca_file {
         if !p.is_file() {
@@ -152,6 +160,7 @@ pub(super) fn build_route(
             r.connect_timeout,
             Duration::from_secs(5),
         )?,
+        idle_timeout,
         ca_file,
     })
 }

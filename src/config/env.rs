@@ -24,6 +24,7 @@ const VARS: &[(&str, &str, &str, Kind)] = &[
     ("TOKEN_PROXY_MAX_RETRY_BODY", "route", "max_retry_body", Kind::Str),
     ("TOKEN_PROXY_UPSTREAM_TIMEOUT", "route", "timeout", Kind::Str),
     ("TOKEN_PROXY_CONNECT_TIMEOUT", "route", "connect_timeout", Kind::Str),
+    ("TOKEN_PROXY_IDLE_TIMEOUT", "route", "idle_timeout", Kind::Str),
     ("TOKEN_PROXY_UPSTREAM_CA_FILE", "route", "ca_file", Kind::Str),
     ("TOKEN_PROXY_GRANT", "cred", "grant", Kind::Str),
     ("TOKEN_PROXY_TOKEN_URL", "cred", "token_url", Kind::Str),

@@ -100,6 +100,9 @@ pub struct RouteConfig {
     pub max_retry_body: usize,
     pub timeout: Duration,
     pub connect_timeout: Duration,
+    /// A request or response body (or an upstream socket write) that makes no progress
+    /// for this long is abandoned and its connections are freed.
+    pub idle_timeout: Duration,
     pub ca_file: Option<PathBuf>,
 }
 

@@ -44,6 +44,7 @@ pub(super) struct RawRoute {
     pub(super) max_retry_body: Option<String>,
     pub(super) timeout: Option<String>,
     pub(super) connect_timeout: Option<String>,
+    pub(super) idle_timeout: Option<String>,
     pub(super) ca_file: Option<String>,
 }
 

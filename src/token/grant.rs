@@ -82,7 +82,13 @@ impl Grant {
                 params: c.params.clone(),
                 headers: c.headers.clone(),
                 timeout: c.timeout,
-                client: upstream::client(c.ca_file.as_deref(), c.timeout)?,
+                client: upstream::client(
+                    c.ca_file.as_deref(),
+                    upstream::Timeouts {
+                        connect: c.timeout,
+                        write_stall: c.timeout,
+                    },
+                )?,
             })
         };
         Ok(match c.grant {

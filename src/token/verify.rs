@@ -64,7 +64,13 @@ impl Verifier {
             algorithms: v.algorithms.clone(),
             timeout: c.timeout,
         };
-        let client = crate::upstream::client(c.ca_file.as_deref(), c.timeout)?;
+        let client = crate::upstream::client(
+            c.ca_file.as_deref(),
+            crate::upstream::Timeouts {
+                connect: c.timeout,
+                write_stall: c.timeout,
+            },
+        )?;
         Ok(Some(Verifier {
             config,
             client,
