@@ -18,6 +18,7 @@ pub mod proxy;
 pub mod redact;
 pub mod routes;
 pub mod server;
+pub mod supervise;
 pub mod token;
 pub mod upstream;
 
@@ -111,6 +112,8 @@ pub struct AppHandle {
     stop_all: CancellationToken,
     proxy_task: JoinHandle<()>,
     admin_task: Option<JoinHandle<()>>,
+    /// Fires when an essential task (a listener) panicked: the binary exits 1.
+    fatal: supervise::Fatal,
 }
 
 pub struct App;
@@ -161,13 +164,12 @@ impl App {
             let proxy = proxy.clone();
             async move { proxy.handle(req).await }
         };
-        let proxy_task = tokio::spawn(server::serve(
-            proxy_listener,
-            handler,
-            limits,
-            stop_proxy.clone(),
-            grace,
-        ));
+        let fatal = supervise::Fatal::new();
+        let proxy_task = supervise::spawn_essential(
+            "proxy listener",
+            server::serve(proxy_listener, handler, limits, stop_proxy.clone(), grace),
+            fatal.clone(),
+        );
 
         // The admin listener outlives the proxy's drain, so probes see 503, not a refusal.
         let admin_task = admin_listener.map(|listener| {
@@ -181,13 +183,17 @@ impl App {
                 let admin = admin.clone();
                 async move { admin.handle(req).await }
             };
-            tokio::spawn(server::serve(
-                listener,
-                handler,
-                limits,
-                stop_all.clone(),
-                Duration::from_secs(1),
-            ))
+            supervise::spawn_essential(
+                "admin listener",
+                server::serve(
+                    listener,
+                    handler,
+                    limits,
+                    stop_all.clone(),
+                    Duration::from_secs(1),
+                ),
+                fatal.clone(),
+            )
         });
         let admin_shown = admin_addr.map_or_else(|| "none".to_string(), |a| a.to_string());
         tracing::info!(proxy = %proxy_addr, admin = %admin_shown, "listening");
@@ -203,11 +209,17 @@ impl App {
             stop_all,
             proxy_task,
             admin_task,
+            fatal,
         })
     }
 }
 
 impl AppHandle {
+    /// Completes, with the reason, if a listener task panicked (the process should exit 1).
+    pub async fn failed(&self) -> String {
+        self.fatal.failed().await
+    }
+
     /// Apply a new config without a restart: routes swap at once for new requests,
     /// unchanged credentials keep their tokens, changed ones are rebuilt. An invalid route
     /// table is refused whole (`Err`) and nothing changes. Returns a one-line summary.
@@ -247,10 +259,15 @@ impl AppHandle {
         self.draining.cancel();
         tokio::time::sleep(self.server.shutdown_delay).await;
         self.stop_proxy.cancel();
-        let _ = self.proxy_task.await;
+        // The supervisors never panic themselves; a listener's own panic was logged.
+        if let Err(e) = self.proxy_task.await {
+            tracing::error!(error = %e, "proxy listener supervisor failed");
+        }
         self.stop_all.cancel();
         if let Some(admin) = self.admin_task {
-            let _ = admin.await;
+            if let Err(e) = admin.await {
+                tracing::error!(error = %e, "admin listener supervisor failed");
+            }
         }
     }
 }

@@ -43,6 +43,7 @@ fn main() -> ExitCode {
     } else {
         "info"
     });
+    log_panics();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -187,6 +188,10 @@ async fn run(source: ConfigSource) -> ExitCode {
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let cause = tokio::select! {
+            reason = handle.failed() => {
+                tracing::error!(%reason, "exiting after a fatal error");
+                return ExitCode::from(1);
+            }
             _ = signals.term.recv() => break,
             _ = signals.int.recv() => break,
             _ = signals.hangup.recv() => "SIGHUP",
@@ -221,6 +226,24 @@ async fn run(source: ConfigSource) -> ExitCode {
     handle.stop().await;
     tracing::info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// Panics go to the log at `error` (with where they happened), not just to raw stderr, so
+/// log pipelines and alerts see them.
+fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        tracing::error!(panic = %message, %location, "panic");
+    }));
 }
 
 /// How often the config and the files it names are checked for changes.

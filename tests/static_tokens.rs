@@ -129,8 +129,7 @@ async fn inline_static_token_with_a_custom_header() {
         "[server]\nlisten = \"127.0.0.1:0\"\n[[routes]]\nprefix = \"/\"\nupstream = \"{}\"\ncredential = \"key\"\n[credentials.key]\ngrant = \"static\"\naccess_token = \"${{TP_STATIC_KEY}}\"\nheader = \"X-Api-Key\"\nheader_prefix = \"\"\n",
         server.url
     );
-    std::env::set_var("TP_STATIC_KEY", "static-key-value");
-    let app = start(&toml).await;
+    let app = start_with_env(&toml, &[("TP_STATIC_KEY", "static-key-value")]).await;
     let r = send(
         http::Method::GET,
         &url(&app, "/x"),

@@ -83,10 +83,18 @@ impl TokenStore {
         }
     }
 
+    /// A refresher that panics is logged and restarted: a credential never goes stale
+    /// silently.
     fn spawn_refresher(&self, cred: Arc<Credential>) {
         let cancel = self.shutdown.child_token();
         let name = cred.name.clone();
-        let task = tokio::spawn(cred.run_refresher(cancel.clone()));
+        let stop = cancel.clone();
+        let task = tokio::spawn(crate::supervise::restarting(
+            format!("refresher for credential {name}"),
+            cancel.clone(),
+            std::time::Duration::from_secs(1),
+            move || cred.clone().run_refresher(stop.clone()),
+        ));
         lock(&self.refreshers).insert(name, (cancel, task));
     }
 
@@ -96,7 +104,9 @@ impl TokenStore {
         let entry = lock(&self.refreshers).remove(name);
         if let Some((cancel, task)) = entry {
             cancel.cancel();
-            let _ = task.await;
+            if let Err(e) = task.await {
+                tracing::error!(credential = name, error = %e, "refresher supervisor failed");
+            }
         }
     }
 

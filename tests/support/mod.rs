@@ -173,9 +173,21 @@ impl World {
     }
 }
 
-/// Run the proxy in-process from config text.
+/// Run the proxy in-process from config text. `${VAR}` and the listen overrides see an
+/// empty environment: tests never read (or write) the process environment, which sibling
+/// tests share.
 pub async fn start(toml: &str) -> AppHandle {
-    let config = Config::parse(toml, &|name| std::env::var(name).ok()).expect("valid config");
+    start_with_env(toml, &[]).await
+}
+
+/// The same, with `vars` as the whole environment `${VAR}` can see.
+pub async fn start_with_env(toml: &str, vars: &[(&str, &str)]) -> AppHandle {
+    let env = |name: &str| {
+        vars.iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.to_string())
+    };
+    let config = Config::parse(toml, &env).expect("valid config");
     App::spawn(config).await.expect("proxy starts")
 }
 
