@@ -24,10 +24,63 @@ const MAX_JWKS: usize = 256 * 1024;
 
 struct VerifierConfig {
     jwks_url: Uri,
-    issuer: Option<String>,
-    audience: Option<String>,
-    algorithms: Vec<Algorithm>,
+    policy: Policy,
     timeout: Duration,
+}
+
+/// What a token must satisfy, besides being signed by a key of the issuer's JWKS.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub algorithms: Vec<Algorithm>,
+}
+
+impl Policy {
+    /// The token's algorithm (if allowed) and key id, from its header.
+    fn admit_header(&self, token: &str) -> Result<(Algorithm, Option<String>), VerifyError> {
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| VerifyError::Invalid(format!("not a JWT ({e})")))?;
+        let alg = header.alg;
+        if !self.algorithms.contains(&alg) {
+            return Err(VerifyError::Invalid(format!(
+                "algorithm {alg:?} is not in `algorithms`"
+            )));
+        }
+        Ok((alg, header.kid))
+    }
+
+    /// Signature (with `jwk`, which fits `alg`), expiry, issuer and audience.
+    fn check(&self, token: &str, jwk: &Jwk, alg: Algorithm) -> Result<(), VerifyError> {
+        let key = DecodingKey::from_jwk(jwk)
+            .map_err(|e| VerifyError::Invalid(format!("unusable JWK: {e}")))?;
+        // Verify with exactly the token's algorithm: it is in the allowed list and fits the
+        // key. jsonwebtoken insists every listed algorithm fits the key, so handing it the
+        // whole list would refuse RS256 tokens whenever ES256 is also allowed.
+        let mut validation = Validation::new(alg);
+        validation.algorithms = vec![alg];
+        validation.leeway = 30;
+        match &self.issuer {
+            Some(iss) => validation.set_issuer(&[iss]),
+            None => validation.iss = None,
+        }
+        match &self.audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
+            .map(|_| ())
+            .map_err(|e| VerifyError::Invalid(e.to_string()))
+    }
+}
+
+/// Verify `token` against an already-fetched key set (what `Verifier::verify` does once it
+/// has the keys; also the fuzzing entry point).
+pub fn verify_with_keys(token: &str, keys: &[Jwk], policy: &Policy) -> Result<(), VerifyError> {
+    let (alg, kid) = policy.admit_header(token)?;
+    let jwk = find(keys, kid.as_deref(), alg)
+        .ok_or_else(|| VerifyError::Invalid(format!("no {alg:?} key for this token")))?;
+    policy.check(token, &jwk, alg)
 }
 
 pub struct Verifier {
@@ -59,9 +112,11 @@ impl Verifier {
         let Some(v) = &c.verify else { return Ok(None) };
         let config = VerifierConfig {
             jwks_url: v.jwks_url.clone(),
-            issuer: v.issuer.clone(),
-            audience: v.audience.clone(),
-            algorithms: v.algorithms.clone(),
+            policy: Policy {
+                issuer: v.issuer.clone(),
+                audience: v.audience.clone(),
+                algorithms: v.algorithms.clone(),
+            },
             timeout: c.timeout,
         };
         let client = crate::upstream::client(
@@ -79,34 +134,9 @@ impl Verifier {
     }
 
     pub async fn verify(&self, token: &str) -> Result<(), VerifyError> {
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|e| VerifyError::Invalid(format!("not a JWT ({e})")))?;
-        let alg = header.alg;
-        if !self.config.algorithms.contains(&alg) {
-            return Err(VerifyError::Invalid(format!(
-                "algorithm {alg:?} is not in `algorithms`"
-            )));
-        }
-        let jwk = self.key_for(header.kid.as_deref(), alg).await?;
-        let key = DecodingKey::from_jwk(&jwk)
-            .map_err(|e| VerifyError::Invalid(format!("unusable JWK: {e}")))?;
-        // Verify with exactly the token's algorithm: it is in the allowed list and fits the
-        // key (checked above). jsonwebtoken insists every listed algorithm fits the key, so
-        // handing it the whole list would refuse RS256 tokens whenever ES256 is also allowed.
-        let mut validation = Validation::new(alg);
-        validation.algorithms = vec![alg];
-        validation.leeway = 30;
-        match &self.config.issuer {
-            Some(iss) => validation.set_issuer(&[iss]),
-            None => validation.iss = None,
-        }
-        match &self.config.audience {
-            Some(aud) => validation.set_audience(&[aud]),
-            None => validation.validate_aud = false,
-        }
-        jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
-            .map(|_| ())
-            .map_err(|e| VerifyError::Invalid(e.to_string()))
+        let (alg, kid) = self.config.policy.admit_header(token)?;
+        let jwk = self.key_for(kid.as_deref(), alg).await?;
+        self.config.policy.check(token, &jwk, alg)
     }
 
     /// The signing key for `kid` that fits `alg` (or the only such key, when the token
