@@ -39,7 +39,7 @@ use crate::token::TokenStore;
 /// What `Config` validation cannot see without building things: that every CA file holds
 /// certificates, every token client and JWKS client can be built, and every
 /// `initial_tokens_file` is a usable token response, and every state directory is private
-/// and writable (a probe file is created and removed). No network.
+/// and writable (a probe file is created and removed; nothing else changes). No network.
 pub fn check_deep(config: &Config) -> Result<(), String> {
     RouteTable::from_config(config)?;
     for c in config.credentials.values() {
@@ -47,7 +47,7 @@ pub fn check_deep(config: &Config) -> Result<(), String> {
         token::verify::Verifier::for_credential(c)
             .map_err(|e| format!("credentials.{}: {e}", c.name))?;
         if let Some(path) = &c.state_file {
-            token::state::check_state_dir(path)
+            token::state::check_state_dir(path, false)
                 .map_err(|e| format!("credentials.{}.state_file: {e}", c.name))?;
         }
         if let Some(json) = &c.initial_tokens {

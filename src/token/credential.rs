@@ -152,7 +152,7 @@ impl Credential {
         let grant =
             Grant::from_config(config).map_err(|e| format!("credentials.{}: {e}", config.name))?;
         if let Some(path) = &config.state_file {
-            super::state::check_state_dir(path)
+            super::state::check_state_dir(path, true)
                 .map_err(|e| format!("credentials.{}.state_file: {e}", config.name))?;
         }
         let state_store: Option<Arc<dyn StateStore>> = config

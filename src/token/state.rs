@@ -145,17 +145,30 @@ fn dir_of(path: &Path) -> PathBuf {
 /// created (0700) when missing; refused when other users could write it (they could plant
 /// or swap our files) unless it is sticky and ours; and proven writable by creating and
 /// removing a probe file, so an unwritable directory is found before a rotation is lost.
-pub fn check_state_dir(path: &Path) -> Result<(), String> {
+///
+/// With `create = false` (`token-proxy check`, which changes nothing) a missing directory
+/// is not created; the nearest existing ancestor is checked instead, since that is where
+/// the start will create it.
+pub fn check_state_dir(path: &Path, create: bool) -> Result<(), String> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-    let dir = dir_of(path);
-    let shown = dir.display();
+    let mut dir = dir_of(path);
     if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| format!("cannot create state directory {shown}: {e}"))?;
+        if create {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|e| format!("cannot create state directory {}: {e}", dir.display()))?;
+        } else {
+            while !dir.exists() {
+                match dir.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => dir = p.to_path_buf(),
+                    _ => dir = PathBuf::from("."),
+                }
+            }
+        }
     }
+    let shown = dir.display();
     let meta = std::fs::metadata(&dir).map_err(|e| format!("state directory {shown}: {e}"))?;
     if !meta.is_dir() {
         return Err(format!("state directory {shown} is not a directory"));
