@@ -53,15 +53,20 @@ fn hot_path(c: &mut Criterion) {
     let _guard = rt.enter();
     let config = config("http://127.0.0.1:9");
     let routes = RouteTable::from_config(&config).unwrap();
-    let store =
-        TokenStore::from_config(&config, &Arc::new(Metrics::new()), Default::default()).unwrap();
+    let store = rt
+        .block_on(TokenStore::from_config(
+            &config,
+            &Arc::new(Metrics::new()),
+            Default::default(),
+        ))
+        .unwrap();
     let cred = store.get("main").unwrap();
-    rt.block_on(
-        cred.install(
-            br#"{"access_token":"bench-access-token-0123456789abcdef","expires_in":3600}"#,
-        ),
-    )
-    .unwrap();
+    store.spawn_refreshers();
+    rt.block_on(async {
+        while cred.current().is_none() {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    });
     let mut template = HeaderMap::new();
     template.insert("host", HeaderValue::from_static("127.0.0.1:8080"));
     template.insert("user-agent", HeaderValue::from_static("legacy-app/1.0"));

@@ -190,6 +190,7 @@ pub fn status(c: &Credential) -> Value {
         "last_error": snap.last_error,
         "generation": snap.token.as_ref().map(|t| t.generation),
         "persisted": snap.persisted,
+        "store": c.store_kind,
     })
 }
 

@@ -126,6 +126,7 @@ impl App {
         let stop_all = CancellationToken::new();
         let store = Arc::new(
             TokenStore::from_config(&config, &metrics, stop_all.clone())
+                .await
                 .map_err(StartError::Runtime)?,
         );
         let routes = RouteTable::from_config(&config).map_err(StartError::Config)?;

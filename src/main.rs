@@ -163,6 +163,15 @@ async fn run(source: ConfigSource) -> ExitCode {
         Err(code) => return code,
     };
     let mut watched = config.watched_files();
+    // Before the listeners announce themselves: a signal sent as soon as the proxy says
+    // "listening" must find its handler, not the default (which kills the process).
+    let mut signals = match Signals::new() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("token-proxy: cannot install signal handlers: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let handle = match App::spawn(config).await {
         Ok(h) => h,
         Err(StartError::Config(e)) => {
@@ -171,13 +180,6 @@ async fn run(source: ConfigSource) -> ExitCode {
         }
         Err(StartError::Runtime(e)) => {
             eprintln!("token-proxy: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let mut signals = match Signals::new() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("token-proxy: cannot install signal handlers: {e}");
             return ExitCode::from(1);
         }
     };

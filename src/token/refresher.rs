@@ -1,180 +1,591 @@
-//! The background task that keeps one credential's token fresh.
+//! One credential, write side: the task that owns every token write.
 //!
-//! One task per credential, and only it fetches: that is the single flight. Requests and
-//! 401s only *wake* it; it decides whether a fetch is due. It refreshes ahead of expiry at
-//! `expires_at - min(refresh_before, lifetime/2) - jitter`, backs off with jitter on
-//! transient failures, and parks in `needs_reauth` on a refusal until a token is installed
-//! or an admin forces a refresh.
+//! Only the refresher fetches (that is the single flight), verifies, commits to the state
+//! store and publishes; requests and 401s only *wake* it, and admin actions reach it as
+//! [`Command`]s, so a refresh and a `PUT /tokens/{name}` never interleave. What to do next
+//! is decided by [`schedule::next`], a pure function of its state and the clock. It
+//! refreshes ahead of expiry, backs off with jitter on transient failures, and parks in
+//! `needs_reauth` on a refusal until a token is installed or an admin forces a refresh.
+//!
+//! Its state lives behind a mutex in the (shared) `Refresher`, not in the task: a task that
+//! panics is restarted (see `supervise`) and carries on with the refresh token it held.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use rand::Rng;
+use http::header::HeaderValue;
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::credential::{Credential, Phase, Snapshot};
-use super::grant::{Grant, StaticSource};
+use super::credential::{ActiveToken, Credential, Phase, Snapshot};
+use super::grant::{Grant, GrantError, StaticSource};
+use super::response::{parse_handed_over, TokenSet};
+use super::schedule::{self, Action};
+use super::state::{Commit, StateStore, Stored};
+use super::verify::{Verifier, VerifyError};
+use crate::config::CredentialConfig;
+use crate::metrics::Metrics;
 
 /// How often a static token file is checked for a new token (Kubernetes swaps it in place).
 const FILE_POLL: Duration = Duration::from_secs(2);
 
-/// `(margin, lead)` for a token living `lifetime`: it is not attached within `margin` of
-/// its expiry, and its refresh starts `lead` before expiry (including up to 10 % jitter so
-/// that many sidecars sharing an identity provider do not refresh in lockstep).
-pub fn schedule(lifetime: Duration, refresh_before: Duration) -> (Duration, Duration) {
-    let margin = (lifetime / 10).min(Duration::from_secs(2));
-    let lead = refresh_before.min(lifetime / 2);
-    let jitter = lead.mul_f64(rand::thread_rng().gen_range(0.0..0.1));
-    (margin, (lead + jitter).max(margin))
+/// What the read side asks of the writer.
+pub enum Command {
+    Install {
+        set: TokenSet,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    SignOut {
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Refresh now, even in backoff or needs_reauth.
+    Refresh {
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    RefreshToken {
+        reply: oneshot::Sender<Option<SecretString>>,
+    },
 }
 
-/// Delay before retry number `failures` (1-based): 1 s, 2 s, 4 s ... capped at 30 s, with
-/// "equal jitter" (half fixed, half random).
-pub fn backoff(failures: u32) -> Duration {
-    let base =
-        Duration::from_secs(1u64 << failures.saturating_sub(1).min(5)).min(Duration::from_secs(30));
-    base.mul_f64(rand::thread_rng().gen_range(0.5..1.0))
+/// Where a credential starts from when it replaces another on reload.
+#[derive(Default)]
+pub struct Start {
+    /// The predecessor's current refresh token: it may have rotated since the config was
+    /// written, and the configured one may be dead. Used when the store holds nothing.
+    pub carried_refresh_token: Option<SecretString>,
+    /// The configured refresh token (or initial tokens) changed: the operator installed a
+    /// new one, so it wins over the state store.
+    pub prefer_config: bool,
 }
 
-impl Credential {
-    /// Whether a fetch is due now (ignoring backoff and needs_reauth).
-    fn wanted(&self, snap: &Snapshot, now: SystemTime) -> bool {
-        match &snap.token {
-            None => true,
-            Some(t) => snap.invalidated || t.refresh_at.is_some_and(|at| now >= at),
+/// The writer's own state.
+struct Writer {
+    refresh_token: Option<SecretString>,
+    /// The newest generation this writer made or adopted (published or not).
+    generation: u64,
+    /// The generation the state store holds (the compare-and-set's `expected`).
+    committed: u64,
+    consecutive_failures: u32,
+    /// A fetched token set whose verification could not finish (JWKS unreachable, or a new
+    /// `kid` not yet refetchable): verified again on the next attempt instead of fetching
+    /// (and rotating) anew.
+    unverified: Option<TokenSet>,
+    /// A set whose commit failed; committed again (`save_retry_at`) until it lands.
+    unsaved: Option<Stored>,
+    save_failures: u32,
+    save_retry_at: Option<Instant>,
+    next_file_poll: Instant,
+}
+
+pub struct Refresher {
+    cred: Arc<Credential>,
+    grant: Grant,
+    store: Arc<dyn StateStore>,
+    verifier: Option<Verifier>,
+    header_prefix: String,
+    refresh_before: Duration,
+    metrics: Arc<Metrics>,
+    /// The writer state and the command queue; held by the running task.
+    inner: tokio::sync::Mutex<(Writer, mpsc::Receiver<Command>)>,
+}
+
+/// Build a credential from its config: the read side and the refresher that owns its
+/// writes, starting from what `store` holds (it wins over the config's initial tokens).
+pub async fn build(
+    config: &CredentialConfig,
+    metrics: Arc<Metrics>,
+    start: Start,
+    store: Arc<dyn StateStore>,
+) -> Result<(Arc<Credential>, Arc<Refresher>), String> {
+    let named = |e: String| format!("credentials.{}: {e}", config.name);
+    let grant = Grant::from_config(config).map_err(named)?;
+    let verifier = Verifier::for_credential(config).map_err(named)?;
+    let now = SystemTime::now();
+    let saved = match start.prefer_config {
+        true => None,
+        false => store.load().await.map_err(|e| e.to_string())?,
+    };
+    if saved.is_some() {
+        tracing::info!(credential = %config.name, store = store.kind(), "starting from the saved tokens");
+    }
+    let committed = saved.as_ref().map_or(0, |s| s.generation);
+    let initial = match (saved.map(|s| s.tokens), &config.initial_tokens) {
+        (Some(set), _) => Some(set),
+        (None, _) if start.carried_refresh_token.is_some() => None,
+        (None, Some(json)) => Some(
+            parse_handed_over(json.expose_secret().as_bytes(), now)
+                .map_err(|e| format!("credentials.{}.initial_tokens_file: {e}", config.name))?,
+        ),
+        (None, None) => None,
+    };
+    let refresh_token = initial
+        .as_ref()
+        .and_then(|s| s.refresh_token.clone())
+        .or(start.carried_refresh_token)
+        .or_else(|| config.refresh_token.clone());
+    let (commands, queue) = mpsc::channel(16);
+    let persisted = (store.kind() != "memory").then_some(true);
+    let cred = Arc::new(Credential::new(
+        &config.name,
+        config.header.clone(),
+        store.kind(),
+        config.timeout + Duration::from_secs(1),
+        Snapshot::empty(persisted),
+        commands,
+    ));
+    let writer = Writer {
+        refresh_token,
+        generation: committed,
+        committed,
+        consecutive_failures: 0,
+        unverified: None,
+        unsaved: None,
+        save_failures: 0,
+        save_retry_at: None,
+        next_file_poll: Instant::now() + FILE_POLL,
+    };
+    let refresher = Refresher {
+        cred: cred.clone(),
+        grant,
+        store,
+        verifier,
+        header_prefix: config.header_prefix.clone(),
+        refresh_before: config.refresh_before,
+        metrics,
+        inner: tokio::sync::Mutex::new((writer, queue)),
+    };
+    // A saved access token still valid is used at once (a restart costs no refresh),
+    // unless tokens must be verified: then the refresher fetches and verifies a new one.
+    if let Some(set) = initial.filter(|_| refresher.verifier.is_none()) {
+        if set.expires_at.is_none_or(|at| at > now) {
+            let mut inner = refresher.inner.lock().await;
+            let w = &mut inner.0;
+            w.generation = w.generation.max(1);
+            if let Ok(active) = refresher.activate(w.generation, &set) {
+                cred.snapshot.send_modify(|s| {
+                    s.token = Some(Arc::new(active));
+                    s.refreshed_at = Some(set.received_at);
+                });
+            }
         }
+    }
+    Ok((cred, Arc::new(refresher)))
+}
+
+impl Refresher {
+    pub fn credential(&self) -> &Arc<Credential> {
+        &self.cred
+    }
+
+    /// The refresh token held now (the task must be stopped, or between actions).
+    pub async fn refresh_token(&self) -> Option<SecretString> {
+        self.inner.lock().await.0.refresh_token.clone()
     }
 
     fn polls_file(&self) -> bool {
         matches!(self.grant, Grant::Static(StaticSource::File(_)))
     }
 
-    /// The refresher loop; returns when `shutdown` is cancelled.
-    pub async fn run_refresher(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut next_poll = tokio::time::Instant::now() + FILE_POLL;
-        let mut save_failures = 0u32;
-        let mut next_save = tokio::time::Instant::now();
+    /// The refresher loop; returns when `shutdown` is cancelled. A refresh in flight is
+    /// finished (and committed) first: only waits are interrupted.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut guard = self.inner.lock().await;
+        let (w, queue) = &mut *guard;
         loop {
-            let snap = self.snapshot();
-            let now = SystemTime::now();
-            let unsaved = snap.persisted == Some(false);
-            if !unsaved {
-                save_failures = 0;
-            } else if tokio::time::Instant::now() >= next_save {
-                // A rotation that is not on disk: keep writing it until it is.
-                save_failures += 1;
-                next_save = tokio::time::Instant::now() + backoff(save_failures);
-                self.retry_persist().await;
-                continue;
-            }
-            let forced = self.force.swap(false, Ordering::SeqCst);
-            let due = forced
-                || match snap.phase {
-                    Phase::NeedsReauth => false,
-                    Phase::Backoff { until } => now >= until,
-                    Phase::Idle | Phase::Refreshing => self.wanted(&snap, now),
-                };
-            if due {
-                self.attempt(false).await;
-                continue;
-            }
-            if self.polls_file() && tokio::time::Instant::now() >= next_poll {
-                next_poll = tokio::time::Instant::now() + FILE_POLL;
-                self.attempt(true).await;
-                continue;
-            }
-            let wake_at = match snap.phase {
-                Phase::NeedsReauth => None,
-                Phase::Backoff { until } => Some(until),
-                _ => snap.token.as_ref().and_then(|t| t.refresh_at),
+            let wait_until = match schedule::next(&self.schedule_state(w), Instant::now()) {
+                Action::SaveAgain => {
+                    self.save_again(w).await;
+                    continue;
+                }
+                Action::Fetch => {
+                    self.attempt(w, false).await;
+                    continue;
+                }
+                Action::PollFile => {
+                    w.next_file_poll = Instant::now() + FILE_POLL;
+                    self.attempt(w, true).await;
+                    continue;
+                }
+                Action::Wait(until) => until,
             };
-            let mut sleep_for = wake_at.map(|at| at.duration_since(now).unwrap_or_default());
-            if self.polls_file() {
-                let poll_in = next_poll.saturating_duration_since(tokio::time::Instant::now());
-                sleep_for = Some(sleep_for.map_or(poll_in, |s| s.min(poll_in)));
-            }
-            if unsaved {
-                let save_in = next_save.saturating_duration_since(tokio::time::Instant::now());
-                sleep_for = Some(sleep_for.map_or(save_in, |s| s.min(save_in)));
-            }
             let sleep = async {
-                match sleep_for {
-                    Some(d) => tokio::time::sleep(d).await,
+                match wait_until {
+                    Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
             };
-            tokio::select! {
+            let command = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = self.wake.notified() => {}
-                _ = sleep => {}
+                command = queue.recv() => match command {
+                    Some(c) => Some(c),
+                    None => return,
+                },
+                _ = self.cred.wake.notified() => None,
+                _ = sleep => None,
+            };
+            if let Some(command) = command {
+                self.handle(w, command).await;
             }
         }
     }
 
-    /// `POST /tokens/{name}/refresh`: refresh now, even in backoff or needs_reauth, and wait
-    /// for the outcome. `Err` carries the token endpoint's error (no secrets).
-    pub async fn force_refresh(&self) -> Result<(), String> {
-        let mut rx = self.snapshot.subscribe();
-        let (before_attempts, before_count) = {
-            let s = rx.borrow_and_update();
-            (s.attempts, s.refresh_count)
+    /// The decision's inputs, wall-clock times turned into tokio instants.
+    fn schedule_state(&self, w: &Writer) -> schedule::State {
+        let snap = self.cred.snapshot();
+        let (now_wall, now) = (SystemTime::now(), Instant::now());
+        let at = |t: SystemTime| now + t.duration_since(now_wall).unwrap_or_default();
+        schedule::State {
+            has_token: snap.token.is_some(),
+            invalidated: snap.invalidated,
+            refresh_at: snap.token.as_ref().and_then(|t| t.refresh_at).map(at),
+            backoff_until: match snap.phase {
+                Phase::Backoff { until } => Some(at(until)),
+                _ => None,
+            },
+            parked: snap.phase == Phase::NeedsReauth,
+            save_retry_at: w.unsaved.as_ref().and(w.save_retry_at),
+            file_poll_at: self.polls_file().then_some(w.next_file_poll),
+        }
+    }
+
+    async fn handle(&self, w: &mut Writer, command: Command) {
+        match command {
+            Command::Install { set, reply } => {
+                let outcome = self.install(w, set).await;
+                let _ = reply.send(outcome);
+            }
+            Command::SignOut { reply } => {
+                let _ = reply.send(self.sign_out(w).await);
+            }
+            Command::Refresh { reply } => {
+                let before = self.cred.snapshot().refresh_count;
+                self.attempt(w, false).await;
+                let snap = self.cred.snapshot();
+                let outcome = if snap.refresh_count > before {
+                    Ok(())
+                } else {
+                    Err(snap.last_error.unwrap_or_else(|| "refresh failed".into()))
+                };
+                let _ = reply.send(outcome);
+            }
+            Command::RefreshToken { reply } => {
+                let _ = reply.send(w.refresh_token.clone());
+            }
+        }
+    }
+
+    /// Run one fetch (under the store's refresh lease) and publish its outcome.
+    async fn attempt(&self, w: &mut Writer, poll_only: bool) {
+        if !poll_only {
+            self.cred
+                .snapshot
+                .send_modify(|s| s.phase = Phase::Refreshing);
+        }
+        let held = w
+            .unverified
+            .take()
+            .filter(|set| set.expires_at.is_none_or(|at| at > SystemTime::now()));
+        let outcome = match held {
+            // Already committed when it was fetched: only the verification is retried.
+            Some(set) => self.verify_and_publish(w, set, w.generation).await,
+            None => self.fetch_and_publish(w, poll_only).await,
         };
-        self.force.store(true, Ordering::SeqCst);
-        self.wake.notify_one();
-        let deadline = tokio::time::Instant::now() + self.wait_timeout * 2;
-        loop {
-            {
-                let s = rx.borrow_and_update();
-                if s.attempts > before_attempts {
-                    return if s.refresh_count > before_count {
-                        Ok(())
-                    } else {
-                        Err(s
-                            .last_error
-                            .clone()
-                            .unwrap_or_else(|| "refresh failed".into()))
-                    };
+        if let Err(e) = outcome {
+            self.record_failure(w, e);
+        }
+    }
+
+    /// Take the lease, call the token endpoint, commit and publish, release the lease.
+    async fn fetch_and_publish(&self, w: &mut Writer, poll_only: bool) -> Result<(), GrantError> {
+        let store_down = |e: super::state::StateError| GrantError::Transient {
+            message: format!("state store unavailable: {e}"),
+            retry_after: None,
+        };
+        let Some(lease) = self
+            .store
+            .try_acquire(w.committed)
+            .await
+            .map_err(store_down)?
+        else {
+            return Err(GrantError::Transient {
+                message: "another holder is refreshing this credential".into(),
+                retry_after: Some(Duration::from_secs(1)),
+            });
+        };
+        let result = async {
+            let set = self.grant.fetch(w.refresh_token.as_ref()).await?;
+            let unchanged =
+                poll_only
+                    && self.cred.snapshot.borrow().token.as_ref().is_some_and(|t| {
+                        self.header_value(&set).is_ok_and(|v| v == t.header_value)
+                    });
+            if unchanged {
+                return Ok(());
+            }
+            self.publish_new(w, set).await
+        }
+        .await;
+        if let Err(e) = self.store.release(lease).await {
+            tracing::warn!(credential = %self.cred.name, error = %e, "could not release the refresh lease");
+        }
+        result
+    }
+
+    /// Publish a failed fetch or install: backoff for transient errors, else needs_reauth.
+    fn record_failure(&self, w: &mut Writer, e: GrantError) {
+        self.metrics.refresh(&self.cred.name, false);
+        let message = e.to_string();
+        let phase = match &e {
+            GrantError::Transient { retry_after, .. } => {
+                w.consecutive_failures += 1;
+                let delay =
+                    retry_after.unwrap_or_else(|| schedule::backoff(w.consecutive_failures));
+                Phase::Backoff {
+                    until: SystemTime::now() + delay,
                 }
             }
-            if tokio::time::timeout_at(deadline, rx.changed())
+            GrantError::Rejected(_) | GrantError::NoRefreshToken => Phase::NeedsReauth,
+        };
+        match phase {
+            Phase::Backoff { until } => tracing::warn!(
+                credential = %self.cred.name,
+                outcome = "error",
+                error = %message,
+                retry_in_ms = until.duration_since(SystemTime::now()).unwrap_or_default().as_millis() as u64,
+                "token refresh failed; retrying"
+            ),
+            _ => tracing::error!(
+                credential = %self.cred.name,
+                outcome = "error",
+                error = %message,
+                state = "needs_reauth",
+                "token refresh refused; a new login is needed (PUT /tokens/<name>, a new secret, or a restart)"
+            ),
+        }
+        self.cred.snapshot.send_modify(|s| {
+            s.phase = phase;
+            s.last_error = Some(message);
+        });
+    }
+
+    /// Commit a fetched set (before anything uses it, and before anything can fail: its
+    /// refresh token may be the only valid one left), then verify and publish it.
+    async fn publish_new(&self, w: &mut Writer, mut set: TokenSet) -> Result<(), GrantError> {
+        // An absent refresh token in a response means "keep the one you have" (RFC 6749 §6).
+        if set.refresh_token.is_none() {
+            set.refresh_token = w.refresh_token.clone();
+        }
+        let generation = self.commit_new(w, &set).await;
+        self.verify_and_publish(w, set, generation).await
+    }
+
+    /// Verify (when configured) and publish a committed set.
+    async fn verify_and_publish(
+        &self,
+        w: &mut Writer,
+        set: TokenSet,
+        generation: u64,
+    ) -> Result<(), GrantError> {
+        let active = self
+            .activate(generation, &set)
+            .map_err(GrantError::Rejected)?;
+        if let Some(verifier) = &self.verifier {
+            match verifier.verify(set.access_token.expose_secret()).await {
+                Ok(()) => {}
+                Err(e @ VerifyError::Jwks(_)) => {
+                    w.unverified = Some(set);
+                    return Err(GrantError::Transient {
+                        message: e.to_string(),
+                        retry_after: None,
+                    });
+                }
+                // The grant still works (the refresh token was accepted); the provider may
+                // be mid key rotation or mid bad deploy. Never attach this token; fetch again
+                // with backoff and recover by itself once good tokens come.
+                Err(e @ VerifyError::Invalid(_)) => {
+                    return Err(GrantError::Transient {
+                        message: e.to_string(),
+                        retry_after: None,
+                    })
+                }
+            }
+        }
+        self.publish(w, &set, active);
+        Ok(())
+    }
+
+    /// An install: checked whole (header-safe, verified when configured) before anything
+    /// is replaced, then committed and published.
+    async fn install(&self, w: &mut Writer, mut set: TokenSet) -> Result<(), String> {
+        let now = SystemTime::now();
+        self.header_value(&set)?;
+        if let Some(rt) = &set.refresh_token {
+            if rt.expose_secret().chars().any(char::is_control) {
+                return Err("refresh_token contains control characters".into());
+            }
+        }
+        // An expired access token is accepted for its refresh token (it is never attached;
+        // the refresher fetches a new, verified one at once).
+        let live = set.expires_at.is_none_or(|at| at > now);
+        if let (Some(verifier), true) = (&self.verifier, live) {
+            verifier
+                .verify(set.access_token.expose_secret())
                 .await
-                .is_err()
-            {
-                return Err("timed out waiting for the token endpoint".into());
+                .map_err(|e| e.to_string())?;
+        }
+        if set.refresh_token.is_none() {
+            set.refresh_token = w.refresh_token.clone();
+        }
+        w.unverified = None;
+        let generation = self.commit_new(w, &set).await;
+        let active = self.activate(generation, &set)?;
+        self.publish(w, &set, active);
+        Ok(())
+    }
+
+    /// Sign out: forget the tokens here and in the store.
+    async fn sign_out(&self, w: &mut Writer) -> Result<(), String> {
+        self.store.clear().await.map_err(|e| e.to_string())?;
+        w.refresh_token = None;
+        w.unverified = None;
+        w.unsaved = None;
+        w.generation += 1;
+        w.committed = 0;
+        self.cred.snapshot.send_modify(|s| {
+            s.token = None;
+            s.invalidated = false;
+            s.phase = Phase::NeedsReauth;
+            s.last_error = Some("signed out: install a new token with PUT /tokens/<name>".into());
+            s.persisted = s.persisted.map(|_| true);
+        });
+        tracing::warn!(credential = %self.cred.name, "signed out; tokens forgotten");
+        Ok(())
+    }
+
+    /// Give `set` the next generation, take its refresh token as ours, and commit it to
+    /// the store. A failed commit is reported everywhere (error log, `/tokens`
+    /// `persisted: false`, a metric) and retried until it lands, but it is not fatal: the
+    /// server has already rotated, and losing the new token in memory too would be worse.
+    async fn commit_new(&self, w: &mut Writer, set: &TokenSet) -> u64 {
+        w.generation += 1;
+        w.refresh_token = set.refresh_token.clone();
+        let stored = Stored {
+            generation: w.generation,
+            tokens: set.clone(),
+        };
+        self.commit(w, stored).await;
+        w.generation
+    }
+
+    async fn commit(&self, w: &mut Writer, stored: Stored) {
+        let generation = stored.generation;
+        let failure = match self.store.commit(w.committed, stored.clone()).await {
+            Ok(Commit::Committed) => None,
+            Ok(Commit::Conflict { current }) => Some(format!(
+                "the store moved to generation {current} (expected {})",
+                w.committed
+            )),
+            Err(e) => Some(e.to_string()),
+        };
+        match failure {
+            None => {
+                w.committed = generation;
+                if w.unsaved.take().is_some() {
+                    tracing::info!(credential = %self.cred.name, "tokens saved again");
+                }
+                w.save_failures = 0;
+                w.save_retry_at = None;
+                self.cred.snapshot.send_modify(|s| {
+                    s.persisted = s.persisted.map(|_| true);
+                    if s.last_error
+                        .as_deref()
+                        .is_some_and(|e| e.contains("could not save"))
+                    {
+                        s.last_error = None;
+                    }
+                });
+            }
+            Some(failure) => {
+                self.metrics.persist_failed(&self.cred.name);
+                tracing::error!(credential = %self.cred.name, error = %failure, "could not save tokens to the state store; retrying; a restart now would need a new login");
+                w.save_failures += 1;
+                w.save_retry_at = Some(Instant::now() + schedule::backoff(w.save_failures));
+                w.unsaved = Some(stored);
+                self.cred.snapshot.send_modify(|s| {
+                    s.persisted = Some(false);
+                    s.last_error = Some(format!(
+                        "could not save tokens to state_file (retrying): {failure}"
+                    ));
+                });
             }
         }
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+    /// Commit the set whose commit failed, again.
+    async fn save_again(&self, w: &mut Writer) {
+        if let Some(stored) = w.unsaved.clone() {
+            self.commit(w, stored).await;
+        }
+    }
 
-    #[test]
-    fn long_tokens_refresh_refresh_before_ahead() {
-        let (margin, lead) = schedule(Duration::from_secs(3600), Duration::from_secs(60));
-        assert_eq!(margin, Duration::from_secs(2));
-        assert!(
-            lead >= Duration::from_secs(60) && lead <= Duration::from_secs(66),
-            "{lead:?}"
+    /// Make `active` the token requests get.
+    fn publish(&self, w: &mut Writer, set: &TokenSet, active: ActiveToken) {
+        w.consecutive_failures = 0;
+        let now = SystemTime::now();
+        let next = active.refresh_at;
+        let persisted = w.unsaved.is_none();
+        self.cred.snapshot.send_modify(|s| {
+            s.token = Some(Arc::new(active));
+            s.invalidated = false;
+            s.phase = Phase::Idle;
+            if persisted {
+                s.last_error = None; // else keep the save failure commit() reported
+            }
+            s.refreshed_at = Some(now);
+            s.refresh_count += 1;
+        });
+        self.metrics.refresh(&self.cred.name, true);
+        tracing::info!(
+            credential = %self.cred.name,
+            outcome = "ok",
+            generation = w.generation,
+            expires_in_s = set.expires_at.and_then(|e| e.duration_since(now).ok()).map(|d| d.as_secs()),
+            next_refresh_in_s = next.and_then(|n| n.duration_since(now).ok()).map(|d| d.as_secs()),
+            "token refreshed"
         );
     }
 
-    #[test]
-    fn short_tokens_refresh_at_half_life() {
-        let (margin, lead) = schedule(Duration::from_secs(2), Duration::from_secs(60));
-        assert_eq!(margin, Duration::from_millis(200));
-        assert!(
-            lead >= Duration::from_secs(1) && lead <= Duration::from_millis(1100),
-            "{lead:?}"
-        );
+    fn header_value(&self, set: &TokenSet) -> Result<HeaderValue, String> {
+        let mut v = HeaderValue::from_str(&format!(
+            "{}{}",
+            self.header_prefix,
+            set.access_token.expose_secret()
+        ))
+        .map_err(|_| {
+            "access token contains characters not allowed in an HTTP header".to_string()
+        })?;
+        v.set_sensitive(true);
+        Ok(v)
     }
 
-    #[test]
-    fn backoff_grows_and_caps() {
-        assert!(backoff(1) <= Duration::from_secs(1));
-        assert!(backoff(3) >= Duration::from_secs(2) && backoff(3) <= Duration::from_secs(4));
-        assert!(backoff(50) <= Duration::from_secs(30));
+    fn activate(&self, generation: u64, set: &TokenSet) -> Result<ActiveToken, String> {
+        let header_value = self.header_value(set)?;
+        let (usable_until, refresh_at) = match set.expires_at {
+            Some(exp) => {
+                let lifetime = exp.duration_since(set.received_at).unwrap_or_default();
+                let (margin, lead) = schedule::schedule(lifetime, self.refresh_before);
+                (Some(exp - margin), Some(exp - lead))
+            }
+            None => (None, None),
+        };
+        Ok(ActiveToken {
+            generation,
+            header_value,
+            expires_at: set.expires_at,
+            usable_until,
+            refresh_at,
+        })
     }
 }

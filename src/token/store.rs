@@ -1,5 +1,7 @@
 //! Every credential by name: a `DashMap`, so lookups on the request path never contend, and
-//! a reload can replace one entry at a time while requests keep flowing.
+//! a reload can replace one entry at a time while requests keep flowing. It also builds
+//! each credential's state store (the seam is injected here, not inside the credential)
+//! and runs each credential's refresher.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -10,7 +12,9 @@ use secrecy::ExposeSecret;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::credential::{Credential, Start};
+use super::credential::Credential;
+use super::refresher::{self, Refresher, Start};
+use super::state::{check_state_dir, FileStateStore, MemoryStateStore, StateStore};
 use crate::config::{Config, CredentialConfig};
 use crate::metrics::Metrics;
 
@@ -19,14 +23,16 @@ pub struct TokenStore {
     /// The config each credential was built from (fingerprints decide what a reload changes).
     configs: Mutex<HashMap<Arc<str>, CredentialConfig>>,
     /// Each credential's refresher task and the token that stops it.
-    refreshers: Mutex<HashMap<Arc<str>, Refresher>>,
+    refreshers: Mutex<HashMap<Arc<str>, Running>>,
+    /// Refreshers built but not started yet (`spawn_refreshers` starts them).
+    pending: Mutex<Vec<Arc<Refresher>>>,
     metrics: Arc<Metrics>,
     /// Parent of every refresher's cancellation token.
     shutdown: CancellationToken,
 }
 
-/// A running refresher task and the token that stops it.
-type Refresher = (CancellationToken, JoinHandle<()>);
+/// A credential's refresher, its running task and the token that stops it.
+type Running = (Arc<Refresher>, CancellationToken, JoinHandle<()>);
 
 /// What a reload did to the credentials.
 #[derive(Debug, Default)]
@@ -44,8 +50,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl TokenStore {
-    /// Build every credential of `config` (loading state files); refreshers are not started.
-    pub fn from_config(
+    /// Build every credential of `config` (loading saved tokens); refreshers are not
+    /// started.
+    pub async fn from_config(
         config: &Config,
         metrics: &Arc<Metrics>,
         shutdown: CancellationToken,
@@ -54,13 +61,16 @@ impl TokenStore {
             credentials: DashMap::new(),
             configs: Mutex::new(HashMap::new()),
             refreshers: Mutex::new(HashMap::new()),
+            pending: Mutex::new(Vec::new()),
             metrics: metrics.clone(),
             shutdown,
         };
         for c in config.credentials.values() {
-            let cred = Credential::new(c, metrics.clone(), Start::default())?;
+            let refresher = build(c, metrics.clone(), Start::default()).await?;
+            let cred = refresher.credential().clone();
             lock(&store.configs).insert(cred.name.clone(), c.clone());
             store.credentials.insert(cred.name.clone(), cred);
+            lock(&store.pending).push(refresher);
         }
         Ok(store)
     }
@@ -78,36 +88,37 @@ impl TokenStore {
 
     /// Start one refresher task per credential.
     pub fn spawn_refreshers(&self) {
-        for cred in self.all() {
-            self.spawn_refresher(cred);
+        let pending = std::mem::take(&mut *lock(&self.pending));
+        for refresher in pending {
+            self.spawn_refresher(refresher);
         }
     }
 
     /// A refresher that panics is logged and restarted: a credential never goes stale
     /// silently.
-    fn spawn_refresher(&self, cred: Arc<Credential>) {
+    fn spawn_refresher(&self, refresher: Arc<Refresher>) {
         let cancel = self.shutdown.child_token();
-        let name = cred.name.clone();
-        let stop = cancel.clone();
+        let name = refresher.credential().name.clone();
+        let (stop, running) = (cancel.clone(), refresher.clone());
         let task = tokio::spawn(crate::supervise::restarting(
             format!("refresher for credential {name}"),
             cancel.clone(),
             std::time::Duration::from_secs(1),
-            move || cred.clone().run_refresher(stop.clone()),
+            move || running.clone().run(stop.clone()),
         ));
-        lock(&self.refreshers).insert(name, (cancel, task));
+        lock(&self.refreshers).insert(name, (refresher, cancel, task));
     }
 
     /// Stop a credential's refresher and wait until it has exited. A refresh in flight is
-    /// finished (and its rotated token persisted) first: only sleeps are interrupted.
-    async fn stop_refresher(&self, name: &str) {
+    /// finished (and its rotated token committed) first: only waits are interrupted.
+    async fn stop_refresher(&self, name: &str) -> Option<Arc<Refresher>> {
         let entry = lock(&self.refreshers).remove(name);
-        if let Some((cancel, task)) = entry {
-            cancel.cancel();
-            if let Err(e) = task.await {
-                tracing::error!(credential = name, error = %e, "refresher supervisor failed");
-            }
+        let (refresher, cancel, task) = entry?;
+        cancel.cancel();
+        if let Err(e) = task.await {
+            tracing::error!(credential = name, error = %e, "refresher supervisor failed");
         }
+        Some(refresher)
     }
 
     /// Apply a new set of credential configs: unchanged ones keep their tokens, changed ones
@@ -116,46 +127,48 @@ impl TokenStore {
         let mut report = ReloadReport::default();
         let old_names: Vec<Arc<str>> = lock(&self.configs).keys().cloned().collect();
         for name in old_names.iter().filter(|n| !new.contains_key(&***n)) {
-            self.stop_refresher(name).await;
+            let _ = self.stop_refresher(name).await;
             self.credentials.remove(name);
             lock(&self.configs).remove(name);
             report.removed.push(name.to_string());
         }
         for (name, config) in new {
             let old_config = lock(&self.configs).get(name.as_str()).cloned();
-            let start = match &old_config {
+            let (start, previous) = match &old_config {
                 Some(old) if old.fingerprint() == config.fingerprint() => {
                     report.kept.push(name.clone());
                     continue;
                 }
                 Some(old) => {
-                    self.stop_refresher(name).await;
+                    let previous = self.stop_refresher(name).await;
                     let same_start = same_secret(&old.refresh_token, &config.refresh_token)
                         && same_secret(&old.initial_tokens, &config.initial_tokens);
-                    let carried = match (same_start, self.get(name)) {
-                        (true, Some(previous)) => previous.refresh_token_now().await,
+                    let carried = match (same_start, &previous) {
+                        (true, Some(previous)) => previous.refresh_token().await,
                         _ => None,
                     };
-                    Start {
+                    let start = Start {
                         carried_refresh_token: carried,
                         prefer_config: !same_start,
-                    }
+                    };
+                    (start, previous)
                 }
-                None => Start::default(),
+                None => (Start::default(), None),
             };
-            match Credential::new(config, self.metrics.clone(), start) {
-                Ok(cred) => {
+            match build(config, self.metrics.clone(), start).await {
+                Ok(refresher) => {
+                    let cred = refresher.credential().clone();
                     let key = cred.name.clone();
                     lock(&self.configs).insert(key.clone(), config.clone());
-                    self.credentials.insert(key, cred.clone());
-                    self.spawn_refresher(cred);
+                    self.credentials.insert(key, cred);
+                    self.spawn_refresher(refresher);
                     match old_config {
                         Some(_) => report.replaced.push(name.clone()),
                         None => report.added.push(name.clone()),
                     }
                 }
                 Err(e) => {
-                    if let Some(previous) = self.get(name) {
+                    if let Some(previous) = previous {
                         self.spawn_refresher(previous);
                     }
                     report.failed.push((name.clone(), e));
@@ -178,4 +191,23 @@ impl TokenStore {
 
 fn same_secret(a: &Option<secrecy::SecretString>, b: &Option<secrecy::SecretString>) -> bool {
     a.as_ref().map(|s| s.expose_secret()) == b.as_ref().map(|s| s.expose_secret())
+}
+
+/// Build a credential with the state store its config asks for: the file store with a
+/// `state_file` (its directory checked first), else memory.
+async fn build(
+    config: &CredentialConfig,
+    metrics: Arc<Metrics>,
+    start: Start,
+) -> Result<Arc<Refresher>, String> {
+    let state: Arc<dyn StateStore> = match &config.state_file {
+        Some(path) => {
+            check_state_dir(path, true)
+                .map_err(|e| format!("credentials.{}.state_file: {e}", config.name))?;
+            Arc::new(FileStateStore::new(path.clone()))
+        }
+        None => Arc::new(MemoryStateStore::default()),
+    };
+    let (_, refresher) = refresher::build(config, metrics, start, state).await?;
+    Ok(refresher)
 }

@@ -1,9 +1,9 @@
-//! Where a credential's tokens persist between runs.
+//! The file store: one holder (this process), tokens in `state_file`.
 //!
-//! The `StateStore` seam is small on purpose (load, save) so that a shared store (Redis, for
-//! replicas sharing one refresh token) can slot in later. The file store writes atomically:
-//! temp file in the same directory, fsync, rename, fsync the directory, mode 0600. A rotated
-//! refresh token is saved *before* it is used, so a crash never loses it.
+//! Writes are atomic: a private temp file in the same directory, fsync, rename, fsync the
+//! directory, mode 0600. A rotated refresh token is committed here *before* it is used, so
+//! a crash never loses it. The lease is trivial (the credential's refresher is the only
+//! writer) and nobody else commits, so `watch` never fires.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -12,28 +12,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-use super::response::TokenSet;
+use super::{BoxFuture, Commit, Lease, LocalHolder, StateError, StateStore, Stored};
+use crate::token::response::TokenSet;
 
-pub trait StateStore: Send + Sync + 'static {
-    /// The saved tokens, `None` when nothing was saved yet.
-    fn load(&self) -> Result<Option<TokenSet>, StateError>;
-    /// Durably replace the saved tokens.
-    fn save(&self, tokens: &TokenSet) -> Result<(), StateError>;
-    /// Forget the saved tokens (sign-out).
-    fn clear(&self) -> Result<(), StateError>;
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("state file {path}: {message}")]
-pub struct StateError {
-    pub path: String,
-    pub message: String,
-}
-
-/// On-disk shape. Times are Unix milliseconds.
+/// On-disk shape. Times are Unix milliseconds. `generation` is absent in files written
+/// before it existed (read as 1).
 #[derive(Serialize, Deserialize)]
 struct Persisted {
     version: u32,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    generation: Option<u64>,
     access_token: String,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     refresh_token: Option<String>,
@@ -44,19 +32,24 @@ struct Persisted {
 
 pub struct FileStateStore {
     path: PathBuf,
+    holder: LocalHolder,
 }
 
 impl FileStateStore {
     pub fn new(path: PathBuf) -> Self {
-        FileStateStore { path }
+        FileStateStore {
+            path,
+            holder: LocalHolder::default(),
+        }
     }
 
     fn error(&self, message: impl std::fmt::Display) -> StateError {
-        StateError {
-            path: self.path.display().to_string(),
-            message: message.to_string(),
-        }
+        file_error(&self.path, message)
     }
+}
+
+fn file_error(path: &Path, message: impl std::fmt::Display) -> StateError {
+    StateError(format!("state file {}: {message}", path.display()))
 }
 
 fn read_no_follow(path: &Path) -> std::io::Result<Vec<u8>> {
@@ -82,55 +75,131 @@ fn from_ms(ms: u64) -> SystemTime {
 }
 
 impl StateStore for FileStateStore {
-    fn load(&self) -> Result<Option<TokenSet>, StateError> {
-        let bytes = match read_no_follow(&self.path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-                return Err(self.error("is a symbolic link; token-proxy never follows one"))
+    fn kind(&self) -> &'static str {
+        "file"
+    }
+
+    fn load(&self) -> BoxFuture<'_, Result<Option<Stored>, StateError>> {
+        Box::pin(async move {
+            let path = self.path.clone();
+            let loaded = tokio::task::spawn_blocking(move || load_file(&path))
+                .await
+                .map_err(|e| self.error(e))??;
+            self.holder
+                .loaded(loaded.as_ref().map_or(0, |s| s.generation));
+            Ok(loaded)
+        })
+    }
+
+    fn try_acquire(&self, generation: u64) -> BoxFuture<'_, Result<Option<Lease>, StateError>> {
+        Box::pin(async move { Ok(Some(self.holder.lease(generation))) })
+    }
+
+    fn renew(&self, _lease: &Lease) -> BoxFuture<'_, Result<bool, StateError>> {
+        Box::pin(async { Ok(true) })
+    }
+
+    fn release(&self, _lease: Lease) -> BoxFuture<'_, Result<(), StateError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn commit(&self, expected: u64, set: Stored) -> BoxFuture<'_, Result<Commit, StateError>> {
+        Box::pin(async move {
+            if let Some(conflict) = self.holder.conflict(expected) {
+                return Ok(conflict);
             }
-            Err(e) => return Err(self.error(e)),
-        };
-        let p: Persisted = serde_json::from_slice(&bytes).map_err(|e| {
-            self.error(format!(
+            let path = self.path.clone();
+            let generation = set.generation;
+            tokio::task::spawn_blocking(move || save_file(&path, &set))
+                .await
+                .map_err(|e| self.error(e))??;
+            self.holder.committed(generation);
+            Ok(Commit::Committed)
+        })
+    }
+
+    fn clear(&self) -> BoxFuture<'_, Result<(), StateError>> {
+        Box::pin(async move {
+            let path = self.path.clone();
+            tokio::task::spawn_blocking(move || clear_file(&path))
+                .await
+                .map_err(|e| self.error(e))??;
+            self.holder.committed(0);
+            Ok(())
+        })
+    }
+
+    fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.holder.watch()
+    }
+}
+
+/// The saved tokens, `None` when nothing was saved yet; an unreadable file is an error
+/// (never silently replaced: it may hold the only valid refresh token).
+fn load_file(path: &Path) -> Result<Option<Stored>, StateError> {
+    let bytes = match read_no_follow(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(file_error(
+                path,
+                "is a symbolic link; token-proxy never follows one",
+            ))
+        }
+        Err(e) => return Err(file_error(path, e)),
+    };
+    let p: Persisted = serde_json::from_slice(&bytes).map_err(|e| {
+        file_error(
+            path,
+            format!(
                 "is not a token-proxy state file ({:?} error at line {})",
                 e.classify(),
                 e.line()
-            ))
-        })?;
-        if p.version != 1 {
-            return Err(self.error(format!("unsupported version {}", p.version)));
-        }
-        Ok(Some(TokenSet {
+            ),
+        )
+    })?;
+    if p.version != 1 {
+        return Err(file_error(
+            path,
+            format!("unsupported version {}", p.version),
+        ));
+    }
+    Ok(Some(Stored {
+        generation: p.generation.unwrap_or(1),
+        tokens: TokenSet {
             access_token: SecretString::from(p.access_token),
             refresh_token: p.refresh_token.map(SecretString::from),
             expires_at: p.expires_at_ms.map(from_ms),
             received_at: from_ms(p.received_at_ms),
-        }))
-    }
+        },
+    }))
+}
 
-    fn clear(&self) -> Result<(), StateError> {
-        match std::fs::remove_file(&self.path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(self.error(e)),
-        }
+/// Forget the saved tokens (sign-out).
+fn clear_file(path: &Path) -> Result<(), StateError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(file_error(path, e)),
     }
+}
 
-    fn save(&self, t: &TokenSet) -> Result<(), StateError> {
-        let p = Persisted {
-            version: 1,
-            access_token: t.access_token.expose_secret().to_string(),
-            refresh_token: t
-                .refresh_token
-                .as_ref()
-                .map(|s| s.expose_secret().to_string()),
-            expires_at_ms: t.expires_at.map(to_ms),
-            received_at_ms: to_ms(t.received_at),
-        };
-        let json = serde_json::to_vec_pretty(&p).map_err(|e| self.error(e))?;
-        write_atomic(&self.path, &json).map_err(|e| self.error(e))
-    }
+/// Durably replace the saved tokens.
+fn save_file(path: &Path, stored: &Stored) -> Result<(), StateError> {
+    let t = &stored.tokens;
+    let p = Persisted {
+        version: 1,
+        generation: Some(stored.generation),
+        access_token: t.access_token.expose_secret().to_string(),
+        refresh_token: t
+            .refresh_token
+            .as_ref()
+            .map(|s| s.expose_secret().to_string()),
+        expires_at_ms: t.expires_at.map(to_ms),
+        received_at_ms: to_ms(t.received_at),
+    };
+    let json = serde_json::to_vec_pretty(&p).map_err(|e| file_error(path, e))?;
+    write_atomic(path, &json).map_err(|e| file_error(path, e))
 }
 
 /// The directory a state file lives in.
@@ -256,8 +325,7 @@ mod tests {
     fn round_trip_is_private_and_atomic() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/state.json");
-        let store = FileStateStore::new(path.clone());
-        assert!(store.load().unwrap().is_none());
+        assert!(load_file(&path).unwrap().is_none());
         let now = from_ms(to_ms(SystemTime::now()));
         let t = TokenSet {
             access_token: SecretString::from("at".to_string()),
@@ -265,10 +333,19 @@ mod tests {
             expires_at: Some(now + Duration::from_secs(60)),
             received_at: now,
         };
-        store.save(&t).unwrap();
+        save_file(
+            &path,
+            &Stored {
+                generation: 3,
+                tokens: t.clone(),
+            },
+        )
+        .unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let back = store.load().unwrap().unwrap();
+        let back = load_file(&path).unwrap().unwrap();
+        assert_eq!(back.generation, 3);
+        let back = back.tokens;
         assert_eq!(back.refresh_token.unwrap().expose_secret(), "rt");
         assert_eq!(back.expires_at, t.expires_at);
         // No temp files left behind.
@@ -283,7 +360,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.json");
         std::fs::write(&path, "{not json").unwrap();
-        let e = FileStateStore::new(path).load().unwrap_err().to_string();
+        let e = load_file(&path).unwrap_err().to_string();
         assert!(e.contains("state file"), "{e}");
     }
 }
@@ -312,7 +389,14 @@ mod hijack_tests {
             expires_at: None,
             received_at: now,
         };
-        FileStateStore::new(path.clone()).save(&t).unwrap();
+        save_file(
+            &path,
+            &Stored {
+                generation: 1,
+                tokens: t,
+            },
+        )
+        .unwrap();
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
         assert!(!std::fs::symlink_metadata(&path)
             .unwrap()
@@ -321,7 +405,7 @@ mod hijack_tests {
         // Loading never follows a symlink either.
         let link = dir.path().join("link.json");
         std::os::unix::fs::symlink(&path, &link).unwrap();
-        let e = FileStateStore::new(link).load().unwrap_err().to_string();
+        let e = load_file(&link).unwrap_err().to_string();
         assert!(e.contains("symbolic link"), "{e}");
     }
 }

@@ -1,0 +1,181 @@
+//! Where a credential's token state lives: the seam between the refresher (the one writer)
+//! and storage. It carries what a *shared* store needs, so that replicas sharing a
+//! credential (Redis) plug in beside the single-holder stores:
+//!
+//! - `load`: the newest committed token set and its generation;
+//! - a refresh lease (`try_acquire` / `renew` / `release`), fenced by generation: only its
+//!   holder calls the token endpoint;
+//! - `commit(expected, set)`: compare-and-set on the generation, so a rotation is recorded
+//!   durably *before* anyone uses it, and a holder whose lease was lost cannot overwrite a
+//!   newer set;
+//! - `watch`: generations committed by another holder (the refresher then loads them).
+//!
+//! `MemoryStateStore` (no `state_file`) and `FileStateStore` are single-holder: the lease is
+//! always granted, nobody else commits.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+
+use tokio::sync::watch;
+
+use super::response::TokenSet;
+
+mod file;
+mod memory;
+
+pub use file::{check_state_dir, FileStateStore};
+pub use memory::MemoryStateStore;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A token set with the generation that committed it.
+#[derive(Clone, Debug)]
+pub struct Stored {
+    pub generation: u64,
+    pub tokens: TokenSet,
+}
+
+/// The outcome of a compare-and-set commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Commit {
+    Committed,
+    /// Another holder committed first: the store is at generation `current`.
+    Conflict {
+        current: u64,
+    },
+}
+
+/// The right to call the token endpoint, for the set at `generation`.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub generation: u64,
+}
+
+/// A storage failure; the message names the store and never holds token material.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct StateError(pub String);
+
+pub trait StateStore: Send + Sync + 'static {
+    /// `memory`, `file` or `redis` (shown in `/tokens`).
+    fn kind(&self) -> &'static str;
+    /// The newest committed set, `None` when nothing was committed yet.
+    fn load(&self) -> BoxFuture<'_, Result<Option<Stored>, StateError>>;
+    /// Take the refresh lease for the set at `generation`; `None` while another holds it.
+    fn try_acquire(&self, generation: u64) -> BoxFuture<'_, Result<Option<Lease>, StateError>>;
+    /// Extend a held lease while its token call runs; `false` when it was lost.
+    fn renew(&self, lease: &Lease) -> BoxFuture<'_, Result<bool, StateError>>;
+    fn release(&self, lease: Lease) -> BoxFuture<'_, Result<(), StateError>>;
+    /// Record `set` durably if the store is still at generation `expected`.
+    fn commit(&self, expected: u64, set: Stored) -> BoxFuture<'_, Result<Commit, StateError>>;
+    /// Forget the tokens (sign-out).
+    fn clear(&self) -> BoxFuture<'_, Result<(), StateError>>;
+    /// Generations committed by other holders.
+    fn watch(&self) -> watch::Receiver<u64>;
+}
+
+/// The bookkeeping of a single-holder store: its committed generation (for the
+/// compare-and-set) and a watch nobody else ever sends on.
+pub(crate) struct LocalHolder {
+    generation: Mutex<u64>,
+    others: watch::Sender<u64>,
+}
+
+impl Default for LocalHolder {
+    fn default() -> Self {
+        LocalHolder {
+            generation: Mutex::new(0),
+            others: watch::Sender::new(0),
+        }
+    }
+}
+
+impl LocalHolder {
+    fn current(&self) -> u64 {
+        *self.generation.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn loaded(&self, generation: u64) {
+        *self.generation.lock().unwrap_or_else(|e| e.into_inner()) = generation;
+    }
+
+    pub(crate) fn committed(&self, generation: u64) {
+        self.loaded(generation);
+    }
+
+    pub(crate) fn lease(&self, generation: u64) -> Lease {
+        Lease { generation }
+    }
+
+    /// `Some(Conflict)` when the store is not at `expected`.
+    pub(crate) fn conflict(&self, expected: u64) -> Option<Commit> {
+        let current = self.current();
+        (current != expected).then_some(Commit::Conflict { current })
+    }
+
+    pub(crate) fn watch(&self) -> watch::Receiver<u64> {
+        self.others.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::SecretString;
+    use std::time::SystemTime;
+
+    fn set(rt: &str) -> TokenSet {
+        TokenSet {
+            access_token: SecretString::from("at".to_string()),
+            refresh_token: Some(SecretString::from(rt.to_string())),
+            expires_at: None,
+            received_at: SystemTime::now(),
+        }
+    }
+
+    /// The contract every single-holder store keeps.
+    async fn single_holder_contract(store: &dyn StateStore) {
+        assert!(store.load().await.unwrap().is_none());
+        let lease = store.try_acquire(0).await.unwrap().expect("always granted");
+        assert!(store.renew(&lease).await.unwrap());
+        let first = Stored {
+            generation: 1,
+            tokens: set("rt1"),
+        };
+        assert_eq!(store.commit(0, first).await.unwrap(), Commit::Committed);
+        store.release(lease).await.unwrap();
+        // A commit fenced on a stale generation is refused.
+        let stale = Stored {
+            generation: 2,
+            tokens: set("rt-stale"),
+        };
+        assert_eq!(
+            store.commit(0, stale).await.unwrap(),
+            Commit::Conflict { current: 1 }
+        );
+        let second = Stored {
+            generation: 2,
+            tokens: set("rt2"),
+        };
+        assert_eq!(store.commit(1, second).await.unwrap(), Commit::Committed);
+        let back = store.load().await.unwrap().unwrap();
+        assert_eq!(back.generation, 2);
+        use secrecy::ExposeSecret;
+        assert_eq!(back.tokens.refresh_token.unwrap().expose_secret(), "rt2");
+        store.clear().await.unwrap();
+        assert!(store.load().await.unwrap().is_none());
+        assert!(!store.watch().has_changed().unwrap());
+    }
+
+    #[tokio::test]
+    async fn memory_store_keeps_the_contract() {
+        single_holder_contract(&MemoryStateStore::default()).await;
+    }
+
+    #[tokio::test]
+    async fn file_store_keeps_the_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        single_holder_contract(&FileStateStore::new(dir.path().join("s.json"))).await;
+    }
+}
