@@ -50,7 +50,7 @@ pub fn check_deep(config: &Config) -> Result<(), String> {
             token::state::check_state_dir(path, false)
                 .map_err(|e| format!("credentials.{}.state_file: {e}", c.name))?;
         }
-        if let Some(json) = &c.initial_tokens {
+        if let Some(json) = c.initial_tokens() {
             use secrecy::ExposeSecret;
             token::response::parse_token_response(
                 json.expose_secret().as_bytes(),
@@ -75,7 +75,7 @@ fn warn_about_plaintext(config: &Config) {
         }
     }
     for c in config.credentials.values() {
-        if let Some(url) = &c.token_url {
+        if let Some(url) = c.endpoint().map(|e| &e.token_url) {
             if url.scheme_str() == Some("http") && url.host().is_some_and(remote) {
                 tracing::warn!(credential = %c.name, "secrets go to this token_url over plain http");
             }

@@ -133,21 +133,28 @@ fn summary(source: &ConfigSource, config: &Config) -> String {
     }
     let mask = |set: bool| if set { "***" } else { "(none)" };
     for c in config.credentials.values() {
+        let endpoint = match c.endpoint() {
+            Some(e) => format!(
+                "token_url={} encoding={:?} client_id={} client_secret={} client_auth={:?} scope={} headers=[{}] ",
+                e.token_url,
+                e.encoding,
+                e.client_id.as_deref().unwrap_or("(none)"),
+                mask(e.client_secret.is_some()),
+                e.client_auth,
+                e.scope.as_deref().unwrap_or("(none)"),
+                e.headers.iter().map(|(k, _)| format!("{k}=***")).collect::<Vec<_>>().join(","),
+            ),
+            None => String::new(),
+        };
+        let access_token = matches!(c.grant, token_proxy::config::GrantConfig::Static(_));
         let _ = writeln!(
             out,
-            "credential {}: grant={:?} token_url={} encoding={:?} client_id={} client_secret={} client_auth={:?} refresh_token={} initial_tokens={} access_token={} scope={} headers=[{}] state_file={} refresh_before={:?} header={} verify={}",
+            "credential {}: grant={} {endpoint}refresh_token={} initial_tokens={} access_token={} state_file={} refresh_before={:?} header={} verify={}",
             c.name,
-            c.grant,
-            c.token_url.as_ref().map_or_else(|| "(none)".to_string(), |u| u.to_string()),
-            c.encoding,
-            c.client_id.as_deref().unwrap_or("(none)"),
-            mask(c.client_secret.is_some()),
-            c.client_auth,
-            mask(c.refresh_token.is_some()),
-            mask(c.initial_tokens.is_some()),
-            mask(c.access_token.is_some()),
-            c.scope.as_deref().unwrap_or("(none)"),
-            c.headers.iter().map(|(k, _)| format!("{k}=***")).collect::<Vec<_>>().join(","),
+            c.grant_name(),
+            mask(c.refresh_token().is_some()),
+            mask(c.initial_tokens().is_some()),
+            mask(access_token),
             c.state_file.as_ref().map_or_else(|| "(none)".to_string(), |p| p.display().to_string()),
             c.refresh_before,
             c.header,

@@ -44,7 +44,7 @@ async fn environment_only_config_runs_and_checks() {
         "{stdout}"
     );
     assert!(
-        stdout.contains("credential main: grant=RefreshToken"),
+        stdout.contains("credential main: grant=refresh_token"),
         "{stdout}"
     );
     assert!(

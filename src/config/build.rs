@@ -306,25 +306,39 @@ pub(super) fn build_credential(
     if timeout.is_zero() {
         return err(format!("{key}.timeout: must be greater than zero"));
     }
-    Ok(CredentialConfig {
-        name: name.to_string(),
-        grant,
+    let endpoint = token_url.map(|token_url| EndpointConfig {
         token_url,
         encoding: c.encoding.unwrap_or(Encoding::Form),
         client_id: c.client_id,
         client_secret,
         client_auth,
-        refresh_token,
-        initial_tokens,
         scope: c.scope,
         params,
         headers,
+    });
+    let grant = match (grant, endpoint) {
+        (GrantKind::RefreshToken, Some(endpoint)) => GrantConfig::RefreshToken {
+            endpoint,
+            refresh_token,
+            initial_tokens,
+        },
+        (GrantKind::ClientCredentials, Some(endpoint)) => {
+            GrantConfig::ClientCredentials { endpoint }
+        }
+        (GrantKind::Static, _) => GrantConfig::Static(match (access_token_file, access_token) {
+            (Some(path), _) => StaticTokenConfig::File(path),
+            (None, Some(token)) => StaticTokenConfig::Inline(token),
+            (None, None) => return err(format!("{key}.access_token: required")),
+        }),
+        (_, None) => return err(format!("{key}.token_url: required")),
+    };
+    Ok(CredentialConfig {
+        name: name.to_string(),
+        grant,
         state_file: c.state_file.map(PathBuf::from),
         refresh_before,
         header,
         header_prefix,
-        access_token,
-        access_token_file,
         timeout,
         ca_file,
         verify,

@@ -199,8 +199,8 @@ mod tests {
         );
         assert_eq!(c.routes[0].credential.as_deref(), Some("main"));
         let cred = &c.credentials["main"];
-        assert_eq!(cred.grant, crate::config::GrantKind::ClientCredentials);
-        assert_eq!(cred.headers[0].0.as_str(), "api_key_id");
+        assert_eq!(cred.grant_name(), "client_credentials");
+        assert_eq!(cred.endpoint().unwrap().headers[0].0.as_str(), "api_key_id");
     }
 
     #[test]

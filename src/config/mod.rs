@@ -138,29 +138,54 @@ pub enum ClientAuth {
     None,
 }
 
+/// How a credential obtains its tokens: one variant per grant, each with exactly the
+/// settings it uses, so a new grant is a compiler-guided change.
 #[derive(Debug, Clone)]
-pub struct CredentialConfig {
-    pub name: String,
-    pub grant: GrantKind,
-    pub token_url: Option<Uri>,
+pub enum GrantConfig {
+    /// RFC 6749 §6 (form) or Cotter's JSON variant.
+    RefreshToken {
+        endpoint: EndpointConfig,
+        /// The starting refresh token (absent: install one with `PUT /tokens/{name}`).
+        refresh_token: Option<SecretString>,
+        /// Raw JSON text of a token response to start from (`initial_tokens_file`).
+        initial_tokens: Option<SecretString>,
+    },
+    /// RFC 6749 §4.4.
+    ClientCredentials { endpoint: EndpointConfig },
+    /// A token handed over as it is.
+    Static(StaticTokenConfig),
+}
+
+/// A token endpoint and how this client talks to it.
+#[derive(Debug, Clone)]
+pub struct EndpointConfig {
+    pub token_url: Uri,
     pub encoding: Encoding,
     pub client_id: Option<String>,
     pub client_secret: Option<SecretString>,
     pub client_auth: ClientAuth,
-    pub refresh_token: Option<SecretString>,
-    /// Raw JSON text of a token response to start from (`initial_tokens_file`).
-    pub initial_tokens: Option<SecretString>,
     pub scope: Option<String>,
     /// Extra token request parameters (e.g. Auth0's `audience`, `resource` of RFC 8707).
     pub params: Vec<(String, String)>,
     pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+#[derive(Debug, Clone)]
+pub enum StaticTokenConfig {
+    Inline(SecretString),
+    /// Re-read when its contents change.
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct CredentialConfig {
+    pub name: String,
+    pub grant: GrantConfig,
     pub state_file: Option<PathBuf>,
     pub refresh_before: Duration,
     pub header: HeaderName,
     pub header_prefix: String,
-    pub access_token: Option<SecretString>,
-    /// For `grant = "static"`: re-read when its contents change.
-    pub access_token_file: Option<PathBuf>,
+    /// Token endpoint (and JWKS) call timeout.
     pub timeout: Duration,
     pub ca_file: Option<PathBuf>,
     /// Verify access tokens (JWTs) against the issuer's keys before attaching them.
@@ -179,27 +204,53 @@ impl CredentialConfig {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         // Debug covers every non-secret field (secrets and sensitive headers print redacted).
         format!("{self:?}").hash(&mut h);
-        let secrets = [
-            &self.client_secret,
-            &self.refresh_token,
-            &self.initial_tokens,
-        ];
-        for s in secrets {
-            s.as_ref()
-                .map(|s| s.expose_secret().to_string())
-                .hash(&mut h);
+        let reveal = |s: Option<&SecretString>| s.map(|s| s.expose_secret().to_string());
+        let endpoint = self.endpoint();
+        reveal(endpoint.and_then(|e| e.client_secret.as_ref())).hash(&mut h);
+        reveal(self.refresh_token()).hash(&mut h);
+        reveal(self.initial_tokens()).hash(&mut h);
+        // An access_token_file is followed by the refresher itself; only inline counts.
+        if let GrantConfig::Static(StaticTokenConfig::Inline(token)) = &self.grant {
+            reveal(Some(token)).hash(&mut h);
         }
-        if self.access_token_file.is_none() {
-            // An access_token_file is followed by the refresher itself; only inline counts.
-            self.access_token
-                .as_ref()
-                .map(|s| s.expose_secret().to_string())
-                .hash(&mut h);
-        }
-        for (_, v) in &self.headers {
+        for (_, v) in endpoint.map_or(&[][..], |e| &e.headers) {
             v.as_bytes().hash(&mut h);
         }
         h.finish()
+    }
+
+    /// `refresh_token`, `client_credentials` or `static`.
+    pub fn grant_name(&self) -> &'static str {
+        match self.grant {
+            GrantConfig::RefreshToken { .. } => "refresh_token",
+            GrantConfig::ClientCredentials { .. } => "client_credentials",
+            GrantConfig::Static(_) => "static",
+        }
+    }
+
+    /// The token endpoint, for the grants that have one.
+    pub fn endpoint(&self) -> Option<&EndpointConfig> {
+        match &self.grant {
+            GrantConfig::RefreshToken { endpoint, .. }
+            | GrantConfig::ClientCredentials { endpoint } => Some(endpoint),
+            GrantConfig::Static(_) => None,
+        }
+    }
+
+    /// The configured starting refresh token (refresh_token grant only).
+    pub fn refresh_token(&self) -> Option<&SecretString> {
+        match &self.grant {
+            GrantConfig::RefreshToken { refresh_token, .. } => refresh_token.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// The configured `initial_tokens_file` contents (refresh_token grant only).
+    pub fn initial_tokens(&self) -> Option<&SecretString> {
+        match &self.grant {
+            GrantConfig::RefreshToken { initial_tokens, .. } => initial_tokens.as_ref(),
+            _ => None,
+        }
     }
 }
 
@@ -403,7 +454,10 @@ mod tests {
         assert_eq!(c.server.max_header_size, 65536);
         assert_eq!(c.routes[0].upstream.base_path, "/v1");
         assert_eq!(c.routes[0].max_retry_body, 1 << 20);
-        assert_eq!(c.credentials["main"].client_auth, ClientAuth::Basic);
+        assert_eq!(
+            c.credentials["main"].endpoint().unwrap().client_auth,
+            ClientAuth::Basic
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::credential::{ActiveToken, Credential, Phase, Snapshot};
-use super::grant::{Grant, GrantError, StaticSource};
+use super::grant::{Grant, GrantError};
 use super::response::{parse_handed_over, TokenSet};
 use super::schedule::{self, Action};
 use super::state::{Commit, StateStore, Stored};
@@ -111,7 +111,7 @@ pub async fn build(
         tracing::info!(credential = %config.name, store = store.kind(), "starting from the saved tokens");
     }
     let committed = saved.as_ref().map_or(0, |s| s.generation);
-    let initial = match (saved.map(|s| s.tokens), &config.initial_tokens) {
+    let initial = match (saved.map(|s| s.tokens), config.initial_tokens()) {
         (Some(set), _) => Some(set),
         (None, _) if start.carried_refresh_token.is_some() => None,
         (None, Some(json)) => Some(
@@ -124,7 +124,7 @@ pub async fn build(
         .as_ref()
         .and_then(|s| s.refresh_token.clone())
         .or(start.carried_refresh_token)
-        .or_else(|| config.refresh_token.clone());
+        .or_else(|| config.refresh_token().cloned());
     let (commands, queue) = mpsc::channel(16);
     let persisted = (store.kind() != "memory").then_some(true);
     let cred = Arc::new(Credential::new(
@@ -185,7 +185,7 @@ impl Refresher {
     }
 
     fn polls_file(&self) -> bool {
-        matches!(self.grant, Grant::Static(StaticSource::File(_)))
+        self.grant.polls_file()
     }
 
     /// The refresher loop; returns when `shutdown` is cancelled. A refresh in flight is

@@ -141,8 +141,8 @@ impl TokenStore {
                 }
                 Some(old) => {
                     let previous = self.stop_refresher(name).await;
-                    let same_start = same_secret(&old.refresh_token, &config.refresh_token)
-                        && same_secret(&old.initial_tokens, &config.initial_tokens);
+                    let same_start = same_secret(old.refresh_token(), config.refresh_token())
+                        && same_secret(old.initial_tokens(), config.initial_tokens());
                     let carried = match (same_start, &previous) {
                         (true, Some(previous)) => previous.refresh_token().await,
                         _ => None,
@@ -189,8 +189,8 @@ impl TokenStore {
     }
 }
 
-fn same_secret(a: &Option<secrecy::SecretString>, b: &Option<secrecy::SecretString>) -> bool {
-    a.as_ref().map(|s| s.expose_secret()) == b.as_ref().map(|s| s.expose_secret())
+fn same_secret(a: Option<&secrecy::SecretString>, b: Option<&secrecy::SecretString>) -> bool {
+    a.map(|s| s.expose_secret()) == b.map(|s| s.expose_secret())
 }
 
 /// Build a credential with the state store its config asks for: the file store with a

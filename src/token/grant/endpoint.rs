@@ -1,10 +1,8 @@
-//! How a credential obtains a token: the `Grant` seam.
-//!
-//! Today: refresh_token (RFC 6749 §6, form or Cotter-style JSON), client_credentials (§4.4)
-//! and static (inline or a file re-read on every fetch). Later grants (token exchange,
-//! JWT bearer) are new variants here.
+//! A token endpoint (RFC 6749 §3.2) and one call to it: the request body (form or
+//! Cotter-style JSON), client authentication, and the answer sorted into a token set, a
+//! transient failure (retry with backoff) or a refusal (a person must act). Shared by the
+//! grants that have an endpoint.
 
-use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
@@ -17,37 +15,15 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use secrecy::{ExposeSecret, SecretString};
 
-use super::response::{ensure_not_expired, parse_token_response, ResponseError, TokenSet};
-use crate::config::{ClientAuth, CredentialConfig, Encoding, GrantKind};
+use super::GrantError;
+use crate::config::{ClientAuth, CredentialConfig, Encoding, EndpointConfig};
 use crate::error::error_chain;
 use crate::redact::Redactor;
+use crate::token::response::{ensure_not_expired, parse_token_response, ResponseError, TokenSet};
 use crate::upstream::{self, Connector};
 
 /// Token responses larger than this are refused (a token endpoint is not a file server).
 pub const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
-
-/// Why a fetch failed, and so what the refresher does next.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum GrantError {
-    /// Worth retrying with backoff: network trouble, 5xx, 429.
-    #[error("{message}")]
-    Transient {
-        message: String,
-        retry_after: Option<Duration>,
-    },
-    /// Retrying will not help (invalid_grant, revoked token, bad client): re-authentication needed.
-    #[error("{0}")]
-    Rejected(String),
-    /// No refresh token to present: install one with `PUT /tokens/{name}`.
-    #[error("no refresh token: install one with PUT /tokens/{{name}}")]
-    NoRefreshToken,
-}
-
-pub enum Grant {
-    RefreshToken(Endpoint),
-    ClientCredentials(Endpoint),
-    Static(StaticSource),
-}
 
 /// A token endpoint and how to talk to it.
 pub struct Endpoint {
@@ -63,92 +39,25 @@ pub struct Endpoint {
     client: Client<Connector, Full<Bytes>>,
 }
 
-pub enum StaticSource {
-    Inline(SecretString),
-    /// Re-read on every fetch, so a rotated file (Kubernetes symlink swap) takes effect.
-    File(PathBuf),
-}
-
-impl Grant {
-    pub fn from_config(c: &CredentialConfig) -> Result<Grant, String> {
-        let endpoint = || -> Result<Endpoint, String> {
-            Ok(Endpoint {
-                url: c.token_url.clone().ok_or("token_url is required")?,
-                encoding: c.encoding,
-                client_id: c.client_id.clone(),
-                client_secret: c.client_secret.clone(),
-                client_auth: c.client_auth,
-                scope: c.scope.clone(),
-                params: c.params.clone(),
-                headers: c.headers.clone(),
-                timeout: c.timeout,
-                client: upstream::client(
-                    c.ca_file.as_deref(),
-                    upstream::Timeouts {
-                        connect: c.timeout,
-                        write_stall: c.timeout,
-                    },
-                )?,
-            })
-        };
-        Ok(match c.grant {
-            GrantKind::RefreshToken => Grant::RefreshToken(endpoint()?),
-            GrantKind::ClientCredentials => Grant::ClientCredentials(endpoint()?),
-            GrantKind::Static => match (&c.access_token_file, &c.access_token) {
-                (Some(path), _) => Grant::Static(StaticSource::File(path.clone())),
-                (None, Some(token)) => Grant::Static(StaticSource::Inline(token.clone())),
-                (None, None) => return Err("access_token is required".into()),
-            },
-        })
-    }
-
-    /// Obtain a new token set. `refresh_token` is the current one, for the refresh grant.
-    pub async fn fetch(
-        &self,
-        refresh_token: Option<&SecretString>,
-    ) -> Result<TokenSet, GrantError> {
-        match self {
-            Grant::RefreshToken(ep) => {
-                let rt = refresh_token.ok_or(GrantError::NoRefreshToken)?;
-                ep.call("refresh_token", Some(rt)).await
-            }
-            Grant::ClientCredentials(ep) => ep.call("client_credentials", None).await,
-            Grant::Static(source) => source.read(),
-        }
-    }
-}
-
-impl StaticSource {
-    fn read(&self) -> Result<TokenSet, GrantError> {
-        let token = match self {
-            StaticSource::Inline(t) => t.expose_secret().to_string(),
-            StaticSource::File(path) => std::fs::read_to_string(path)
-                .map_err(|e| GrantError::Transient {
-                    message: format!("cannot read access_token_file {}: {e}", path.display()),
-                    retry_after: None,
-                })?
-                .trim()
-                .to_string(),
-        };
-        if token.is_empty() {
-            return Err(GrantError::Transient {
-                message: "access token file is empty".into(),
-                retry_after: None,
-            });
-        }
-        let now = SystemTime::now();
-        let expires_at = super::response::jwt_expiry(&token);
-        if expires_at.is_some_and(|at| at <= now) {
-            return Err(GrantError::Transient {
-                message: "static token's JWT exp has passed".into(),
-                retry_after: None,
-            });
-        }
-        Ok(TokenSet {
-            access_token: SecretString::from(token),
-            refresh_token: None,
-            expires_at,
-            received_at: now,
+impl Endpoint {
+    pub fn new(e: &EndpointConfig, c: &CredentialConfig) -> Result<Endpoint, String> {
+        Ok(Endpoint {
+            url: e.token_url.clone(),
+            encoding: e.encoding,
+            client_id: e.client_id.clone(),
+            client_secret: e.client_secret.clone(),
+            client_auth: e.client_auth,
+            scope: e.scope.clone(),
+            params: e.params.clone(),
+            headers: e.headers.clone(),
+            timeout: c.timeout,
+            client: upstream::client(
+                c.ca_file.as_deref(),
+                upstream::Timeouts {
+                    connect: c.timeout,
+                    write_stall: c.timeout,
+                },
+            )?,
         })
     }
 }
@@ -242,7 +151,7 @@ impl Endpoint {
         Some(v)
     }
 
-    async fn call(
+    pub async fn call(
         &self,
         grant_type: &str,
         refresh_token: Option<&SecretString>,
