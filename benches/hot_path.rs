@@ -16,8 +16,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use token_proxy::config::Config;
 use token_proxy::metrics::Metrics;
-use token_proxy::mock::{upstream_server, MockUpstream};
 use token_proxy::routes::{rewrite_request_headers, RouteTable};
+use token_proxy::testkit::{upstream_server, MockUpstream};
 use token_proxy::token::TokenStore;
 use token_proxy::App;
 

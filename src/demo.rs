@@ -15,7 +15,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::config::Config;
-use crate::mock::{token_server, upstream_server, MockAuth, MockUpstream};
+use crate::testkit::{token_server, upstream_server, MockAuth, MockUpstream};
 use crate::App;
 
 const TOKEN_LIFETIME: Duration = Duration::from_secs(5);

@@ -9,16 +9,22 @@ pub mod access;
 pub mod admin;
 pub mod body;
 pub mod config;
+/// `token-proxy demo` (feature `demo`, on by default).
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod error;
 pub mod idle;
 pub mod metrics;
-pub mod mock;
 pub mod proxy;
 pub mod redact;
 pub mod routes;
 pub mod server;
 pub mod supervise;
+/// The mock identity provider and upstream used by the tests, the benchmarks and the demo
+/// (feature `demo`). Nothing on the production path imports it; a build with
+/// `--no-default-features` leaves it, and the demo, out of the binary.
+#[cfg(feature = "demo")]
+pub mod testkit;
 pub mod token;
 pub mod upstream;
 

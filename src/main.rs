@@ -55,7 +55,13 @@ fn main() -> ExitCode {
         }
     };
     match cli.command.unwrap_or(Command::Run) {
+        #[cfg(feature = "demo")]
         Command::Demo => runtime.block_on(token_proxy::demo::run()),
+        #[cfg(not(feature = "demo"))]
+        Command::Demo => {
+            eprintln!("token-proxy: this build has no demo (built without the `demo` feature)");
+            ExitCode::from(2)
+        }
         Command::Check => check(ConfigSource::resolve(cli.config)),
         Command::Run => runtime.block_on(run(ConfigSource::resolve(cli.config))),
     }

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use support::*;
-use token_proxy::mock::RefreshMode;
+use token_proxy::testkit::RefreshMode;
 
 const ISSUER: &str = "https://www.cotter.app";
 const API_KEY_ID: &str = "0f9a1c2e-api-key-id";

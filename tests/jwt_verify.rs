@@ -25,7 +25,7 @@ fn noise() -> Vec<serde_json::Value> {
 }
 
 async fn world_signing_with(
-    signer: token_proxy::mock::JwtSigner,
+    signer: token_proxy::testkit::JwtSigner,
     jwk: serde_json::Value,
 ) -> (World, Jwks) {
     let world = World::new(Duration::from_secs(300)).await;
@@ -117,7 +117,7 @@ async fn bad_tokens_from_the_provider_back_off_and_recover_by_themselves() {
     let (good, jwk) = es256_signer("ec-1", ISSUER, AUDIENCE);
     let (wrong_audience, _) = es256_signer("ec-1", ISSUER, "someone-else");
     // Same key, wrong audience: a provider mid bad deploy.
-    let wrong_audience = token_proxy::mock::JwtSigner {
+    let wrong_audience = token_proxy::testkit::JwtSigner {
         key: good.key.clone(),
         ..wrong_audience
     };

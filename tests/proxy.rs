@@ -124,7 +124,7 @@ async fn https_upstream_with_a_private_ca_speaks_h2_via_alpn() {
     let (ca_path, server_tls) = test_pki(dir.path());
     let world = World::new(Duration::from_secs(300)).await;
     let secure = MockUpstream::new("secure", Some(world.auth.clone()));
-    let secure_server = token_proxy::mock::upstream_server_tls(secure.clone(), server_tls).await;
+    let secure_server = token_proxy::testkit::upstream_server_tls(secure.clone(), server_tls).await;
     let extra = format!(
         "[[routes]]\nname = \"tls\"\nprefix = \"/tls\"\nupstream = \"https://127.0.0.1:{}\"\ncredential = \"main\"\nca_file = \"{}\"\n\
          [[routes]]\nname = \"untrusted\"\nprefix = \"/untrusted\"\nupstream = \"https://127.0.0.1:{}\"\ncredential = \"main\"\n",

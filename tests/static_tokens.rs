@@ -22,7 +22,7 @@ fn jwt(exp_in: i64, sub: &str) -> String {
     .unwrap()
 }
 
-fn bearer(seen: &token_proxy::mock::SeenRequest) -> String {
+fn bearer(seen: &token_proxy::testkit::SeenRequest) -> String {
     seen.headers["authorization"]
         .to_str()
         .unwrap()

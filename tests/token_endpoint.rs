@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http::StatusCode;
 use support::*;
-use token_proxy::mock::Canned;
+use token_proxy::testkit::Canned;
 
 async fn with_canned(canned: Canned) -> (World, token_proxy::AppHandle, String) {
     let world = World::new(Duration::from_secs(300)).await;

@@ -1,4 +1,4 @@
-//! Shared test harness: the mock servers live in `token_proxy::mock` (the demo uses them
+//! Shared test harness: the mock servers live in `token_proxy::testkit` (the demo uses them
 //! too); this adds clients, a proxy launcher (in-process or the real binary) and polling.
 #![allow(dead_code, unused_imports)]
 
@@ -19,7 +19,7 @@ use hyper_util::rt::TokioExecutor;
 use token_proxy::config::Config;
 use token_proxy::{App, AppHandle};
 
-pub use token_proxy::mock::{
+pub use token_proxy::testkit::{
     token_server, upstream_server, ErrorStyle, MockAuth, MockServer, MockUpstream,
 };
 
@@ -444,7 +444,7 @@ pub fn es256_signer(
     kid: &str,
     issuer: &str,
     audience: &str,
-) -> (token_proxy::mock::JwtSigner, serde_json::Value) {
+) -> (token_proxy::testkit::JwtSigner, serde_json::Value) {
     use base64::Engine;
     let key = rcgen::KeyPair::generate().expect("P-256 key");
     let raw = key.public_key_raw();
@@ -454,7 +454,7 @@ pub fn es256_signer(
         "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": kid,
         "x": b64(&raw[1..33]), "y": b64(&raw[33..65]),
     });
-    let signer = token_proxy::mock::JwtSigner {
+    let signer = token_proxy::testkit::JwtSigner {
         key: jsonwebtoken::EncodingKey::from_ec_der(&key.serialize_der()),
         algorithm: jsonwebtoken::Algorithm::ES256,
         kid: kid.to_string(),
@@ -475,7 +475,7 @@ impl Jwks {
     pub async fn serve(keys: Vec<serde_json::Value>) -> Jwks {
         let doc = Arc::new(Mutex::new(serde_json::json!({ "keys": keys })));
         let hits = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let server = token_proxy::mock::json_server(doc.clone(), hits.clone()).await;
+        let server = token_proxy::testkit::json_server(doc.clone(), hits.clone()).await;
         Jwks { doc, hits, server }
     }
 
@@ -506,13 +506,13 @@ pub fn rsa_signer(
     alg: jsonwebtoken::Algorithm,
     issuer: &str,
     audience: &str,
-) -> (token_proxy::mock::JwtSigner, serde_json::Value) {
+) -> (token_proxy::testkit::JwtSigner, serde_json::Value) {
     let pem = include_bytes!("rsa_test_key.pem");
     let n = include_str!("rsa_test_key.n").trim();
     let jwk = serde_json::json!({
         "kty": "RSA", "use": "sig", "kid": kid, "n": n, "e": "AQAB",
     });
-    let signer = token_proxy::mock::JwtSigner {
+    let signer = token_proxy::testkit::JwtSigner {
         key: jsonwebtoken::EncodingKey::from_rsa_pem(pem).expect("RSA test key"),
         algorithm: alg,
         kid: kid.to_string(),
