@@ -101,12 +101,14 @@ impl Admin {
                 };
                 match c.install(&body).await {
                     Ok(()) => json_response(StatusCode::OK, status(&c)),
+                    Err(e) if e.starts_with("store_unavailable") => store_unavailable(name, &e),
                     Err(e) => bad_request(name, &e),
                 }
             }
             (Method::DELETE, ["tokens", name]) => match self.store.get(name) {
                 Some(c) => match c.sign_out().await {
                     Ok(()) => json_response(StatusCode::OK, status(&c)),
+                    Err(e) if e.starts_with("store_unavailable") => store_unavailable(name, &e),
                     Err(e) => json_response(
                         StatusCode::INTERNAL_SERVER_ERROR,
                         json!({"error": "sign_out_failed", "message": e, "credential": name}),
@@ -191,6 +193,7 @@ pub fn status(c: &Credential) -> Value {
         "generation": snap.token.as_ref().map(|t| t.generation),
         "persisted": snap.persisted,
         "store": c.store_kind,
+        "lease_holder": c.holds_lease(),
     })
 }
 
@@ -199,6 +202,19 @@ fn unknown(name: &str) -> Response<ProxyBody> {
         StatusCode::NOT_FOUND,
         json!({"error": "unknown_credential", "credential": name}),
     )
+}
+
+/// The shared store did not take a token change: nothing changed anywhere (503, so
+/// scripts retry), rather than one replica diverging from the others.
+fn store_unavailable(name: &str, message: &str) -> Response<ProxyBody> {
+    let message = message.trim_start_matches("store_unavailable: ");
+    let mut r = json_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        json!({"error": "store_unavailable", "message": message, "credential": name}),
+    );
+    r.headers_mut()
+        .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
 }
 
 fn bad_request(name: &str, message: &str) -> Response<ProxyBody> {

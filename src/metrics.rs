@@ -62,6 +62,15 @@ pub struct Metrics {
     state: Family<CredentialState, Gauge>,
     persist_failures: Family<CredentialLabel, Counter>,
     persisted: Family<CredentialLabel, Gauge>,
+    lease_acquired: Family<CredentialLabel, Counter>,
+    store_errors: Family<StoreOp, Counter>,
+    store_up: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StoreOp {
+    /// `load | commit | lease | watch`.
+    op: String,
 }
 
 impl Default for Metrics {
@@ -85,6 +94,25 @@ impl Metrics {
         let state = Family::<CredentialState, Gauge>::default();
         let persist_failures = Family::<CredentialLabel, Counter>::default();
         let persisted = Family::<CredentialLabel, Gauge>::default();
+        let lease_acquired = Family::<CredentialLabel, Counter>::default();
+        let store_errors = Family::<StoreOp, Counter>::default();
+        let store_up = Gauge::default();
+        store_up.set(1);
+        registry.register(
+            "token_proxy_lease_acquired",
+            "Refresh leases this replica took, by credential (one per token-endpoint call)",
+            lease_acquired.clone(),
+        );
+        registry.register(
+            "token_proxy_store_errors",
+            "Shared state store failures, by operation (load | commit | lease | watch)",
+            store_errors.clone(),
+        );
+        registry.register(
+            "token_proxy_store_up",
+            "1 while the shared state store answers (always 1 without [shared])",
+            store_up.clone(),
+        );
         registry.register(
             "token_proxy_state_write_failures",
             "Failed writes of a credential's state_file (each is retried until it succeeds)",
@@ -146,7 +174,28 @@ impl Metrics {
             state,
             persist_failures,
             persisted,
+            lease_acquired,
+            store_errors,
+            store_up,
         }
+    }
+
+    pub fn lease_acquired(&self, credential: &str) {
+        self.lease_acquired
+            .get_or_create(&CredentialLabel {
+                credential: credential.into(),
+            })
+            .inc();
+    }
+
+    pub fn store_error(&self, op: &str) {
+        self.store_errors
+            .get_or_create(&StoreOp { op: op.into() })
+            .inc();
+    }
+
+    pub fn store_up(&self, up: bool) {
+        self.store_up.set(i64::from(up));
     }
 
     pub fn persist_failed(&self, credential: &str) {

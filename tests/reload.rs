@@ -35,7 +35,13 @@ async fn sighup_applies_new_routes_and_keeps_unchanged_credentials() {
         1,
         "the unchanged credential kept its token"
     );
-    assert!(bin.logs().contains("config reloaded"));
+    // The route swaps inside the reload; its log line follows a moment later.
+    wait_for(
+        "the reload to be logged",
+        Duration::from_secs(10),
+        || async { bin.logs().contains("config reloaded") },
+    )
+    .await;
 
     // A broken config is refused; the running one keeps serving.
     std::fs::write(&cfg, "[[routes]]\nprefix = 7\n").unwrap();

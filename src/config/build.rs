@@ -50,9 +50,21 @@ pub(super) fn build(
         return err("server.max_header_size: must be at least 1KiB");
     }
 
+    let shared = build_shared(raw.shared, env)?;
     let mut credentials = BTreeMap::new();
     for (name, c) in raw.credentials {
-        let cred = build_credential(&name, c)?;
+        let share = c.shared;
+        let mut cred = build_credential(&name, c)?;
+        cred.shared = match (share, &shared) {
+            (Some(true), None) => {
+                return err(format!(
+                    "credentials.{name}.shared: true needs a [shared] section (redis_url)"
+                ))
+            }
+            (Some(s), Some(_)) => s,
+            (None, Some(_)) => true,
+            (_, None) => false,
+        };
         credentials.insert(name, cred);
     }
 
@@ -76,6 +88,7 @@ pub(super) fn build(
         server,
         routes,
         credentials,
+        shared,
         source: None,
     })
 }
@@ -335,6 +348,7 @@ pub(super) fn build_credential(
     Ok(CredentialConfig {
         name: name.to_string(),
         grant,
+        shared: false,
         state_file: c.state_file.map(PathBuf::from),
         refresh_before,
         header,
@@ -440,4 +454,74 @@ fn allowed_origins(origins: Vec<String>) -> Result<Vec<String>, ConfigError> {
             Ok(normalised)
         })
         .collect()
+}
+
+/// `[shared]`, created with defaults when only `TOKEN_PROXY_REDIS_URL` is set.
+fn build_shared(
+    raw: Option<super::raw::RawShared>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<SharedConfig>, ConfigError> {
+    let from_env = env("TOKEN_PROXY_REDIS_URL");
+    let raw = match (raw, from_env.is_some()) {
+        (Some(raw), _) => raw,
+        (None, true) => super::raw::RawShared::default(),
+        (None, false) => return Ok(None),
+    };
+    let url = match from_env {
+        Some(url) => Some(SecretString::from(url)),
+        None => secret("shared", "redis_url", raw.redis_url, raw.redis_url_file)?,
+    };
+    let Some(url) = url else {
+        return err("shared.redis_url: required (redis://host:6379/0 or rediss://...)");
+    };
+    {
+        use secrecy::ExposeSecret;
+        let u = url.expose_secret();
+        if !(u.starts_with("redis://") || u.starts_with("rediss://"))
+            || redis::IntoConnectionInfo::into_connection_info(u).is_err()
+        {
+            return err("shared.redis_url: must be redis://[user:password@]host[:port][/db] or rediss://...");
+        }
+    }
+    let redis_password = match raw.redis_password_file {
+        Some(p) => Some(read_secret_file("shared.redis_password_file", &p)?),
+        None => None,
+    };
+    let key_prefix = raw.key_prefix.unwrap_or_else(|| "token-proxy".into());
+    if key_prefix.is_empty()
+        || key_prefix
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return err("shared.key_prefix: must be non-empty, without spaces");
+    }
+    let lock_ttl = opt_duration("shared.lock_ttl", raw.lock_ttl, Duration::from_secs(10))?;
+    if lock_ttl < Duration::from_secs(1) {
+        return err("shared.lock_ttl: must be at least 1s");
+    }
+    let encryption_key = match raw.encryption_key_file {
+        None => None,
+        Some(p) => {
+            use base64::Engine;
+            use secrecy::ExposeSecret;
+            let text = read_secret_file("shared.encryption_key_file", &p)?;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(text.expose_secret())
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .ok_or_else(|| {
+                    ConfigError(
+                        "shared.encryption_key_file: must hold 32 bytes, base64 (head -c 32 /dev/urandom | base64)".into(),
+                    )
+                })?;
+            Some(std::sync::Arc::new(bytes))
+        }
+    };
+    Ok(Some(SharedConfig {
+        redis_url: url,
+        redis_password,
+        key_prefix,
+        lock_ttl,
+        encryption_key,
+    }))
 }

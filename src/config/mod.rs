@@ -41,6 +41,8 @@ pub struct Config {
     pub server: ServerConfig,
     pub routes: Vec<RouteConfig>,
     pub credentials: BTreeMap<String, CredentialConfig>,
+    /// `[shared]`: replicas share token state through Redis.
+    pub shared: Option<SharedConfig>,
     /// The file this was loaded from, if any.
     pub source: Option<PathBuf>,
 }
@@ -71,6 +73,29 @@ pub fn fingerprint_files(files: &[PathBuf]) -> u64 {
         std::fs::read(f).ok().hash(&mut h);
     }
     h.finish()
+}
+
+/// `[shared]`: where replicas keep one token state per credential.
+#[derive(Clone)]
+pub struct SharedConfig {
+    /// `redis://` or `rediss://` (may carry user:password, so it is a secret).
+    pub redis_url: SecretString,
+    pub redis_password: Option<SecretString>,
+    pub key_prefix: String,
+    /// The refresh lease's lifetime; its holder renews it while it works.
+    pub lock_ttl: Duration,
+    /// AES-256-GCM key for tokens at rest (32 bytes).
+    pub encryption_key: Option<std::sync::Arc<[u8; 32]>>,
+}
+
+impl std::fmt::Debug for SharedConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedConfig")
+            .field("key_prefix", &self.key_prefix)
+            .field("lock_ttl", &self.lock_ttl)
+            .field("encrypted", &self.encryption_key.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -181,6 +206,8 @@ pub enum StaticTokenConfig {
 pub struct CredentialConfig {
     pub name: String,
     pub grant: GrantConfig,
+    /// Its state lives in the `[shared]` store (the default when `[shared]` exists).
+    pub shared: bool,
     pub state_file: Option<PathBuf>,
     pub refresh_before: Duration,
     pub header: HeaderName,

@@ -16,6 +16,18 @@ pub(super) struct RawConfig {
     pub(super) routes: Vec<RawRoute>,
     #[serde(default)]
     pub(super) credentials: BTreeMap<String, RawCredential>,
+    pub(super) shared: Option<RawShared>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawShared {
+    pub(super) redis_url: Option<String>,
+    pub(super) redis_url_file: Option<String>,
+    pub(super) redis_password_file: Option<String>,
+    pub(super) key_prefix: Option<String>,
+    pub(super) lock_ttl: Option<String>,
+    pub(super) encryption_key_file: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -52,6 +64,7 @@ pub(super) struct RawRoute {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawCredential {
     pub(super) grant: Option<GrantKind>,
+    pub(super) shared: Option<bool>,
     pub(super) token_url: Option<String>,
     pub(super) encoding: Option<Encoding>,
     pub(super) client_id: Option<String>,

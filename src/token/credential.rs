@@ -117,6 +117,8 @@ pub struct Credential {
     pub(super) wake: Notify,
     /// Installs, sign-outs and forced refreshes, for the refresher to carry out.
     commands: mpsc::Sender<Command>,
+    /// Whether this replica holds the shared refresh lease right now (during a token call).
+    lease_holder: Box<dyn Fn() -> bool + Send + Sync>,
     /// Bounds 401-triggered refreshes, so an upstream that answers 401 for other reasons
     /// cannot make us hammer the token endpoint at request rate.
     reject_budget: Mutex<RejectBudget>,
@@ -130,6 +132,7 @@ impl Credential {
         wait_timeout: Duration,
         snapshot: Snapshot,
         commands: mpsc::Sender<Command>,
+        lease_holder: Box<dyn Fn() -> bool + Send + Sync>,
     ) -> Credential {
         Credential {
             name: Arc::from(name),
@@ -139,8 +142,14 @@ impl Credential {
             snapshot: watch::Sender::new(snapshot),
             wake: Notify::new(),
             commands,
+            lease_holder,
             reject_budget: Mutex::new(RejectBudget::new()),
         }
+    }
+
+    /// Whether this replica holds the shared refresh lease right now.
+    pub fn holds_lease(&self) -> bool {
+        (self.lease_holder)()
     }
 
     pub fn snapshot(&self) -> Snapshot {

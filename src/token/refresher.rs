@@ -23,7 +23,7 @@ use super::credential::{ActiveToken, Credential, Phase, Snapshot};
 use super::grant::{Grant, GrantError};
 use super::response::{parse_handed_over, TokenSet};
 use super::schedule::{self, Action};
-use super::state::{Commit, StateStore, Stored};
+use super::state::{Acquire, Commit, Loaded, StateStore, Stored};
 use super::verify::{Verifier, VerifyError};
 use crate::config::CredentialConfig;
 use crate::metrics::Metrics;
@@ -74,6 +74,8 @@ struct Writer {
     unverified: Option<TokenSet>,
     /// A set whose commit failed; committed again (`save_retry_at`) until it lands.
     unsaved: Option<Stored>,
+    /// The newest set this writer holds (to write back to a shared store that lost it).
+    held: Option<TokenSet>,
     save_failures: u32,
     save_retry_at: Option<Instant>,
     next_file_poll: Instant,
@@ -103,28 +105,53 @@ pub async fn build(
     let grant = Grant::from_config(config).map_err(named)?;
     let verifier = Verifier::for_credential(config).map_err(named)?;
     let now = SystemTime::now();
-    let saved = match start.prefer_config {
-        true => None,
-        false => store.load().await.map_err(|e| e.to_string())?,
+    let loaded = match store.load().await {
+        Ok(loaded) => loaded,
+        // A shared store may be down at start: start without tokens; the refresher takes
+        // the lease (and so learns the store's state) once it answers.
+        Err(e) if store.kind() == "redis" => {
+            tracing::warn!(credential = %config.name, error = %e, "state store unavailable at start");
+            Loaded::Empty
+        }
+        Err(e) if start.prefer_config => {
+            tracing::warn!(credential = %config.name, error = %e, "state store unreadable; the new configured token wins");
+            Loaded::Empty
+        }
+        Err(e) => return Err(e.to_string()),
     };
-    if saved.is_some() {
-        tracing::info!(credential = %config.name, store = store.kind(), "starting from the saved tokens");
-    }
-    let committed = saved.as_ref().map_or(0, |s| s.generation);
+    // The store's generation fences our next commit even when its tokens are not used
+    // (a newly configured refresh token wins over the saved one).
+    let committed = loaded.generation();
+    let loaded = match start.prefer_config {
+        true => Loaded::Empty,
+        false => loaded,
+    };
+    let signed_out = matches!(loaded, Loaded::SignedOut { .. });
+    let saved = match loaded {
+        Loaded::Tokens(stored) => {
+            tracing::info!(credential = %config.name, store = store.kind(), "starting from the saved tokens");
+            Some(stored)
+        }
+        _ => None,
+    };
     let initial = match (saved.map(|s| s.tokens), config.initial_tokens()) {
         (Some(set), _) => Some(set),
-        (None, _) if start.carried_refresh_token.is_some() => None,
+        (None, _) if start.carried_refresh_token.is_some() || signed_out => None,
         (None, Some(json)) => Some(
             parse_handed_over(json.expose_secret().as_bytes(), now)
                 .map_err(|e| format!("credentials.{}.initial_tokens_file: {e}", config.name))?,
         ),
         (None, None) => None,
     };
-    let refresh_token = initial
-        .as_ref()
-        .and_then(|s| s.refresh_token.clone())
-        .or(start.carried_refresh_token)
-        .or_else(|| config.refresh_token().cloned());
+    // A sign-out recorded in a shared store holds until a new token is installed.
+    let refresh_token = match signed_out {
+        true => None,
+        false => initial
+            .as_ref()
+            .and_then(|s| s.refresh_token.clone())
+            .or(start.carried_refresh_token)
+            .or_else(|| config.refresh_token().cloned()),
+    };
     let (commands, queue) = mpsc::channel(16);
     let persisted = (store.kind() != "memory").then_some(true);
     let cred = Arc::new(Credential::new(
@@ -134,6 +161,10 @@ pub async fn build(
         config.timeout + Duration::from_secs(1),
         Snapshot::empty(persisted),
         commands,
+        {
+            let store = store.clone();
+            Box::new(move || store.holds_lease())
+        },
     ));
     let writer = Writer {
         refresh_token,
@@ -142,6 +173,7 @@ pub async fn build(
         consecutive_failures: 0,
         unverified: None,
         unsaved: None,
+        held: initial.clone(),
         save_failures: 0,
         save_retry_at: None,
         next_file_poll: Instant::now() + FILE_POLL,
@@ -193,6 +225,7 @@ impl Refresher {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut guard = self.inner.lock().await;
         let (w, queue) = &mut *guard;
+        let mut others = self.store.watch();
         loop {
             let wait_until = match schedule::next(&self.schedule_state(w), Instant::now()) {
                 Action::SaveAgain => {
@@ -223,6 +256,16 @@ impl Refresher {
                     None => return,
                 },
                 _ = self.cred.wake.notified() => None,
+                changed = others.changed() => {
+                    let seen = *others.borrow_and_update();
+                    if changed.is_ok() {
+                        if seen != w.committed {
+                            self.follow_store(w).await;
+                        }
+                        self.retry_now_if_waiting_for_the_store(w);
+                    }
+                    None
+                }
                 _ = sleep => None,
             };
             if let Some(command) = command {
@@ -297,40 +340,150 @@ impl Refresher {
         }
     }
 
-    /// Take the lease, call the token endpoint, commit and publish, release the lease.
+    /// Take the lease, call the token endpoint (renewing the lease meanwhile), commit and
+    /// publish, release the lease. When the store has moved on (another holder refreshed),
+    /// follow it instead of fetching.
     async fn fetch_and_publish(&self, w: &mut Writer, poll_only: bool) -> Result<(), GrantError> {
-        let store_down = |e: super::state::StateError| GrantError::Transient {
-            message: format!("state store unavailable: {e}"),
-            retry_after: None,
+        let lease = match self.store.try_acquire(w.committed).await {
+            Ok(Acquire::Acquired(lease)) => {
+                self.metrics.lease_acquired(&self.cred.name);
+                Some(lease)
+            }
+            Ok(Acquire::Stale { .. }) => {
+                self.follow_store(w).await;
+                return Ok(());
+            }
+            Ok(Acquire::Busy) => {
+                // Another replica's token call is in flight: wait for its commit.
+                let mut others = self.store.watch();
+                let wait = self.store.lease_ttl().unwrap_or(Duration::from_secs(1));
+                let _ = tokio::time::timeout(wait, others.changed()).await;
+                self.follow_store(w).await;
+                if self
+                    .cred
+                    .snapshot()
+                    .usable_token(SystemTime::now())
+                    .is_some()
+                {
+                    return Ok(());
+                }
+                return Err(GrantError::Transient {
+                    message: "another replica is refreshing this credential".into(),
+                    retry_after: Some(Duration::from_millis(500)),
+                });
+            }
+            // A rotating refresh token is never used without the lease: that would fork
+            // the token family. Other grants rotate nothing: fetch locally.
+            Err(e) if self.grant.rotates() => {
+                return Err(GrantError::Transient {
+                    message: format!("state store unavailable: {e}"),
+                    retry_after: None,
+                })
+            }
+            Err(e) => {
+                tracing::warn!(credential = %self.cred.name, error = %e, "state store unavailable; fetching locally");
+                None
+            }
         };
-        let Some(lease) = self
-            .store
-            .try_acquire(w.committed)
-            .await
-            .map_err(store_down)?
-        else {
-            return Err(GrantError::Transient {
-                message: "another holder is refreshing this credential".into(),
-                retry_after: Some(Duration::from_secs(1)),
-            });
-        };
+        let renew_every = self.store.lease_ttl().map(|ttl| ttl / 3);
         let result = async {
-            let set = self.grant.fetch(w.refresh_token.as_ref()).await?;
-            let unchanged =
-                poll_only
-                    && self.cred.snapshot.borrow().token.as_ref().is_some_and(|t| {
-                        self.header_value(&set).is_ok_and(|v| v == t.header_value)
-                    });
+            let fetch = self.grant.fetch(w.refresh_token.as_ref());
+            let set = match (&lease, renew_every) {
+                (Some(lease), Some(every)) => {
+                    let renew = async {
+                        loop {
+                            tokio::time::sleep(every).await;
+                            if !self.store.renew(lease).await.unwrap_or(false) {
+                                tracing::warn!(credential = %self.cred.name, "refresh lease lost during the token call");
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        set = fetch => set?,
+                        never = renew => never,
+                    }
+                }
+                _ => fetch.await?,
+            };
+            let unchanged = poll_only
+                && self.cred.snapshot.borrow().token.as_ref().is_some_and(|t| {
+                    self.header_value(&set).is_ok_and(|v| v == t.header_value)
+                });
             if unchanged {
                 return Ok(());
             }
             self.publish_new(w, set).await
         }
         .await;
-        if let Err(e) = self.store.release(lease).await {
-            tracing::warn!(credential = %self.cred.name, error = %e, "could not release the refresh lease");
+        if let Some(lease) = lease {
+            if let Err(e) = self.store.release(lease).await {
+                tracing::warn!(credential = %self.cred.name, error = %e, "could not release the refresh lease");
+            }
         }
         result
+    }
+
+    /// The store answers again: a backoff that was only waiting for it ends now.
+    fn retry_now_if_waiting_for_the_store(&self, w: &mut Writer) {
+        let waiting = self.cred.snapshot.send_if_modified(|s| {
+            let store_error = s
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("state store unavailable"));
+            if matches!(s.phase, Phase::Backoff { .. }) && store_error {
+                s.phase = Phase::Idle;
+                return true;
+            }
+            false
+        });
+        if waiting {
+            w.consecutive_failures = 0;
+        }
+    }
+
+    /// Catch up with what another holder committed (a shared store): adopt a newer token
+    /// set without calling the token endpoint, follow a sign-out, or write our newest set
+    /// back to a store that lost its data (never reseed from config).
+    async fn follow_store(&self, w: &mut Writer) {
+        let loaded = match self.store.load().await {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                tracing::warn!(credential = %self.cred.name, error = %e, "could not read the state store");
+                return;
+            }
+        };
+        match loaded {
+            Loaded::Tokens(stored) if stored.generation > w.committed => {
+                w.committed = stored.generation;
+                w.generation = w.generation.max(stored.generation);
+                w.refresh_token = stored.tokens.refresh_token.clone();
+                w.held = Some(stored.tokens.clone());
+                w.unverified = None;
+                w.unsaved = None;
+                let generation = w.generation;
+                if let Err(e) = self.verify_and_publish(w, stored.tokens, generation).await {
+                    self.record_failure(w, e);
+                }
+            }
+            Loaded::SignedOut { generation } if generation > w.committed => {
+                w.committed = generation;
+                self.forget(w);
+            }
+            // Behind us (Redis restarted without persistence, or restored an old snapshot):
+            // write back the newest set we hold, never reseed from config. Until it is
+            // back, nobody may take the lease at our generation and rotate.
+            behind if behind.generation() < w.committed => {
+                let Some(held) = w.held.clone() else { return };
+                tracing::warn!(credential = %self.cred.name, "the state store lost our tokens; writing back the newest set held");
+                let stored = Stored {
+                    generation: w.generation,
+                    tokens: held,
+                };
+                w.committed = behind.generation();
+                self.commit(w, stored).await;
+            }
+            _ => {}
+        }
     }
 
     /// Publish a failed fetch or install: backoff for transient errors, else needs_reauth.
@@ -439,20 +592,55 @@ impl Refresher {
             set.refresh_token = w.refresh_token.clone();
         }
         w.unverified = None;
-        let generation = self.commit_new(w, &set).await;
-        let active = self.activate(generation, &set)?;
+        let active = self.activate(w.generation + 1, &set)?;
+        if self.store.kind() == "redis" {
+            // Shared: the install lands in the store first, or not at all (no replica
+            // may diverge); the others pick it up from there.
+            let stored = Stored {
+                generation: w.generation + 1,
+                tokens: set.clone(),
+            };
+            match self.store.commit(w.committed, stored).await {
+                Ok(Commit::Committed) => {}
+                Ok(Commit::Conflict { .. }) => {
+                    return Err(
+                        "store_unavailable: the shared token state changed meanwhile; try again"
+                            .into(),
+                    )
+                }
+                Err(e) => return Err(format!("store_unavailable: {e}")),
+            }
+            w.generation += 1;
+            w.committed = w.generation;
+            w.refresh_token = set.refresh_token.clone();
+            w.held = Some(set.clone());
+            w.unsaved = None;
+        } else {
+            self.commit_new(w, &set).await;
+        }
         self.publish(w, &set, active);
         Ok(())
     }
 
     /// Sign out: forget the tokens here and in the store.
     async fn sign_out(&self, w: &mut Writer) -> Result<(), String> {
-        self.store.clear().await.map_err(|e| e.to_string())?;
+        w.committed = self
+            .store
+            .clear(w.generation + 1)
+            .await
+            .map_err(|e| format!("store_unavailable: {e}"))?;
+        w.generation += 1;
+        self.forget(w);
+        tracing::warn!(credential = %self.cred.name, "signed out; tokens forgotten");
+        Ok(())
+    }
+
+    /// Drop every token held; `needs_reauth` until a new one is installed.
+    fn forget(&self, w: &mut Writer) {
         w.refresh_token = None;
         w.unverified = None;
         w.unsaved = None;
-        w.generation += 1;
-        w.committed = 0;
+        w.held = None;
         self.cred.snapshot.send_modify(|s| {
             s.token = None;
             s.invalidated = false;
@@ -460,8 +648,6 @@ impl Refresher {
             s.last_error = Some("signed out: install a new token with PUT /tokens/<name>".into());
             s.persisted = s.persisted.map(|_| true);
         });
-        tracing::warn!(credential = %self.cred.name, "signed out; tokens forgotten");
-        Ok(())
     }
 
     /// Give `set` the next generation, take its refresh token as ours, and commit it to
@@ -471,6 +657,7 @@ impl Refresher {
     async fn commit_new(&self, w: &mut Writer, set: &TokenSet) -> u64 {
         w.generation += 1;
         w.refresh_token = set.refresh_token.clone();
+        w.held = Some(set.clone());
         let stored = Stored {
             generation: w.generation,
             tokens: set.clone(),

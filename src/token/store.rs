@@ -14,7 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::credential::Credential;
 use super::refresher::{self, Refresher, Start};
-use super::state::{check_state_dir, FileStateStore, MemoryStateStore, StateStore};
+use super::state::{
+    check_state_dir, FileStateStore, MemoryStateStore, RedisSettings, RedisShared, StateStore,
+};
 use crate::config::{Config, CredentialConfig};
 use crate::metrics::Metrics;
 
@@ -29,6 +31,8 @@ pub struct TokenStore {
     metrics: Arc<Metrics>,
     /// Parent of every refresher's cancellation token.
     shutdown: CancellationToken,
+    /// The `[shared]` Redis client, when replicas share token state.
+    redis: Option<RedisShared>,
 }
 
 /// A credential's refresher, its running task and the token that stops it.
@@ -63,10 +67,23 @@ impl TokenStore {
             refreshers: Mutex::new(HashMap::new()),
             pending: Mutex::new(Vec::new()),
             metrics: metrics.clone(),
+            redis: match &config.shared {
+                Some(shared) => Some(RedisShared::new(
+                    RedisSettings {
+                        url: shared.redis_url.clone(),
+                        password: shared.redis_password.clone(),
+                        key_prefix: shared.key_prefix.clone(),
+                        lock_ttl: shared.lock_ttl,
+                        encryption_key: shared.encryption_key.clone(),
+                    },
+                    metrics.clone(),
+                )?),
+                None => None,
+            },
             shutdown,
         };
         for c in config.credentials.values() {
-            let refresher = build(c, metrics.clone(), Start::default()).await?;
+            let refresher = store.build(c, Start::default()).await?;
             let cred = refresher.credential().clone();
             lock(&store.configs).insert(cred.name.clone(), c.clone());
             store.credentials.insert(cred.name.clone(), cred);
@@ -155,7 +172,7 @@ impl TokenStore {
                 }
                 None => (Start::default(), None),
             };
-            match build(config, self.metrics.clone(), start).await {
+            match self.build(config, start).await {
                 Ok(refresher) => {
                     let cred = refresher.credential().clone();
                     let key = cred.name.clone();
@@ -178,6 +195,39 @@ impl TokenStore {
         report
     }
 
+    /// Build a credential with the state store its config asks for: Redis when it is
+    /// shared, the file store with a `state_file` (its directory checked first), else
+    /// memory. The store is made here and handed in: the credential never picks its own.
+    async fn build(
+        &self,
+        config: &CredentialConfig,
+        start: Start,
+    ) -> Result<Arc<Refresher>, String> {
+        let state: Arc<dyn StateStore> = match (&self.redis, config.shared, &config.state_file) {
+            (Some(redis), true, _) => {
+                let endpoint = config.endpoint();
+                redis.store_for(
+                    &config.name,
+                    &endpoint
+                        .map(|e| e.token_url.to_string())
+                        .unwrap_or_default(),
+                    endpoint
+                        .and_then(|e| e.client_id.as_deref())
+                        .unwrap_or_default(),
+                    self.shutdown.child_token(),
+                )
+            }
+            (_, _, Some(path)) => {
+                check_state_dir(path, true)
+                    .map_err(|e| format!("credentials.{}.state_file: {e}", config.name))?;
+                Arc::new(FileStateStore::new(path.clone()))
+            }
+            _ => Arc::new(MemoryStateStore::default()),
+        };
+        let (_, refresher) = refresher::build(config, self.metrics.clone(), start, state).await?;
+        Ok(refresher)
+    }
+
     /// Names of credentials that hold no usable token right now.
     pub fn not_ready(&self) -> Vec<Arc<str>> {
         let now = SystemTime::now();
@@ -191,23 +241,4 @@ impl TokenStore {
 
 fn same_secret(a: Option<&secrecy::SecretString>, b: Option<&secrecy::SecretString>) -> bool {
     a.map(|s| s.expose_secret()) == b.map(|s| s.expose_secret())
-}
-
-/// Build a credential with the state store its config asks for: the file store with a
-/// `state_file` (its directory checked first), else memory.
-async fn build(
-    config: &CredentialConfig,
-    metrics: Arc<Metrics>,
-    start: Start,
-) -> Result<Arc<Refresher>, String> {
-    let state: Arc<dyn StateStore> = match &config.state_file {
-        Some(path) => {
-            check_state_dir(path, true)
-                .map_err(|e| format!("credentials.{}.state_file: {e}", config.name))?;
-            Arc::new(FileStateStore::new(path.clone()))
-        }
-        None => Arc::new(MemoryStateStore::default()),
-    };
-    let (_, refresher) = refresher::build(config, metrics, start, state).await?;
-    Ok(refresher)
 }

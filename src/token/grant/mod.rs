@@ -65,6 +65,12 @@ impl Grant {
         }
     }
 
+    /// Whether a fetch replaces the credential the next fetch needs (a rotating refresh
+    /// token): such a fetch must never run twice at once, even across replicas.
+    pub fn rotates(&self) -> bool {
+        matches!(self, Grant::RefreshToken(_))
+    }
+
     /// A static token read from a file (polled for changes).
     pub fn polls_file(&self) -> bool {
         matches!(self, Grant::Static(StaticSource::File(_)))

@@ -12,7 +12,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-use super::{BoxFuture, Commit, Lease, LocalHolder, StateError, StateStore, Stored};
+use super::{
+    Acquire, BoxFuture, Commit, Lease, Loaded, LocalHolder, StateError, StateStore, Stored,
+};
 use crate::token::response::TokenSet;
 
 /// On-disk shape. Times are Unix milliseconds. `generation` is absent in files written
@@ -79,7 +81,7 @@ impl StateStore for FileStateStore {
         "file"
     }
 
-    fn load(&self) -> BoxFuture<'_, Result<Option<Stored>, StateError>> {
+    fn load(&self) -> BoxFuture<'_, Result<Loaded, StateError>> {
         Box::pin(async move {
             let path = self.path.clone();
             let loaded = tokio::task::spawn_blocking(move || load_file(&path))
@@ -87,12 +89,12 @@ impl StateStore for FileStateStore {
                 .map_err(|e| self.error(e))??;
             self.holder
                 .loaded(loaded.as_ref().map_or(0, |s| s.generation));
-            Ok(loaded)
+            Ok(loaded.map_or(Loaded::Empty, Loaded::Tokens))
         })
     }
 
-    fn try_acquire(&self, generation: u64) -> BoxFuture<'_, Result<Option<Lease>, StateError>> {
-        Box::pin(async move { Ok(Some(self.holder.lease(generation))) })
+    fn try_acquire(&self, generation: u64) -> BoxFuture<'_, Result<Acquire, StateError>> {
+        Box::pin(async move { Ok(self.holder.acquire(generation)) })
     }
 
     fn renew(&self, _lease: &Lease) -> BoxFuture<'_, Result<bool, StateError>> {
@@ -118,14 +120,14 @@ impl StateStore for FileStateStore {
         })
     }
 
-    fn clear(&self) -> BoxFuture<'_, Result<(), StateError>> {
+    fn clear(&self, _generation: u64) -> BoxFuture<'_, Result<u64, StateError>> {
         Box::pin(async move {
             let path = self.path.clone();
             tokio::task::spawn_blocking(move || clear_file(&path))
                 .await
                 .map_err(|e| self.error(e))??;
             self.holder.committed(0);
-            Ok(())
+            Ok(0)
         })
     }
 

@@ -2,7 +2,9 @@
 
 use std::sync::Mutex;
 
-use super::{BoxFuture, Commit, Lease, LocalHolder, StateError, StateStore, Stored};
+use super::{
+    Acquire, BoxFuture, Commit, Lease, Loaded, LocalHolder, StateError, StateStore, Stored,
+};
 
 #[derive(Default)]
 pub struct MemoryStateStore {
@@ -15,12 +17,15 @@ impl StateStore for MemoryStateStore {
         "memory"
     }
 
-    fn load(&self) -> BoxFuture<'_, Result<Option<Stored>, StateError>> {
-        Box::pin(async move { Ok(self.saved.lock().unwrap_or_else(|e| e.into_inner()).clone()) })
+    fn load(&self) -> BoxFuture<'_, Result<Loaded, StateError>> {
+        Box::pin(async move {
+            let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            Ok(saved.map_or(Loaded::Empty, Loaded::Tokens))
+        })
     }
 
-    fn try_acquire(&self, generation: u64) -> BoxFuture<'_, Result<Option<Lease>, StateError>> {
-        Box::pin(async move { Ok(Some(self.holder.lease(generation))) })
+    fn try_acquire(&self, generation: u64) -> BoxFuture<'_, Result<Acquire, StateError>> {
+        Box::pin(async move { Ok(self.holder.acquire(generation)) })
     }
 
     fn renew(&self, _lease: &Lease) -> BoxFuture<'_, Result<bool, StateError>> {
@@ -42,11 +47,11 @@ impl StateStore for MemoryStateStore {
         })
     }
 
-    fn clear(&self) -> BoxFuture<'_, Result<(), StateError>> {
+    fn clear(&self, _generation: u64) -> BoxFuture<'_, Result<u64, StateError>> {
         Box::pin(async move {
             *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = None;
             self.holder.committed(0);
-            Ok(())
+            Ok(0)
         })
     }
 

@@ -23,9 +23,11 @@ use super::response::TokenSet;
 
 mod file;
 mod memory;
+mod redis;
 
 pub use file::{check_state_dir, FileStateStore};
 pub use memory::MemoryStateStore;
+pub use redis::{RedisSettings, RedisShared, RedisStateStore};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -34,6 +36,41 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub struct Stored {
     pub generation: u64,
     pub tokens: TokenSet,
+}
+
+/// What `load` found.
+#[derive(Clone, Debug)]
+pub enum Loaded {
+    /// Nothing was ever committed (or a shared store lost its data).
+    Empty,
+    /// Signed out (`DELETE /tokens/{name}`) at this generation.
+    SignedOut {
+        generation: u64,
+    },
+    Tokens(Stored),
+}
+
+impl Loaded {
+    pub fn generation(&self) -> u64 {
+        match self {
+            Loaded::Empty => 0,
+            Loaded::SignedOut { generation } => *generation,
+            Loaded::Tokens(s) => s.generation,
+        }
+    }
+}
+
+/// The outcome of `try_acquire`.
+#[derive(Debug, Clone)]
+pub enum Acquire {
+    Acquired(Lease),
+    /// Another holder has the lease (its token call is in flight).
+    Busy,
+    /// The store is not at the generation asked for: it moved on (load it instead of
+    /// fetching), or it fell behind (lost data: write ours back first).
+    Stale {
+        current: u64,
+    },
 }
 
 /// The outcome of a compare-and-set commit.
@@ -60,19 +97,29 @@ pub struct StateError(pub String);
 pub trait StateStore: Send + Sync + 'static {
     /// `memory`, `file` or `redis` (shown in `/tokens`).
     fn kind(&self) -> &'static str;
-    /// The newest committed set, `None` when nothing was committed yet.
-    fn load(&self) -> BoxFuture<'_, Result<Option<Stored>, StateError>>;
-    /// Take the refresh lease for the set at `generation`; `None` while another holds it.
-    fn try_acquire(&self, generation: u64) -> BoxFuture<'_, Result<Option<Lease>, StateError>>;
+    /// The newest committed state.
+    fn load(&self) -> BoxFuture<'_, Result<Loaded, StateError>>;
+    /// Take the refresh lease, if the store is still at `generation`.
+    fn try_acquire(&self, generation: u64) -> BoxFuture<'_, Result<Acquire, StateError>>;
     /// Extend a held lease while its token call runs; `false` when it was lost.
     fn renew(&self, lease: &Lease) -> BoxFuture<'_, Result<bool, StateError>>;
     fn release(&self, lease: Lease) -> BoxFuture<'_, Result<(), StateError>>;
     /// Record `set` durably if the store is still at generation `expected`.
     fn commit(&self, expected: u64, set: Stored) -> BoxFuture<'_, Result<Commit, StateError>>;
-    /// Forget the tokens (sign-out).
-    fn clear(&self) -> BoxFuture<'_, Result<(), StateError>>;
+    /// Forget the tokens (sign-out), recording it as generation `generation` where the
+    /// store is shared (so other holders sign out too, rather than write theirs back).
+    /// Returns the store's generation afterwards.
+    fn clear(&self, generation: u64) -> BoxFuture<'_, Result<u64, StateError>>;
     /// Generations committed by other holders.
     fn watch(&self) -> watch::Receiver<u64>;
+    /// Whether this replica holds the refresh lease right now (`/tokens` `lease_holder`).
+    fn holds_lease(&self) -> bool {
+        false
+    }
+    /// How long a lease lives unless renewed (`None`: it cannot expire).
+    fn lease_ttl(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// The bookkeeping of a single-holder store: its committed generation (for the
@@ -104,8 +151,11 @@ impl LocalHolder {
         self.loaded(generation);
     }
 
-    pub(crate) fn lease(&self, generation: u64) -> Lease {
-        Lease { generation }
+    pub(crate) fn acquire(&self, generation: u64) -> Acquire {
+        match self.current() {
+            current if current != generation => Acquire::Stale { current },
+            _ => Acquire::Acquired(Lease { generation }),
+        }
     }
 
     /// `Some(Conflict)` when the store is not at `expected`.
@@ -136,8 +186,10 @@ mod tests {
 
     /// The contract every single-holder store keeps.
     async fn single_holder_contract(store: &dyn StateStore) {
-        assert!(store.load().await.unwrap().is_none());
-        let lease = store.try_acquire(0).await.unwrap().expect("always granted");
+        assert!(matches!(store.load().await.unwrap(), Loaded::Empty));
+        let Acquire::Acquired(lease) = store.try_acquire(0).await.unwrap() else {
+            panic!("a single holder always gets the lease")
+        };
         assert!(store.renew(&lease).await.unwrap());
         let first = Stored {
             generation: 1,
@@ -159,12 +211,14 @@ mod tests {
             tokens: set("rt2"),
         };
         assert_eq!(store.commit(1, second).await.unwrap(), Commit::Committed);
-        let back = store.load().await.unwrap().unwrap();
+        let Loaded::Tokens(back) = store.load().await.unwrap() else {
+            panic!("tokens were committed")
+        };
         assert_eq!(back.generation, 2);
         use secrecy::ExposeSecret;
         assert_eq!(back.tokens.refresh_token.unwrap().expose_secret(), "rt2");
-        store.clear().await.unwrap();
-        assert!(store.load().await.unwrap().is_none());
+        store.clear(3).await.unwrap();
+        assert!(matches!(store.load().await.unwrap(), Loaded::Empty));
         assert!(!store.watch().has_changed().unwrap());
     }
 

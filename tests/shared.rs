@@ -1,0 +1,167 @@
+//! Replicas sharing one credential through a real redis-server: one token call per token
+//! lifetime across all of them, no refresh-token reuse, admin changes applied everywhere,
+//! and Redis going away handled without forking the token family.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use http::Method;
+use support::*;
+
+/// `n` in-process replicas of one proxy config, sharing `redis`, all starting from the
+/// same configured refresh token.
+async fn replicas(
+    world: &World,
+    redis: &RedisServer,
+    rt: &str,
+    n: usize,
+) -> Vec<token_proxy::AppHandle> {
+    let toml = format!(
+        "{}\n[shared]\nredis_url = \"{}\"\nlock_ttl = \"2s\"\n",
+        world.config("", &format!("refresh_token = \"{rt}\"")),
+        redis.url()
+    );
+    let mut apps = Vec::new();
+    for _ in 0..n {
+        apps.push(start(&toml).await);
+    }
+    apps
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_make_one_token_call_per_lifetime_and_never_reuse() {
+    let world = World::new(Duration::from_secs(2)).await;
+    let redis = RedisServer::start();
+    let rt = world.auth.new_refresh_token();
+    let apps = replicas(&world, &redis, &rt, 3).await;
+    let started = std::time::Instant::now();
+    let mut failures = 0;
+    let mut total = 0;
+    while started.elapsed() < Duration::from_secs(8) {
+        for app in &apps {
+            let r = get(&url(app, "/v1/x")).await;
+            total += 1;
+            if r.status != 200 {
+                failures += 1;
+                eprintln!("{}: {}", r.status, r.text());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let calls = world.auth.refresh_calls.load(Ordering::SeqCst);
+    assert_eq!(failures, 0, "of {total} requests");
+    assert_eq!(
+        world.auth.reuse_detected.load(Ordering::SeqCst),
+        0,
+        "no rotation was lost"
+    );
+    // 2 s tokens refreshed at half-life: ~8 calls in 8 s for all replicas together
+    // (three independent replicas would make ~24).
+    assert!(calls <= 12, "{calls} token calls for 3 replicas in 8 s");
+    let status = get(&admin(&apps[0], "/tokens/main")).await.json();
+    assert_eq!(status["store"], "redis", "{status}");
+    for app in apps {
+        app.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_and_delete_on_one_replica_apply_to_all() {
+    let world = World::new(Duration::from_secs(300)).await;
+    let redis = RedisServer::start();
+    let rt = world.auth.new_refresh_token();
+    let apps = replicas(&world, &redis, &rt, 3).await;
+    for app in &apps {
+        assert_eq!(get(&url(app, "/v1/before")).await.status, 200);
+    }
+    let login = world.auth.login();
+    let new_access = login["access_token"].as_str().unwrap().to_string();
+    let r = send(
+        Method::PUT,
+        &admin(&apps[0], "/tokens/main"),
+        &[],
+        login.to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    wait_for(
+        "replica C to use the installed token",
+        Duration::from_secs(3),
+        || async {
+            assert_eq!(get(&url(&apps[2], "/v1/after-put")).await.status, 200);
+            let seen = world.api.seen();
+            let last = seen.last().unwrap();
+            last.headers["authorization"] == format!("Bearer {new_access}").as_str()
+        },
+    )
+    .await;
+
+    let r = send(Method::DELETE, &admin(&apps[1], "/tokens/main"), &[], "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    for app in &apps {
+        wait_for(
+            "every replica to sign out",
+            Duration::from_secs(3),
+            || async { get(&url(app, "/v1/after-delete")).await.status == 503 },
+        )
+        .await;
+    }
+    for app in apps {
+        app.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_gone_held_tokens_serve_then_rotating_credentials_fail_closed() {
+    let world = World::new(Duration::from_secs(3)).await;
+    let mut redis = RedisServer::start();
+    let port = redis.port;
+    let rt = world.auth.new_refresh_token();
+    let apps = replicas(&world, &redis, &rt, 2).await;
+    for app in &apps {
+        assert_eq!(get(&url(app, "/v1/x")).await.status, 200);
+    }
+    redis.stop();
+    let calls_before = world.auth.refresh_calls.load(Ordering::SeqCst);
+    // The held token keeps serving while valid...
+    assert_eq!(get(&url(&apps[0], "/v1/held")).await.status, 200);
+    // ...and at expiry the rotating refresh token is not used without the lease: 503.
+    wait_for("fail closed at expiry", Duration::from_secs(10), || async {
+        get(&url(&apps[0], "/v1/expired")).await.status == 503
+    })
+    .await;
+    assert_eq!(
+        world.auth.refresh_calls.load(Ordering::SeqCst),
+        calls_before,
+        "no token call without the lease"
+    );
+    let metrics = get(&admin(&apps[0], "/metrics")).await.text();
+    assert!(metrics.contains("token_proxy_store_up 0"), "{metrics}");
+    // Redis comes back empty (no persistence): the replicas write back what they hold and
+    // converge on one generation, without reseeding from config.
+    let _redis = RedisServer::start_on(port);
+    for app in &apps {
+        wait_for("recovery", Duration::from_secs(20), || async {
+            let r = get(&url(app, "/v1/back")).await;
+            if r.status != 200 {
+                eprintln!(
+                    "{}: {}",
+                    r.status,
+                    get(&admin(app, "/tokens/main")).await.text()
+                );
+            }
+            r.status == 200
+        })
+        .await;
+    }
+    assert_eq!(
+        world.auth.reuse_detected.load(Ordering::SeqCst),
+        0,
+        "no rotation was lost"
+    );
+    for app in apps {
+        app.stop().await;
+    }
+}
