@@ -103,6 +103,25 @@ fn summary(source: &ConfigSource, config: &Config) -> String {
         s.shutdown_delay,
         s.max_header_size
     );
+    if let Some(shared) = &config.shared {
+        let _ = writeln!(
+            out,
+            "shared: redis_url=*** key_prefix={} lock_ttl={:?} encryption={}",
+            shared.key_prefix,
+            shared.lock_ttl,
+            if shared.encryption_key.is_some() {
+                "on"
+            } else {
+                "OFF"
+            }
+        );
+        if shared.encryption_key.is_none() {
+            let _ = writeln!(
+                out,
+                "warning: shared.encryption_key_file is not set: tokens are stored in Redis unencrypted"
+            );
+        }
+    }
     let list = |v: &[String]| {
         if v.is_empty() {
             "(none)".to_string()
@@ -155,13 +174,14 @@ fn summary(source: &ConfigSource, config: &Config) -> String {
         let access_token = matches!(c.grant, token_proxy::config::GrantConfig::Static(_));
         let _ = writeln!(
             out,
-            "credential {}: grant={} {endpoint}refresh_token={} initial_tokens={} access_token={} state_file={} refresh_before={:?} header={} verify={}",
+            "credential {}: grant={} {endpoint}refresh_token={} initial_tokens={} access_token={} state_file={} shared={} refresh_before={:?} header={} verify={}",
             c.name,
             c.grant_name(),
             mask(c.refresh_token().is_some()),
             mask(c.initial_tokens().is_some()),
             mask(access_token),
             c.state_file.as_ref().map_or_else(|| "(none)".to_string(), |p| p.display().to_string()),
+            c.shared,
             c.refresh_before,
             c.header,
             c.verify.as_ref().map_or_else(|| "off".to_string(), |v| format!("jwks={} issuer={:?} audience={:?}", v.jwks_url, v.issuer, v.audience)),

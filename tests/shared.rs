@@ -165,3 +165,63 @@ async fn with_redis_gone_held_tokens_serve_then_rotating_credentials_fail_closed
         app.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_at_rest_are_encrypted_and_key_names_hold_no_secret() {
+    use base64::Engine;
+    let world = World::new(Duration::from_secs(300)).await;
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let key = base64::engine::general_purpose::STANDARD.encode([42u8; 32]);
+    let key_file = write_file(dir.path(), "state.key", &key);
+    let rt = world.auth.new_refresh_token();
+    let toml = format!(
+        "{}\n[shared]\nredis_url = \"{}\"\nencryption_key_file = \"{}\"\n",
+        world.config("", &format!("refresh_token = \"{rt}\"")),
+        redis.url(),
+        key_file.display()
+    );
+    let app = start(&toml).await;
+    assert_eq!(get(&url(&app, "/v1/x")).await.status, 200);
+    let seen = world.api.seen();
+    let access = seen[0].headers["authorization"]
+        .to_str()
+        .unwrap()
+        .trim_start_matches("Bearer ")
+        .to_string();
+    let rotated = world.auth.requests()[0].params["refresh_token"].clone();
+
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty());
+    let mut everything = keys.join("\n");
+    for k in &keys {
+        let kind: String = redis::cmd("TYPE")
+            .arg(k)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if kind == "hash" {
+            let fields: Vec<String> = redis::cmd("HGETALL")
+                .arg(k)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            everything.push_str(&fields.join("\n"));
+        }
+    }
+    for secret in [&access, &rotated, &rt] {
+        let opaque = secret.rsplit([':', '.']).next().unwrap();
+        assert!(!everything.contains(opaque), "a token is readable in Redis");
+    }
+    assert!(
+        keys.iter().all(|k| k.starts_with("token-proxy:main:")),
+        "{keys:?}"
+    );
+    app.stop().await;
+}

@@ -524,6 +524,50 @@ mod tests {
     }
 
     #[test]
+    fn shared_settings_and_their_errors() {
+        let with_env = |text: &str, url: Option<&str>| {
+            let url = url.map(str::to_string);
+            Config::parse(text, &move |name| match name {
+                "SECRET" => Some("s3cret".into()),
+                "TOKEN_PROXY_REDIS_URL" => url.clone(),
+                _ => None,
+            })
+        };
+        // The environment alone creates [shared] with defaults; every credential shares.
+        let c = with_env(MIN, Some("redis://127.0.0.1:6379/0")).unwrap();
+        let shared = c.shared.as_ref().unwrap();
+        assert_eq!(shared.key_prefix, "token-proxy");
+        assert_eq!(shared.lock_ttl, Duration::from_secs(10));
+        assert!(c.credentials["main"].shared);
+        assert!(with_env(MIN, None).unwrap().shared.is_none());
+        let opt_out = MIN.replace("grant =", "shared = false\n        grant =");
+        let c = with_env(&opt_out, Some("redis://h")).unwrap();
+        assert!(!c.credentials["main"].shared);
+        let cases = [
+            (
+                format!("{MIN}\n[shared]\nredis_url = \"redis://h\"\nlock_ttl = \"500ms\""),
+                "shared.lock_ttl",
+            ),
+            (
+                format!("{MIN}\n[shared]\nredis_url = \"http://h\""),
+                "shared.redis_url",
+            ),
+            (
+                format!("{MIN}\n[shared]\nkey_prefix = \"x\""),
+                "shared.redis_url",
+            ),
+            (
+                MIN.replace("grant =", "shared = true\n        grant ="),
+                "credentials.main.shared",
+            ),
+        ];
+        for (text, key) in cases {
+            let e = with_env(&text, None).unwrap_err().to_string();
+            assert!(e.contains(key), "{e}");
+        }
+    }
+
+    #[test]
     fn sizes_and_durations() {
         assert_eq!(parse_size("k", "64KiB").unwrap(), 65536);
         assert_eq!(parse_size("k", "1MiB").unwrap(), 1 << 20);
