@@ -8,11 +8,9 @@ use support::*;
 /// Run `token-proxy check` on the proxy.toml of `configmap`, with the Secret's files as the
 /// volume would provide them; returns what check printed.
 fn check_configmap(configmap: &str, secrets: &[(&str, &str)]) -> String {
-    let yaml = std::fs::read_to_string(format!(
-        "{}/deploy/{configmap}",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap();
+    let yaml =
+        std::fs::read_to_string(format!("{}/deploy/{configmap}", env!("CARGO_MANIFEST_DIR")))
+            .unwrap();
     let start = yaml.find("proxy.toml: |\n").expect("proxy.toml key") + "proxy.toml: |\n".len();
     let toml: String = yaml[start..]
         .lines()
@@ -54,6 +52,12 @@ fn the_scaled_out_configmap_shares_its_credential_encrypted() {
             ("state_key", "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio="),
         ],
     );
-    assert!(out.contains("shared: redis_url=*** key_prefix=orders"), "{out}");
-    assert!(out.contains("encryption=on") && out.contains("shared=true"), "{out}");
+    assert!(
+        out.contains("shared: redis_url=*** key_prefix=orders"),
+        "{out}"
+    );
+    assert!(
+        out.contains("encryption=on") && out.contains("shared=true"),
+        "{out}"
+    );
 }
