@@ -335,8 +335,19 @@ impl Refresher {
             Some(set) => self.verify_and_publish(w, set, w.generation).await,
             None => self.fetch_and_publish(w, poll_only).await,
         };
-        if let Err(e) = outcome {
-            self.record_failure(w, e);
+        match outcome {
+            Err(e) => self.record_failure(w, e),
+            // Nothing new to publish (another replica's commit was adopted, or a polled
+            // file had not changed): the refresh is over all the same.
+            Ok(()) => {
+                self.cred.snapshot.send_if_modified(|s| {
+                    let refreshing = s.phase == Phase::Refreshing;
+                    if refreshing {
+                        s.phase = Phase::Idle;
+                    }
+                    refreshing
+                });
+            }
         }
     }
 
@@ -344,45 +355,48 @@ impl Refresher {
     /// publish, release the lease. When the store has moved on (another holder refreshed),
     /// follow it instead of fetching.
     async fn fetch_and_publish(&self, w: &mut Writer, poll_only: bool) -> Result<(), GrantError> {
-        let lease = match self.store.try_acquire(w.committed).await {
-            Ok(Acquire::Acquired(lease)) => {
-                self.metrics.lease_acquired(&self.cred.name);
-                Some(lease)
-            }
-            Ok(Acquire::Stale { .. }) => {
-                self.follow_store(w).await;
-                return Ok(());
-            }
-            Ok(Acquire::Busy) => {
-                // Another replica's token call is in flight: wait for its commit.
-                let mut others = self.store.watch();
-                let wait = self.store.lease_ttl().unwrap_or(Duration::from_secs(1));
-                let _ = tokio::time::timeout(wait, others.changed()).await;
-                self.follow_store(w).await;
-                if self
-                    .cred
-                    .snapshot()
-                    .usable_token(SystemTime::now())
-                    .is_some()
-                {
+        let mut waited_for_holder = false;
+        let lease = loop {
+            match self.store.try_acquire(w.committed).await {
+                Ok(Acquire::Acquired(lease)) => {
+                    self.metrics.lease_acquired(&self.cred.name);
+                    break Some(lease);
+                }
+                Ok(Acquire::Stale { .. }) => {
+                    self.follow_store(w).await;
                     return Ok(());
                 }
-                return Err(GrantError::Transient {
-                    message: "another replica is refreshing this credential".into(),
-                    retry_after: Some(Duration::from_millis(500)),
-                });
-            }
-            // A rotating refresh token is never used without the lease: that would fork
-            // the token family. Other grants rotate nothing: fetch locally.
-            Err(e) if self.grant.rotates() => {
-                return Err(GrantError::Transient {
-                    message: format!("state store unavailable: {e}"),
-                    retry_after: None,
-                })
-            }
-            Err(e) => {
-                tracing::warn!(credential = %self.cred.name, error = %e, "state store unavailable; fetching locally");
-                None
+                // Another replica's token call is in flight: wait for its commit (at most
+                // one lease lifetime: a dead holder's lease expires by then), then try again.
+                Ok(Acquire::Busy) if !waited_for_holder => {
+                    waited_for_holder = true;
+                    let before = w.committed;
+                    let mut others = self.store.watch();
+                    let wait = self.store.lease_ttl().unwrap_or(Duration::from_secs(1));
+                    let _ = tokio::time::timeout(wait, others.changed()).await;
+                    self.follow_store(w).await;
+                    if w.committed != before {
+                        return Ok(());
+                    }
+                }
+                Ok(Acquire::Busy) => {
+                    return Err(GrantError::Transient {
+                        message: "another replica is refreshing this credential".into(),
+                        retry_after: Some(Duration::from_millis(500)),
+                    });
+                }
+                // A rotating refresh token is never used without the lease: that would fork
+                // the token family. Other grants rotate nothing: fetch locally.
+                Err(e) if self.grant.rotates() => {
+                    return Err(GrantError::Transient {
+                        message: format!("state store unavailable: {e}"),
+                        retry_after: None,
+                    })
+                }
+                Err(e) => {
+                    tracing::warn!(credential = %self.cred.name, error = %e, "state store unavailable; fetching locally");
+                    break None;
+                }
             }
         };
         let renew_every = self.store.lease_ttl().map(|ttl| ttl / 3);
