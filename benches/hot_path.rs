@@ -84,6 +84,93 @@ fn hot_path(c: &mut Criterion) {
     });
 }
 
+/// A private redis-server for the `[shared]` variant, if the machine has one.
+struct Redis(std::process::Child, u16);
+
+impl Redis {
+    fn start() -> Option<Redis> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(Redis(child, port));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The proxied round trip with `[shared]` (Redis) and without: the request path reads the
+/// token from memory either way, so the two should match (the bar: within 5 %).
+fn shared_round_trip(c: &mut Criterion) {
+    let Some(redis) = Redis::start() else {
+        eprintln!("shared_round_trip: no redis-server on this machine; skipped");
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let upstream = rt.block_on(upstream_server(MockUpstream::new("bench", None)));
+    let mut group = c.benchmark_group("shared_round_trip");
+    for (name, shared) in [("memory_store", false), ("redis_store", true)] {
+        let mut config = config(&upstream.url);
+        if shared {
+            let text = format!(
+                "[[routes]]\nprefix = \"/\"\nupstream = \"{}\"\ncredential = \"main\"\n[credentials.main]\ngrant = \"static\"\naccess_token = \"bench-access-token-0123456789abcdef\"\n[shared]\nredis_url = \"redis://127.0.0.1:{}/0\"\n",
+                upstream.url, redis.1
+            );
+            config = Config::parse(&text, &|_| None).unwrap();
+            config.server.listen = "127.0.0.1:0".parse().unwrap();
+        }
+        let app = rt.block_on(async {
+            let app = App::spawn(config).await.unwrap();
+            let cred = app.store.get("main").unwrap();
+            while cred.current().is_none() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            app
+        });
+        let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        let uri: http::Uri = format!("http://{}/api/v1/orders/42", app.proxy_addr)
+            .parse()
+            .unwrap();
+        group.bench_function(name, |b| {
+            b.to_async(&rt).iter(|| {
+                let uri = uri.clone();
+                let client = client.clone();
+                async move {
+                    let resp = client.get(uri).await.unwrap();
+                    assert_eq!(resp.status(), 200);
+                    resp.into_body().collect().await.unwrap();
+                }
+            })
+        });
+        rt.block_on(app.stop());
+    }
+    group.finish();
+}
+
 fn round_trip(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (upstream, app) = rt.block_on(async {
@@ -124,5 +211,5 @@ fn round_trip(c: &mut Criterion) {
     rt.block_on(app.stop());
 }
 
-criterion_group!(benches, hot_path, round_trip);
+criterion_group!(benches, hot_path, round_trip, shared_round_trip);
 criterion_main!(benches);
