@@ -226,6 +226,7 @@ impl Refresher {
         let mut guard = self.inner.lock().await;
         let (w, queue) = &mut *guard;
         let mut others = self.store.watch();
+        let mut watch_closed = false;
         loop {
             let wait_until = match schedule::next(&self.schedule_state(w), Instant::now()) {
                 Action::SaveAgain => {
@@ -256,13 +257,18 @@ impl Refresher {
                     None => return,
                 },
                 _ = self.cred.wake.notified() => None,
-                changed = others.changed() => {
+                changed = others.changed(), if !watch_closed => {
                     let seen = *others.borrow_and_update();
-                    if changed.is_ok() {
-                        if seen != w.committed {
-                            self.follow_store(w).await;
+                    match changed {
+                        Ok(()) => {
+                            if seen != w.committed {
+                                self.follow_store(w).await;
+                            }
+                            self.retry_now_if_waiting_for_the_store(w);
                         }
-                        self.retry_now_if_waiting_for_the_store(w);
+                        // The store stopped watching (it never does while it lives): stop
+                        // listening rather than spin on a closed channel.
+                        Err(_) => watch_closed = true,
                     }
                     None
                 }
