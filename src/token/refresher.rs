@@ -361,7 +361,9 @@ impl Refresher {
     /// publish, release the lease. When the store has moved on (another holder refreshed),
     /// follow it instead of fetching.
     async fn fetch_and_publish(&self, w: &mut Writer, poll_only: bool) -> Result<(), GrantError> {
-        let mut waited_for_holder = false;
+        // A live holder commits within its token call; a dead one's lease expires within
+        // `lock_ttl` (counted from its last renewal): two waits of `lock_ttl` cover both.
+        let mut waits_for_holder = 0;
         let lease = loop {
             match self.store.try_acquire(w.committed).await {
                 Ok(Acquire::Acquired(lease)) => {
@@ -374,8 +376,8 @@ impl Refresher {
                 }
                 // Another replica's token call is in flight: wait for its commit (at most
                 // one lease lifetime: a dead holder's lease expires by then), then try again.
-                Ok(Acquire::Busy) if !waited_for_holder => {
-                    waited_for_holder = true;
+                Ok(Acquire::Busy) if waits_for_holder < 2 => {
+                    waits_for_holder += 1;
                     let before = w.committed;
                     let mut others = self.store.watch();
                     let wait = self.store.lease_ttl().unwrap_or(Duration::from_secs(1));
@@ -474,6 +476,7 @@ impl Refresher {
         };
         match loaded {
             Loaded::Tokens(stored) if stored.generation > w.committed => {
+                self.store.adopted(&stored).await;
                 w.committed = stored.generation;
                 w.generation = w.generation.max(stored.generation);
                 w.refresh_token = stored.tokens.refresh_token.clone();

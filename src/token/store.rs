@@ -16,6 +16,7 @@ use super::credential::Credential;
 use super::refresher::{self, Refresher, Start};
 use super::state::{
     check_state_dir, FileStateStore, MemoryStateStore, RedisSettings, RedisShared, StateStore,
+    WriteAheadStore,
 };
 use crate::config::{Config, CredentialConfig};
 use crate::metrics::Metrics;
@@ -204,9 +205,9 @@ impl TokenStore {
         start: Start,
     ) -> Result<Arc<Refresher>, String> {
         let state: Arc<dyn StateStore> = match (&self.redis, config.shared, &config.state_file) {
-            (Some(redis), true, _) => {
+            (Some(redis), true, state_file) => {
                 let endpoint = config.endpoint();
-                redis.store_for(
+                let shared = redis.store_for(
                     &config.name,
                     &endpoint
                         .map(|e| e.token_url.to_string())
@@ -215,7 +216,19 @@ impl TokenStore {
                         .and_then(|e| e.client_id.as_deref())
                         .unwrap_or_default(),
                     self.shutdown.child_token(),
-                )
+                );
+                match state_file {
+                    // The file is the write-ahead copy of what goes to Redis.
+                    Some(path) => {
+                        check_state_dir(path, true)
+                            .map_err(|e| format!("credentials.{}.state_file: {e}", config.name))?;
+                        Arc::new(WriteAheadStore::new(
+                            FileStateStore::new(path.clone()),
+                            shared,
+                        ))
+                    }
+                    None => shared,
+                }
             }
             (_, _, Some(path)) => {
                 check_state_dir(path, true)

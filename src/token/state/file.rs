@@ -48,6 +48,17 @@ impl FileStateStore {
     fn error(&self, message: impl std::fmt::Display) -> StateError {
         file_error(&self.path, message)
     }
+
+    /// Write `set` whatever the file held (the write-ahead copy under a shared store).
+    pub async fn save(&self, set: Stored) -> Result<(), StateError> {
+        let path = self.path.clone();
+        let generation = set.generation;
+        tokio::task::spawn_blocking(move || save_file(&path, &set))
+            .await
+            .map_err(|e| self.error(e))??;
+        self.holder.committed(generation);
+        Ok(())
+    }
 }
 
 fn file_error(path: &Path, message: impl std::fmt::Display) -> StateError {

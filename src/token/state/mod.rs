@@ -24,10 +24,12 @@ use super::response::TokenSet;
 mod file;
 mod memory;
 mod redis;
+mod write_ahead;
 
 pub use file::{check_state_dir, FileStateStore};
 pub use memory::MemoryStateStore;
 pub use redis::{RedisSettings, RedisShared, RedisStateStore};
+pub use write_ahead::WriteAheadStore;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -115,6 +117,10 @@ pub trait StateStore: Send + Sync + 'static {
     /// Whether this replica holds the refresh lease right now (`/tokens` `lease_holder`).
     fn holds_lease(&self) -> bool {
         false
+    }
+    /// A set committed by another holder and adopted here (a write-ahead copy keeps it).
+    fn adopted<'a>(&'a self, _set: &'a Stored) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
     }
     /// How long a lease lives unless renewed (`None`: it cannot expire).
     fn lease_ttl(&self) -> Option<std::time::Duration> {
