@@ -110,6 +110,8 @@ pub struct AppHandle {
     routes: Arc<RwLock<Arc<RouteTable>>>,
     /// Server settings in force (they need a restart to change).
     server: config::ServerConfig,
+    /// Identifies the `[shared]` settings in force (they need a restart to change).
+    shared: Option<u64>,
     /// Cancelled first on shutdown: readiness fails.
     draining: CancellationToken,
     /// Cancelled after `shutdown_delay`: the proxy stops accepting and drains.
@@ -210,6 +212,10 @@ impl App {
             store,
             metrics,
             routes,
+            shared: config
+                .shared
+                .as_ref()
+                .map(config::SharedConfig::fingerprint),
             server: config.server,
             draining,
             stop_proxy,
@@ -255,6 +261,14 @@ impl AppHandle {
             || s.access != self.server.access
         {
             summary.push_str("; [server] changes take effect after a restart");
+        }
+        if config
+            .shared
+            .as_ref()
+            .map(config::SharedConfig::fingerprint)
+            != self.shared
+        {
+            summary.push_str("; [shared] changes take effect after a restart");
         }
         Ok(summary)
     }

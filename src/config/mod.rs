@@ -88,6 +88,24 @@ pub struct SharedConfig {
     pub encryption_key: Option<std::sync::Arc<[u8; 32]>>,
 }
 
+impl SharedConfig {
+    /// Identifies these settings (secrets included, never shown), to tell a change.
+    pub fn fingerprint(&self) -> u64 {
+        use secrecy::ExposeSecret;
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.redis_url.expose_secret().hash(&mut h);
+        self.redis_password
+            .as_ref()
+            .map(|p| p.expose_secret().to_string())
+            .hash(&mut h);
+        self.key_prefix.hash(&mut h);
+        self.lock_ttl.hash(&mut h);
+        self.encryption_key.as_deref().hash(&mut h);
+        h.finish()
+    }
+}
+
 impl std::fmt::Debug for SharedConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SharedConfig")
