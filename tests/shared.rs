@@ -225,3 +225,28 @@ async fn tokens_at_rest_are_encrypted_and_key_names_hold_no_secret() {
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_says_shared_settings_need_a_restart() {
+    let world = World::new(Duration::from_secs(300)).await;
+    let redis = RedisServer::start();
+    let rt = world.auth.new_refresh_token();
+    let base = world.config("", &format!("refresh_token = \"{rt}\""));
+    let with = |prefix: &str| {
+        format!(
+            "{base}\n[shared]\nredis_url = \"{}\"\nkey_prefix = \"{prefix}\"\n",
+            redis.url()
+        )
+    };
+    let app = start(&with("one")).await;
+    let same = token_proxy::config::Config::parse(&with("one"), &|_| None).unwrap();
+    let summary = app.reload(same).await.unwrap();
+    assert!(!summary.contains("[shared]"), "{summary}");
+    let changed = token_proxy::config::Config::parse(&with("two"), &|_| None).unwrap();
+    let summary = app.reload(changed).await.unwrap();
+    assert!(
+        summary.contains("[shared] changes take effect after a restart"),
+        "{summary}"
+    );
+    app.stop().await;
+}
