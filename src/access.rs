@@ -32,31 +32,48 @@ pub struct AccessPolicy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal(pub String);
 
-/// The host part of a `Host` value or URI authority, lower-cased, without port, brackets
-/// or a trailing dot. `None` when it does not parse.
+/// The host part of a `Host` value or URI authority: without the port, the IPv6 brackets
+/// or a trailing dot; case kept. No allocation (it runs on every request). Anything odd
+/// (userinfo, a non-numeric port) stays in, so it matches no accepted name.
+pub fn host_part(authority: &str) -> &str {
+    let digits = |p: &str| p.bytes().all(|b| b.is_ascii_digit());
+    let host = match authority.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((ip, "")) => ip,
+            Some((ip, port)) if port.strip_prefix(':').is_some_and(digits) => ip,
+            _ => authority,
+        },
+        None => match authority.rsplit_once(':') {
+            Some((host, port)) if digits(port) => host,
+            _ => authority,
+        },
+    };
+    host.strip_suffix('.').unwrap_or(host)
+}
+
+/// The lower-cased host of a valid authority (config validation); `None` when invalid.
 pub fn host_name(authority: &str) -> Option<String> {
-    let auth: http::uri::Authority = authority.parse().ok()?;
-    let host = auth.host();
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    Some(host.trim_end_matches('.').to_ascii_lowercase())
+    authority.parse::<http::uri::Authority>().ok()?;
+    Some(host_part(authority).to_ascii_lowercase())
 }
 
 /// IP literals and `localhost` cannot be rebound by someone else's DNS.
 pub fn is_local_name(host: &str) -> bool {
-    host == "localhost" || host.ends_with(".localhost") || host.parse::<IpAddr>().is_ok()
+    let lower_suffix = |s: &str| {
+        host.len() >= s.len()
+            && host.is_char_boundary(host.len() - s.len())
+            && host[host.len() - s.len()..].eq_ignore_ascii_case(s)
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || lower_suffix(".localhost")
+        || host.parse::<IpAddr>().is_ok()
 }
 
 /// The name a request is addressed to: the URI's authority (h2, absolute-form), else `Host`.
-pub fn requested_host(uri: &Uri, headers: &HeaderMap) -> Option<String> {
+pub fn requested_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
     match uri.authority() {
-        Some(a) => Some(a.as_str().to_string()),
-        None => headers
-            .get(HOST)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string),
+        Some(a) => Some(a.as_str()),
+        None => headers.get(HOST).and_then(|v| v.to_str().ok()),
     }
 }
 
@@ -65,10 +82,14 @@ impl AccessPolicy {
     /// A request with no host at all (HTTP/1.0) cannot come from a browser: accepted.
     pub fn check_host(&self, host: Option<&str>) -> Result<(), Refusal> {
         let Some(raw) = host else { return Ok(()) };
-        let name = host_name(raw);
-        match &name {
-            Some(n) if is_local_name(n) || self.allowed_hosts.iter().any(|h| h == n) => Ok(()),
-            _ => Err(Refusal(format!(
+        let name = host_part(raw);
+        let allowed = self
+            .allowed_hosts
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(name));
+        match is_local_name(name) || allowed {
+            true => Ok(()),
+            false => Err(Refusal(format!(
                 "requests addressed to Host {:?} are refused (it is not an IP literal, localhost, or a name in server.allowed_hosts); add the name to server.allowed_hosts if this proxy is reached by it",
                 shorten(raw)
             ))),
@@ -100,10 +121,7 @@ impl AccessPolicy {
     /// Admin writes (token changes): only a local process, addressing us by a local name,
     /// outside any web page. `allowed_hosts` does not widen this.
     pub fn check_admin_write(&self, headers: &HeaderMap, uri: &Uri) -> Result<(), Refusal> {
-        let local = match requested_host(uri, headers) {
-            None => true,
-            Some(h) => host_name(&h).is_some_and(|n| is_local_name(&n)),
-        };
+        let local = requested_host(uri, headers).is_none_or(|h| is_local_name(host_part(h)));
         if !local {
             return Err(Refusal(
                 "token changes must be addressed to 127.0.0.1, [::1] or localhost".into(),

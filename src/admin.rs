@@ -151,7 +151,7 @@ impl Admin {
     /// loopback client, addressing us by a local name, outside any web page.
     fn admit(&self, req: &Request<Incoming>) -> Result<(), String> {
         let host = requested_host(req.uri(), req.headers());
-        self.access.check_host(host.as_deref()).map_err(|r| r.0)?;
+        self.access.check_host(host).map_err(|r| r.0)?;
         if is_read(req.method()) {
             return Ok(());
         }

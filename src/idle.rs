@@ -251,13 +251,13 @@ mod tests {
     async fn a_flowing_body_is_never_cut() {
         let chunks = (0..10)
             .map(|_| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"x"))));
-        let stream = futures_util_stream(chunks);
+        let stream = slow_body(chunks);
         let body = IdleBody::new(stream, Duration::from_secs(5));
         assert_eq!(body.collect().await.unwrap().to_bytes().len(), 10);
     }
 
     /// Frames that each arrive 4 s after the previous (under the 5 s idle).
-    fn futures_util_stream(
+    fn slow_body(
         frames: impl Iterator<Item = Result<Frame<Bytes>, std::convert::Infallible>> + Send + 'static,
     ) -> impl Body<Data = Bytes, Error = std::convert::Infallible> {
         struct Slow<I> {

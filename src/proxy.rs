@@ -1,5 +1,6 @@
 //! The request path: pick a route, attach the token, forward (streaming), replay once on 401.
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -116,10 +117,14 @@ impl Proxy {
         admit(&self.inner.access, &req)?;
         // Route (and forward) the path the upstream will actually serve: "/api/../admin"
         // is "/admin", and must not ride the "/api" route's token there.
-        let path = normalize_path(req.uri().path())
-            .map_err(|e| ProxyError::BadRequest(e.to_string()))?
-            .into_owned();
-        let route = select_route(&routes, &req, &path)?.clone();
+        // Only a path that changed is copied; the usual one is borrowed from the request.
+        let normalized = match normalize_path(req.uri().path()) {
+            Ok(Cow::Borrowed(_)) => None,
+            Ok(Cow::Owned(path)) => Some(path),
+            Err(e) => return Err(ProxyError::BadRequest(e.to_string())),
+        };
+        let path = normalized.as_deref().unwrap_or(req.uri().path());
+        let route = select_route(&routes, &req, path)?.clone();
         trace.route = Some(route.name.clone());
         trace.credential = route.credential.clone();
         let credential =
@@ -143,7 +148,8 @@ impl Proxy {
             .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
 
         let (mut parts, incoming) = req.into_parts();
-        parts.uri = route.upstream_uri(&parts.uri, &path)?;
+        let path = normalized.as_deref().unwrap_or(parts.uri.path());
+        parts.uri = route.upstream_uri(&parts.uri, path)?;
         parts.version = Version::HTTP_11; // the client negotiates h2 upstream via ALPN itself
         rewrite_request_headers(&mut parts.headers, header_of(&credential, &lease));
         if let Some((protocol, app_side)) = upgrade {
@@ -240,9 +246,8 @@ fn admit<B>(access: &AccessPolicy, req: &Request<B>) -> Result<(), ProxyError> {
         .check_browser(req.headers())
         .map_err(|r| ProxyError::BrowserRequestRefused(r.0))?;
     if !is_forward_mode(req) && req.method() != Method::CONNECT {
-        let host = requested_host(req.uri(), req.headers());
         access
-            .check_host(host.as_deref())
+            .check_host(requested_host(req.uri(), req.headers()))
             .map_err(|r| ProxyError::BrowserRequestRefused(r.0))?;
     }
     Ok(())

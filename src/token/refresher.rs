@@ -109,7 +109,7 @@ pub async fn build(
         Ok(loaded) => loaded,
         // A shared store may be down at start: start without tokens; the refresher takes
         // the lease (and so learns the store's state) once it answers.
-        Err(e) if store.kind() == "redis" => {
+        Err(e) if store.is_shared() => {
             tracing::warn!(credential = %config.name, error = %e, "state store unavailable at start");
             Loaded::Empty
         }
@@ -616,7 +616,7 @@ impl Refresher {
         }
         w.unverified = None;
         let active = self.activate(w.generation + 1, &set)?;
-        if self.store.kind() == "redis" {
+        if self.store.is_shared() {
             // Shared: the install lands in the store first, or not at all (no replica
             // may diverge); the others pick it up from there.
             let stored = Stored {

@@ -114,6 +114,12 @@ pub trait StateStore: Send + Sync + 'static {
     fn clear(&self, generation: u64) -> BoxFuture<'_, Result<u64, StateError>>;
     /// Generations committed by other holders.
     fn watch(&self) -> watch::Receiver<u64>;
+    /// Shared with other replicas: a change must land here first or not at all (an install
+    /// that cannot be committed is refused rather than kept locally), and it may be
+    /// unreachable at start without that being fatal.
+    fn is_shared(&self) -> bool {
+        false
+    }
     /// Whether this replica holds the refresh lease right now (`/tokens` `lease_holder`).
     fn holds_lease(&self) -> bool {
         false

@@ -61,7 +61,8 @@ impl RedisShared {
                 .set_password(password.expose_secret());
             info = info.set_redis_settings(redis);
         }
-        let client = redis::Client::open(info).map_err(|e| format!("shared.redis_url: {e}"))?;
+        let client =
+            redis::Client::open(info).map_err(|e| format!("shared.redis_url: {}", describe(&e)))?;
         Ok(RedisShared {
             client,
             settings,
@@ -473,6 +474,10 @@ impl StateStore for RedisStateStore {
 
     fn watch(&self) -> watch::Receiver<u64> {
         self.others.subscribe()
+    }
+
+    fn is_shared(&self) -> bool {
+        true
     }
 
     fn holds_lease(&self) -> bool {

@@ -88,6 +88,10 @@ impl StateStore for WriteAheadStore {
         self.shared.watch()
     }
 
+    fn is_shared(&self) -> bool {
+        true
+    }
+
     fn holds_lease(&self) -> bool {
         self.shared.holds_lease()
     }
