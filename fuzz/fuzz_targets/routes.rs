@@ -68,6 +68,5 @@ fuzz_target!(|data: &[u8]| {
                 || name.parse::<std::net::IpAddr>().is_ok(),
             "{text:?} accepted as {name:?}"
         );
-        assert!(!name.contains(['@', ':', '/']) || name.parse::<std::net::IpAddr>().is_ok());
     }
 });
