@@ -106,13 +106,18 @@ fn summary(source: &ConfigSource, config: &Config) -> String {
     if let Some(shared) = &config.shared {
         let _ = writeln!(
             out,
-            "shared: redis_url=*** key_prefix={} lock_ttl={:?} encryption={}",
+            "shared: redis_url=*** key_prefix={} lock_ttl={:?} encryption={} tls_roots={}",
             shared.key_prefix,
             shared.lock_ttl,
             if shared.encryption_key.is_some() {
                 "on"
             } else {
                 "OFF"
+            },
+            if shared.ca_pem.is_some() {
+                "ca_file"
+            } else {
+                "built-in"
             }
         );
         if shared.encryption_key.is_none() {

@@ -250,3 +250,59 @@ async fn a_reload_says_shared_settings_need_a_restart() {
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_a_private_ca_and_a_password_file() {
+    let world = World::new(Duration::from_secs(300)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (redis, ca) = RedisServer::start_tls(dir.path(), "s3cret-redis-pass");
+    let password = write_file(dir.path(), "redis-password", "s3cret-redis-pass\n");
+    let rt = world.auth.new_refresh_token();
+    let base = world.config("", &format!("refresh_token = \"{rt}\""));
+    let url = format!("rediss://127.0.0.1:{}/0", redis.port);
+    let trusted = format!(
+        "{base}\n[shared]\nredis_url = \"{url}\"\nredis_password_file = \"{}\"\nca_file = \"{}\"\n",
+        password.display(),
+        ca.display()
+    );
+    let a = start(&trusted).await;
+    let b = start(&trusted).await;
+    for app in [&a, &b] {
+        assert_eq!(get(&url_of(app)).await.status, 200);
+        let metrics = get(&admin(app, "/metrics")).await.text();
+        assert!(metrics.contains("token_proxy_store_up 1"), "{metrics}");
+    }
+    assert_eq!(
+        world.auth.refresh_calls.load(Ordering::SeqCst),
+        1,
+        "the replicas shared one token set over TLS"
+    );
+
+    // Without the private CA the server's certificate is not trusted: the store is down,
+    // and the rotating refresh token is not used without the lease.
+    let untrusted = format!(
+        "{base}\n[shared]\nredis_url = \"{url}\"\nredis_password_file = \"{}\"\n",
+        password.display()
+    );
+    let c = start(&untrusted).await;
+    let r = get(&url_of(&c)).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    let metrics = get(&admin(&c, "/metrics")).await.text();
+    assert!(metrics.contains("token_proxy_store_up 0"), "{metrics}");
+    assert_eq!(world.auth.refresh_calls.load(Ordering::SeqCst), 1);
+
+    // ca_file makes sense only with TLS.
+    let plain = format!(
+        "{base}\n[shared]\nredis_url = \"redis://127.0.0.1:1/0\"\nca_file = \"{}\"\n",
+        ca.display()
+    );
+    let e = token_proxy::config::Config::parse(&plain, &|_| None).unwrap_err();
+    assert!(e.to_string().contains("shared.ca_file"), "{e}");
+    for app in [a, b, c] {
+        app.stop().await;
+    }
+}
+
+fn url_of(app: &token_proxy::AppHandle) -> String {
+    url(app, "/v1/tls")
+}

@@ -517,11 +517,30 @@ fn build_shared(
             Some(std::sync::Arc::new(bytes))
         }
     };
+    let ca_pem = match raw.ca_file.or_else(|| env("TOKEN_PROXY_REDIS_CA_FILE")) {
+        None => None,
+        Some(p) => {
+            use secrecy::ExposeSecret;
+            if !url.expose_secret().starts_with("rediss://") {
+                return err("shared.ca_file: needs a rediss:// redis_url (TLS)");
+            }
+            let pem = std::fs::read(&p)
+                .map_err(|e| ConfigError(format!("shared.ca_file: cannot read {p:?}: {e}")))?;
+            let certs = rustls_pemfile::certs(&mut pem.as_slice())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| ConfigError(format!("shared.ca_file: {p:?} is not valid PEM")))?;
+            if certs.is_empty() {
+                return err(format!("shared.ca_file: {p:?} holds no certificate"));
+            }
+            Some(pem)
+        }
+    };
     Ok(Some(SharedConfig {
         redis_url: url,
         redis_password,
         key_prefix,
         lock_ttl,
         encryption_key,
+        ca_pem,
     }))
 }

@@ -86,6 +86,8 @@ pub struct SharedConfig {
     pub lock_ttl: Duration,
     /// AES-256-GCM key for tokens at rest (32 bytes).
     pub encryption_key: Option<std::sync::Arc<[u8; 32]>>,
+    /// PEM roots for a `rediss://` server with a private CA (replaces the built-in roots).
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl SharedConfig {
@@ -102,6 +104,7 @@ impl SharedConfig {
         self.key_prefix.hash(&mut h);
         self.lock_ttl.hash(&mut h);
         self.encryption_key.as_deref().hash(&mut h);
+        self.ca_pem.hash(&mut h);
         h.finish()
     }
 }

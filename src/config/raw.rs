@@ -28,6 +28,7 @@ pub(super) struct RawShared {
     pub(super) key_prefix: Option<String>,
     pub(super) lock_ttl: Option<String>,
     pub(super) encryption_key_file: Option<String>,
+    pub(super) ca_file: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

@@ -76,6 +76,7 @@ impl TokenStore {
                         key_prefix: shared.key_prefix.clone(),
                         lock_ttl: shared.lock_ttl,
                         encryption_key: shared.encryption_key.clone(),
+                        ca_pem: shared.ca_pem.clone(),
                     },
                     metrics.clone(),
                 )?),

@@ -541,17 +541,59 @@ impl RedisServer {
 
     /// Start (again) on `port`: an empty Redis, as after a restart without persistence.
     pub fn start_on(port: u16) -> RedisServer {
-        let child = std::process::Command::new("redis-server")
-            .args([
+        Self::start_with(port, &["--port", &port.to_string()])
+    }
+
+    /// A TLS-only Redis (`rediss://`) with a certificate from a private CA, requiring
+    /// `password`. Returns the server and the CA's PEM file (in `dir`).
+    pub fn start_tls(dir: &Path, password: &str) -> (RedisServer, std::path::PathBuf) {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "token-proxy test Redis CA");
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&leaf_key, &ca, &ca_key)
+            .unwrap();
+        let ca_path = write_file(dir, "redis-ca.pem", &ca.pem());
+        let cert = write_file(dir, "redis.crt", &leaf.pem());
+        let key = write_file(dir, "redis.key", &leaf_key.serialize_pem());
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let server = Self::start_with(
+            port,
+            &[
                 "--port",
+                "0",
+                "--tls-port",
                 &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
+                "--tls-cert-file",
+                cert.to_str().unwrap(),
+                "--tls-key-file",
+                key.to_str().unwrap(),
+                "--tls-ca-cert-file",
+                ca_path.to_str().unwrap(),
+                "--tls-auth-clients",
                 "no",
-            ])
+                "--requirepass",
+                password,
+            ],
+        );
+        (server, ca_path)
+    }
+
+    fn start_with(port: u16, listen: &[&str]) -> RedisServer {
+        let child = std::process::Command::new("redis-server")
+            .args(listen)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()

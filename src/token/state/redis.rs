@@ -38,6 +38,8 @@ pub struct RedisSettings {
     pub lock_ttl: Duration,
     /// 32 bytes: tokens are encrypted at rest when set.
     pub encryption_key: Option<Arc<[u8; 32]>>,
+    /// PEM roots for `rediss://` with a private CA; the built-in web roots otherwise.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 /// One Redis client per process; each shared credential gets a [`RedisStateStore`].
@@ -61,8 +63,17 @@ impl RedisShared {
                 .set_password(password.expose_secret());
             info = info.set_redis_settings(redis);
         }
-        let client =
-            redis::Client::open(info).map_err(|e| format!("shared.redis_url: {}", describe(&e)))?;
+        let client = match &settings.ca_pem {
+            Some(pem) => redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            ),
+            None => redis::Client::open(info),
+        }
+        .map_err(|e| format!("shared.redis_url: {}", describe(&e)))?;
         Ok(RedisShared {
             client,
             settings,
