@@ -306,3 +306,57 @@ async fn rediss_with_a_private_ca_and_a_password_file() {
 fn url_of(app: &token_proxy::AppHandle) -> String {
     url(app, "/v1/tls")
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_token_refused_on_one_replica_is_not_presented_by_the_others() {
+    let world = World::new(Duration::from_secs(300)).await;
+    let redis = RedisServer::start();
+    let rt = world.auth.new_refresh_token();
+    let apps = replicas(&world, &redis, &rt, 3).await;
+    for app in &apps {
+        assert_eq!(get(&url(app, "/v1/x")).await.status, 200);
+    }
+    world.auth.revoke_all_refresh();
+    let r = send(
+        Method::POST,
+        &admin(&apps[0], "/tokens/main/refresh"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(r.text().contains("invalid_grant"), "{}", r.text());
+    let calls = world.auth.refresh_calls.load(Ordering::SeqCst);
+    for app in &apps[1..] {
+        let r = send(Method::POST, &admin(app, "/tokens/main/refresh"), &[], "").await;
+        assert_eq!(r.status, 502, "{}", r.text());
+        assert!(r.text().contains("seen by another replica"), "{}", r.text());
+        let status = get(&admin(app, "/tokens/main")).await.json();
+        assert_eq!(status["state"], "needs_reauth", "{status}");
+    }
+    assert_eq!(
+        world.auth.refresh_calls.load(Ordering::SeqCst),
+        calls,
+        "the dead refresh token was presented once, by one replica"
+    );
+    // A new login on any replica clears it for all.
+    let r = send(
+        Method::PUT,
+        &admin(&apps[2], "/tokens/main"),
+        &[],
+        world.auth.login().to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = send(
+        Method::POST,
+        &admin(&apps[1], "/tokens/main/refresh"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    for app in apps {
+        app.stop().await;
+    }
+}

@@ -104,6 +104,20 @@ pub struct MockAuth {
     /// While set, failures quote the request they answer (body, Authorization, JSON-escaped
     /// body, a fragment): what careless real servers do, for the redaction tests.
     pub echo_requests_in_errors: std::sync::atomic::AtomicBool,
+    /// Token requests being handled right now.
+    pub in_flight: AtomicU64,
+    /// Held after a request is processed (a rotation is final) and before it is answered:
+    /// the worst provider for a client that dies mid-call.
+    response_delay: Mutex<Duration>,
+}
+
+/// Counts a request in `in_flight` until it is answered or dropped.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl MockAuth {
@@ -133,6 +147,8 @@ impl MockAuth {
             reuse_detected: AtomicU64::new(0),
             rejected_calls: AtomicU64::new(0),
             echo_requests_in_errors: std::sync::atomic::AtomicBool::new(false),
+            in_flight: AtomicU64::new(0),
+            response_delay: Mutex::new(Duration::ZERO),
         })
     }
 
@@ -166,6 +182,24 @@ impl MockAuth {
     /// Answer every token request with this status (`None`: behave normally).
     pub fn fail_with(&self, status: Option<StatusCode>) {
         self.lock().fail_with = status;
+    }
+
+    /// Answer each token request `delay` after processing it (the rotation already done).
+    pub fn set_response_delay(&self, delay: Duration) {
+        *self
+            .response_delay
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = delay;
+    }
+
+    /// Refresh tokens that would be accepted now (issued, not yet rotated, not revoked).
+    pub fn live_refresh_tokens(&self) -> Vec<String> {
+        let s = self.lock();
+        s.refresh
+            .iter()
+            .filter(|(_, r)| !r.used && !s.revoked_families.contains(&r.family))
+            .map(|(t, _)| t.clone())
+            .collect()
     }
 
     /// Close (`false`) or open (`true`) the gate token requests wait at.
@@ -295,6 +329,20 @@ impl MockAuth {
     }
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let _counted = InFlight(&self.in_flight);
+        let response = self.clone().respond(req).await;
+        let delay = *self
+            .response_delay
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        response
+    }
+
+    async fn respond(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
         let (parts, body) = req.into_parts();
         let body = body
             .collect()

@@ -374,6 +374,13 @@ impl Refresher {
                     self.follow_store(w).await;
                     return Ok(());
                 }
+                // Another replica presented this very refresh token and was told it is
+                // dead: presenting it again would only count as reuse at the provider.
+                Ok(Acquire::Refused) => {
+                    return Err(GrantError::InvalidGrant(
+                        "the provider refused this refresh token (invalid_grant, seen by another replica)".into(),
+                    ));
+                }
                 // Another replica's token call is in flight: wait for its commit (at most
                 // one lease lifetime: a dead holder's lease expires by then), then try again.
                 Ok(Acquire::Busy) if waits_for_holder < 2 => {
@@ -437,6 +444,9 @@ impl Refresher {
             self.publish_new(w, set).await
         }
         .await;
+        if let (Err(GrantError::InvalidGrant(_)), Some(lease)) = (&result, &lease) {
+            self.store.refused(lease.generation).await;
+        }
         if let Some(lease) = lease {
             if let Err(e) = self.store.release(lease).await {
                 tracing::warn!(credential = %self.cred.name, error = %e, "could not release the refresh lease");
@@ -522,7 +532,9 @@ impl Refresher {
                     until: SystemTime::now() + delay,
                 }
             }
-            GrantError::Rejected(_) | GrantError::NoRefreshToken => Phase::NeedsReauth,
+            GrantError::Rejected(_) | GrantError::InvalidGrant(_) | GrantError::NoRefreshToken => {
+                Phase::NeedsReauth
+            }
         };
         match phase {
             Phase::Backoff { until } => tracing::warn!(

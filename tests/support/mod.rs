@@ -624,3 +624,93 @@ impl Drop for RedisServer {
         self.stop();
     }
 }
+
+impl Binary {
+    /// SIGKILL now (no `kill` process in between, for precise timing) and reap it.
+    pub fn kill_now(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP relay to `127.0.0.1:target` that can be paused: while paused it keeps every
+/// connection open and accepts new ones, but moves no byte in either direction (what a
+/// Redis behind a stalled network looks like: no error, no answer). Bytes held while
+/// paused are delivered on resume, as TCP would.
+pub struct Relay {
+    pub port: u16,
+    paused: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    pub async fn start(target: u16) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let paused = tokio::sync::watch::Sender::new(false);
+        let gate = paused.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((app, _)) = listener.accept().await else {
+                    return;
+                };
+                let gate = gate.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    else {
+                        return;
+                    };
+                    let (ar, aw) = app.into_split();
+                    let (sr, sw) = server.into_split();
+                    tokio::join!(
+                        Self::pump(ar, sw, gate.subscribe()),
+                        Self::pump(sr, aw, gate.subscribe())
+                    );
+                });
+            }
+        });
+        Relay { port, paused, task }
+    }
+
+    async fn pump(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        mut paused: tokio::sync::watch::Receiver<bool>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            if paused.wait_for(|p| !*p).await.is_err() {
+                return;
+            }
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if paused.wait_for(|p| !*p).await.is_err() {
+                return;
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub fn pause(&self) {
+        self.paused.send_replace(true);
+    }
+
+    pub fn resume(&self) {
+        self.paused.send_replace(false);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

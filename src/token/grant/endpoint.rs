@@ -226,10 +226,19 @@ impl Endpoint {
             Err(GrantError::Rejected(format!(
                 "{message} (redirects are not followed; fix token_url)"
             )))
+        } else if is_invalid_grant(&body) {
+            Err(GrantError::InvalidGrant(message))
         } else {
             Err(GrantError::Rejected(message))
         }
     }
+}
+
+/// RFC 6749 §5.2 `invalid_grant`: the grant itself (the refresh token) is dead, for every
+/// client holding it — unlike `invalid_client`, which may be one replica's bad secret.
+fn is_invalid_grant(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .is_ok_and(|v| v.get("error").and_then(|e| e.as_str()) == Some("invalid_grant"))
 }
 
 /// `Retry-After` (RFC 9110 §10.2.3): delay-seconds or an HTTP-date; capped at an hour.

@@ -29,6 +29,10 @@ pub enum GrantError {
     /// Retrying will not help (invalid_grant, revoked token, bad client): re-authentication needed.
     #[error("{0}")]
     Rejected(String),
+    /// The provider said `invalid_grant`: the refresh token is dead for every holder (a
+    /// shared store tells the other replicas, so they do not present it again).
+    #[error("{0}")]
+    InvalidGrant(String),
     /// No refresh token to present: install one with `PUT /tokens/{name}`.
     #[error("no refresh token: install one with PUT /tokens/{{name}}")]
     NoRefreshToken,

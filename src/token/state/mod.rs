@@ -73,6 +73,9 @@ pub enum Acquire {
     Stale {
         current: u64,
     },
+    /// The provider refused this generation's refresh token (`invalid_grant`) when another
+    /// holder presented it: it is dead, do not present it again.
+    Refused,
 }
 
 /// The outcome of a compare-and-set commit.
@@ -131,6 +134,12 @@ pub trait StateStore: Send + Sync + 'static {
     /// How long a lease lives unless renewed (`None`: it cannot expire).
     fn lease_ttl(&self) -> Option<std::time::Duration> {
         None
+    }
+    /// The provider refused `generation`'s refresh token (`invalid_grant`): tell the other
+    /// holders, so `try_acquire` at that generation answers `Refused` until a new commit.
+    /// Best effort (a failure here costs one more refused call elsewhere).
+    fn refused(&self, _generation: u64) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
     }
 }
 

@@ -194,6 +194,7 @@ struct Wire {
 const ACQUIRE: &str = r"
 local g = tonumber(redis.call('HGET', KEYS[1], 'gen') or '0')
 if g ~= tonumber(ARGV[1]) then return {'stale', g} end
+if tonumber(redis.call('HGET', KEYS[1], 'refused') or '-1') == g then return {'refused', g} end
 if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then return {'ok', g} end
 return {'busy', g}
 ";
@@ -212,8 +213,16 @@ const COMMIT: &str = r"
 local g = tonumber(redis.call('HGET', KEYS[1], 'gen') or '0')
 if g ~= tonumber(ARGV[1]) then return g end
 redis.call('HSET', KEYS[1], 'gen', ARGV[2], 'data', ARGV[3])
+redis.call('HDEL', KEYS[1], 'refused')
 redis.call('PUBLISH', ARGV[4], ARGV[2])
 return -1
+";
+
+/// Mark generation ARGV[1] refused, if it is still the current one.
+const REFUSE: &str = r"
+local g = tonumber(redis.call('HGET', KEYS[1], 'gen') or '0')
+if g == tonumber(ARGV[1]) then redis.call('HSET', KEYS[1], 'refused', ARGV[1]) return 1 end
+return 0
 ";
 
 impl RedisStateStore {
@@ -398,6 +407,7 @@ impl StateStore for RedisStateStore {
                         Acquire::Acquired(Lease { generation })
                     }
                     "stale" => Acquire::Stale { current },
+                    "refused" => Acquire::Refused,
                     _ => Acquire::Busy,
                 })
             }
@@ -446,6 +456,25 @@ impl StateStore for RedisStateStore {
             result
                 .map(|v| self.ok(v))
                 .map_err(|e| self.failed("lease", e))
+        })
+    }
+
+    fn refused(&self, generation: u64) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let result = async {
+                let mut conn = self.shared.conn().await?;
+                let _: i64 = Script::new(REFUSE)
+                    .key(&self.state_key)
+                    .arg(generation)
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(|e| StateError(format!("redis: {}", describe(&e))))?;
+                Ok(())
+            }
+            .await;
+            if let Err(e) = result {
+                let _ = self.failed("commit", e);
+            }
         })
     }
 

@@ -100,6 +100,10 @@ impl StateStore for WriteAheadStore {
         self.shared.lease_ttl()
     }
 
+    fn refused(&self, generation: u64) -> BoxFuture<'_, ()> {
+        self.shared.refused(generation)
+    }
+
     fn adopted<'a>(&'a self, set: &'a Stored) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             if let Err(e) = self.local.save(set.clone()).await {
