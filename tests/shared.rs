@@ -88,7 +88,7 @@ async fn put_and_delete_on_one_replica_apply_to_all() {
     assert_eq!(r.status, 200, "{}", r.text());
     wait_for(
         "replica C to use the installed token",
-        Duration::from_secs(3),
+        Duration::from_secs(1),
         || async {
             assert_eq!(get(&url(&apps[2], "/v1/after-put")).await.status, 200);
             let seen = world.api.seen();
@@ -356,6 +356,37 @@ async fn a_refresh_token_refused_on_one_replica_is_not_presented_by_the_others()
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
+    for app in apps {
+        app.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_401s_across_three_replicas_cause_one_refresh() {
+    let world = World::new(Duration::from_secs(300)).await;
+    let redis = RedisServer::start();
+    let rt = world.auth.new_refresh_token();
+    let apps = replicas(&world, &redis, &rt, 3).await;
+    for app in &apps {
+        assert_eq!(get(&url(app, "/v1/warm")).await.status, 200);
+    }
+    let calls = world.auth.refresh_calls.load(Ordering::SeqCst);
+    // The API stops accepting the shared token (revoked at the provider).
+    world.auth.revoke_all_access();
+    let mut requests = Vec::new();
+    for i in 0..50 {
+        let target = url(&apps[i % 3], &format!("/v1/after-revoke/{i}"));
+        requests.push(tokio::spawn(async move { get(&target).await.status }));
+    }
+    for r in requests {
+        assert_eq!(r.await.unwrap(), 200, "replayed once with the new token");
+    }
+    assert_eq!(
+        world.auth.refresh_calls.load(Ordering::SeqCst) - calls,
+        1,
+        "one refresh for the whole fleet"
+    );
+    assert_eq!(world.auth.reuse_detected.load(Ordering::SeqCst), 0);
     for app in apps {
         app.stop().await;
     }
