@@ -27,6 +27,7 @@ pub mod supervise;
 pub mod testkit;
 pub mod token;
 pub mod upstream;
+pub mod workers;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -139,18 +140,16 @@ impl App {
         );
         let routes = RouteTable::from_config(&config).map_err(StartError::Config)?;
         warn_about_plaintext(&config);
-        let proxy_listener = TcpListener::bind(config.server.listen).await.map_err(|e| {
-            StartError::Runtime(format!("cannot listen on {}: {e}", config.server.listen))
-        })?;
+        let (proxy_addr, proxy_listeners) =
+            workers::bind(config.server.listen, config.server.workers).map_err(|e| {
+                StartError::Runtime(format!("cannot listen on {}: {e}", config.server.listen))
+            })?;
         let admin_listener = match config.server.admin_listen {
             Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
                 StartError::Runtime(format!("cannot listen on {addr} (admin): {e}"))
             })?),
             None => None,
         };
-        let proxy_addr = proxy_listener
-            .local_addr()
-            .map_err(|e| StartError::Runtime(e.to_string()))?;
         let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
 
         store.spawn_refreshers();
@@ -174,9 +173,18 @@ impl App {
             async move { proxy.handle(req).await }
         };
         let fatal = supervise::Fatal::new();
+        let stop_workers = stop_proxy.clone();
         let proxy_task = supervise::spawn_essential(
             "proxy listener",
-            server::serve(proxy_listener, handler, limits, stop_proxy.clone(), grace),
+            workers::run(proxy_listeners, move |listener| {
+                server::serve(
+                    listener,
+                    handler.clone(),
+                    limits,
+                    stop_workers.clone(),
+                    grace,
+                )
+            }),
             fatal.clone(),
         );
 

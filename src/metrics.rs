@@ -206,6 +206,21 @@ impl Metrics {
             .inc();
     }
 
+    /// The request metrics of one route, resolved once (see [`RouteMetrics`]).
+    pub fn route(&self, route: &str) -> RouteMetrics {
+        RouteMetrics {
+            route: route.to_string(),
+            duration: self
+                .duration
+                .get_or_create(&RouteLabel {
+                    route: route.into(),
+                })
+                .clone(),
+            requests: self.requests.clone(),
+            by_status: std::sync::RwLock::new(Vec::new()),
+        }
+    }
+
     pub fn request(&self, route: &str, status: u16, elapsed: Duration) {
         self.requests
             .get_or_create(&RouteStatus {
@@ -282,5 +297,40 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+/// One route's request metrics, held by the route: the per-request update is an atomic
+/// add on handles resolved once, not a label set formatted and hashed per request.
+pub struct RouteMetrics {
+    route: String,
+    duration: Histogram,
+    requests: Family<RouteStatus, Counter>,
+    /// The counters of the statuses seen so far (a handful per route).
+    by_status: std::sync::RwLock<Vec<(u16, Counter)>>,
+}
+
+impl RouteMetrics {
+    pub fn request(&self, status: u16, elapsed: Duration) {
+        self.duration.observe(elapsed.as_secs_f64());
+        let seen = self.by_status.read().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, counter)) = seen.iter().find(|(s, _)| *s == status) {
+            counter.inc();
+            return;
+        }
+        drop(seen);
+        let counter = self
+            .requests
+            .get_or_create(&RouteStatus {
+                route: self.route.clone(),
+                status: status.to_string(),
+                class: format!("{}xx", status / 100),
+            })
+            .clone();
+        counter.inc();
+        let mut seen = self.by_status.write().unwrap_or_else(|e| e.into_inner());
+        if !seen.iter().any(|(s, _)| *s == status) {
+            seen.push((status, counter));
+        }
     }
 }

@@ -45,6 +45,8 @@ struct Inner {
 #[derive(Default)]
 struct Trace {
     route: Option<Arc<str>>,
+    /// The route's metrics, once a route was selected.
+    metrics: Option<Arc<crate::metrics::RouteMetrics>>,
     credential: Option<Arc<str>>,
     replayed: bool,
     /// Time spent waiting for upstream response heads (both attempts, if replayed).
@@ -73,11 +75,9 @@ impl Proxy {
     /// Serve one request from the app. Never fails: errors become JSON responses.
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         let started = Instant::now();
-        let method = req.method().clone();
-        let path = match (self.inner.log_query, req.uri().path_and_query()) {
-            (true, Some(pq)) => pq.to_string(),
-            _ => req.uri().path().to_string(),
-        };
+        // What the request log line needs, kept only when it will be written.
+        let logged = tracing::enabled!(tracing::Level::INFO)
+            .then(|| (req.method().clone(), req.uri().clone()));
         let mut trace = Trace::default();
         let response = match self.forward(req, &mut trace).await {
             Ok(resp) => resp,
@@ -89,17 +89,26 @@ impl Proxy {
         let status = response.status().as_u16();
         let route = trace.route.as_deref().unwrap_or("-");
         let elapsed = started.elapsed();
-        self.inner.metrics.request(route, status, elapsed);
-        tracing::info!(
-            route,
-            method = %method,
-            path = %path,
-            status,
-            latency_ms = elapsed.as_secs_f64() * 1000.0,
-            upstream_ms = trace.upstream.as_secs_f64() * 1000.0,
-            replayed = trace.replayed,
-            "request"
-        );
+        match &trace.metrics {
+            Some(m) => m.request(status, elapsed),
+            None => self.inner.metrics.request(route, status, elapsed),
+        }
+        if let Some((method, uri)) = logged {
+            let path = match (self.inner.log_query, uri.path_and_query()) {
+                (true, Some(pq)) => pq.as_str(),
+                _ => uri.path(),
+            };
+            tracing::info!(
+                route,
+                method = %method,
+                path = %path,
+                status,
+                latency_ms = elapsed.as_secs_f64() * 1000.0,
+                upstream_ms = trace.upstream.as_secs_f64() * 1000.0,
+                replayed = trace.replayed,
+                "request"
+            );
+        }
         response
     }
 
@@ -126,6 +135,7 @@ impl Proxy {
         let path = normalized.as_deref().unwrap_or(req.uri().path());
         let route = select_route(&routes, &req, path)?.clone();
         trace.route = Some(route.name.clone());
+        trace.metrics = Some(route.metrics(&self.inner.metrics));
         trace.credential = route.credential.clone();
         let credential =
             match &route.credential {
@@ -300,7 +310,7 @@ async fn send(
     req: Request<ProxyBody>,
     trace: &mut Trace,
 ) -> Result<Response<Incoming>, ProxyError> {
-    send_with(&route.client, route, req, trace).await
+    send_with(route.client(), route, req, trace).await
 }
 
 async fn send_with(

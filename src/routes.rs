@@ -24,14 +24,30 @@ pub struct Route {
     pub timeout: Duration,
     /// A body (either way) that makes no progress for this long is abandoned.
     pub idle_timeout: Duration,
-    /// Pooled per route: each route may trust its own CA and have its own connect timeout.
-    pub client: Client<Connector, ProxyBody>,
+    /// Pooled per route (each route may trust its own CA and have its own connect
+    /// timeout) and per worker thread: a pooled connection is driven by the thread that
+    /// opened it, so each worker keeps its own (index: `workers::current()`).
+    clients: Box<[Client<Connector, ProxyBody>]>,
     /// HTTP/1.1 only, for protocol upgrades (WebSocket), which h2 does not carry.
     pub upgrade_client: Client<Connector, ProxyBody>,
+    /// This route's request metrics, resolved on its first request.
+    metrics: std::sync::OnceLock<Arc<crate::metrics::RouteMetrics>>,
 }
 
 impl Route {
-    pub fn from_config(c: &RouteConfig) -> Result<Route, String> {
+    /// The route's request metrics in `metrics` (resolved once per route table).
+    pub fn metrics(&self, metrics: &crate::metrics::Metrics) -> Arc<crate::metrics::RouteMetrics> {
+        self.metrics
+            .get_or_init(|| Arc::new(metrics.route(&self.name)))
+            .clone()
+    }
+
+    /// This thread's pooled client for the route.
+    pub fn client(&self) -> &Client<Connector, ProxyBody> {
+        &self.clients[crate::workers::current() % self.clients.len()]
+    }
+
+    pub fn from_config(c: &RouteConfig, workers: usize) -> Result<Route, String> {
         let timeouts = upstream::Timeouts {
             connect: c.connect_timeout,
             write_stall: c.idle_timeout,
@@ -46,11 +62,14 @@ impl Route {
             retry_on_401: c.retry_on_401,
             max_retry_body: c.max_retry_body,
             timeout: c.timeout,
-            client: upstream::client(c.ca_file.as_deref(), timeouts)
+            clients: (0..=workers)
+                .map(|_| upstream::client(c.ca_file.as_deref(), timeouts))
+                .collect::<Result<_, _>>()
                 .map_err(|e| format!("routes.{}: {e}", c.name))?,
             upgrade_client: upstream::http1_client(c.ca_file.as_deref(), timeouts)
                 .map_err(|e| format!("routes.{}: {e}", c.name))?,
             idle_timeout: c.idle_timeout,
+            metrics: std::sync::OnceLock::new(),
         })
     }
 
@@ -104,7 +123,7 @@ impl RouteTable {
         let mut routes = config
             .routes
             .iter()
-            .map(|c| Route::from_config(c).map(Arc::new))
+            .map(|c| Route::from_config(c, config.server.workers).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix_len()));
         Ok(RouteTable { routes })
@@ -252,6 +271,15 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// came with `Transfer-Encoding` also loses `Content-Length` (RFC 9112 §6.3: a sender must
 /// remove it before forwarding; keeping both is how requests are smuggled).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of these: one pass over the names says so, instead of a
+    // hashed removal per listed name.
+    let proxy_connection = HeaderName::from_static("proxy-connection");
+    if !headers
+        .keys()
+        .any(|k| HOP_BY_HOP.contains(k) || *k == proxy_connection)
+    {
+        return;
+    }
     if headers.contains_key(header::TRANSFER_ENCODING) {
         headers.remove(header::CONTENT_LENGTH);
     }
@@ -265,7 +293,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
     }
-    headers.remove("proxy-connection");
+    headers.remove(proxy_connection);
 }
 
 /// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` + `Upgrade`).
@@ -292,7 +320,7 @@ pub fn rewrite_request_headers(
     strip_hop_by_hop(headers);
     headers.remove(header::HOST);
     if let Some((name, value)) = token {
-        headers.remove(name);
+        // `insert` drops every value the app sent under that name.
         headers.insert(name.clone(), value.clone());
     }
 }

@@ -45,6 +45,23 @@ pub(super) fn build(
             raw.server.max_header_size,
             64 * 1024,
         )?,
+        workers: 1,
+    };
+    let workers = match env("TOKEN_PROXY_WORKERS") {
+        Some(v) => v.trim().parse::<i64>().map_err(|_| {
+            ConfigError("TOKEN_PROXY_WORKERS: must be a whole number (server.workers)".into())
+        })?,
+        None => raw
+            .server
+            .workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as i64)),
+    };
+    if !(1..=256).contains(&workers) {
+        return err("server.workers: must be between 1 and 256");
+    }
+    let server = ServerConfig {
+        workers: workers as usize,
+        ..server
     };
     if server.max_header_size < 1024 {
         return err("server.max_header_size: must be at least 1KiB");

@@ -131,6 +131,8 @@ pub struct ServerConfig {
     pub log_query: bool,
     /// `allowed_hosts` and `allowed_origins`: who besides local apps may use the listeners.
     pub access: crate::access::AccessPolicy,
+    /// Threads serving the proxy listener, each with its own event loop (default: cores).
+    pub workers: usize,
 }
 
 #[derive(Debug, Clone)]

@@ -42,6 +42,7 @@ pub(super) struct RawServer {
     pub(super) log_query: Option<bool>,
     pub(super) allowed_hosts: Option<Vec<String>>,
     pub(super) allowed_origins: Option<Vec<String>>,
+    pub(super) workers: Option<i64>,
 }
 
 #[derive(Deserialize)]
