@@ -29,7 +29,7 @@ fn main() {
         .collect();
     let connections: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let credentials: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(10_000);
-    raise_fd_limit(connections * 2 + 1024);
+    raise_fd_limit(connections.max(credentials) * 2 + 1024);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         idle_connections(connections).await;

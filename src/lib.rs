@@ -267,6 +267,7 @@ impl AppHandle {
             || s.shutdown_delay != self.server.shutdown_delay
             || s.log_query != self.server.log_query
             || s.access != self.server.access
+            || s.workers != self.server.workers
         {
             summary.push_str("; [server] changes take effect after a restart");
         }

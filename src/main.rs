@@ -95,13 +95,14 @@ fn summary(source: &ConfigSource, config: &Config) -> String {
     let _ = writeln!(out, "config: {source}: ok");
     let _ = writeln!(
         out,
-        "server: listen={} admin={} shutdown_grace={:?} shutdown_delay={:?} max_header_size={}",
+        "server: listen={} admin={} shutdown_grace={:?} shutdown_delay={:?} max_header_size={} workers={}",
         s.listen,
         s.admin_listen
             .map_or_else(|| "(none)".to_string(), |a| a.to_string()),
         s.shutdown_grace,
         s.shutdown_delay,
-        s.max_header_size
+        s.max_header_size,
+        s.workers
     );
     if let Some(shared) = &config.shared {
         let _ = writeln!(

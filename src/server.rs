@@ -70,7 +70,10 @@ pub async fn serve<F, Fut>(
         let handler = handler.clone();
         let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
             req.extensions_mut().insert(PeerAddr(peer));
-            let fut = handler(req);
+            // Boxed: hyper keeps room for one in-flight service future per connection for
+            // the connection's whole life, so an unboxed (large) request future would cost
+            // its full size on every idle keep-alive connection.
+            let fut = Box::pin(handler(req));
             async move { Ok::<_, Infallible>(fut.await) }
         });
         let conn = builder

@@ -38,6 +38,42 @@ where
     build_client(ca_file, timeouts, true)
 }
 
+/// The client for token endpoints and JWKS (credentials' own calls, not app traffic).
+/// Credentials without `ca_file` and with the same timeout share one client, so ten
+/// thousand credentials share a few pooled connections rather than keeping one each;
+/// and a burst of token calls (every credential fetching at start) leaves at most a few
+/// idle connections behind per host.
+pub fn token_client(
+    ca_file: Option<&Path>,
+    timeout: Duration,
+) -> Result<Client<Connector, http_body_util::Full<bytes::Bytes>>, String> {
+    type Shared = Client<Connector, http_body_util::Full<bytes::Bytes>>;
+    static SHARED: std::sync::Mutex<Vec<(Duration, Shared)>> = std::sync::Mutex::new(Vec::new());
+    let timeouts = Timeouts {
+        connect: timeout,
+        write_stall: timeout,
+    };
+    let build = || -> Result<Shared, String> {
+        let tls = tls_config(ca_file)?;
+        Ok(Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(4)
+            .build(connector(tls, timeouts, true)))
+    };
+    if ca_file.is_some() {
+        return build();
+    }
+    let mut shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, client)) = shared.iter().find(|(t, _)| *t == timeout) {
+        return Ok(client.clone());
+    }
+    let client = build()?;
+    shared.push((timeout, client.clone()));
+    Ok(client)
+}
+
 /// The same, HTTP/1.1 only: protocol upgrades (WebSocket) exist only there.
 pub fn http1_client<B>(
     ca_file: Option<&Path>,
@@ -59,7 +95,15 @@ where
     B: http_body::Body + Send + 'static,
     B::Data: Send,
 {
-    let tls = tls_config(ca_file)?;
+    let connector = connector(tls_config(ca_file)?, timeouts, http2);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build(connector))
+}
+
+fn connector(tls: rustls::ClientConfig, timeouts: Timeouts, http2: bool) -> Connector {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -73,20 +117,29 @@ where
     } else {
         builder.wrap_connector(http)
     };
-    let connector = TimeoutConnector {
+    TimeoutConnector {
         inner: https,
         timeout: timeouts.connect,
         write_stall: timeouts.write_stall,
-    };
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .build(connector))
+    }
 }
 
 /// Mozilla's roots (so a minimal container image works) plus the PEM roots in `ca_file`.
+/// Without `ca_file` every client shares one parsed root store (a clone of the config is
+/// shallow): thousands of credentials must not each hold a copy of ~150 roots.
 fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String> {
+    static DEFAULT: std::sync::OnceLock<rustls::ClientConfig> = std::sync::OnceLock::new();
+    if ca_file.is_none() {
+        if let Some(config) = DEFAULT.get() {
+            return Ok(config.clone());
+        }
+        let config = build_tls_config(None)?;
+        return Ok(DEFAULT.get_or_init(|| config).clone());
+    }
+    build_tls_config(ca_file)
+}
+
+fn build_tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca_file {

@@ -264,3 +264,38 @@ async fn a_route_without_credential_forwards_without_a_token() {
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_workers_share_the_listener_and_the_token() {
+    let world = World::new(Duration::from_secs(300)).await;
+    let toml = world.config_rt("", "").replace(
+        "shutdown_grace = \"5s\"",
+        "shutdown_grace = \"5s\"\nworkers = 3",
+    );
+    let app = start(&toml).await;
+    // Fresh connections (no keep-alive) land on whichever worker the kernel picks.
+    let mut served = 0;
+    for i in 0..30 {
+        let client = client();
+        let r = send_with(
+            &client,
+            Method::GET,
+            &url(&app, &format!("/v1/w/{i}")),
+            &[],
+            "",
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        served += 1;
+    }
+    assert_eq!(served, 30);
+    assert_eq!(
+        world
+            .auth
+            .refresh_calls
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one token for every worker"
+    );
+    app.stop().await;
+}

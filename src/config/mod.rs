@@ -526,6 +526,8 @@ mod tests {
                 format!("[server]\nmax_header_size = \"64XB\"\n{MIN}"),
                 "server.max_header_size",
             ),
+            (format!("[server]\nworkers = 0\n{MIN}"), "server.workers"),
+            (format!("[server]\nworkers = \"two\"\n{MIN}"), "workers"),
             (
                 MIN.replace("credential = \"main\"", "credential = \"other\""),
                 "routes[0].credential",

@@ -254,7 +254,11 @@ impl Credential {
     /// leaves the working tokens (memory and state store) exactly as they were.
     pub async fn install(&self, body: &[u8]) -> Result<(), String> {
         let set = parse_handed_over(body, SystemTime::now())?;
-        self.ask(|reply| Command::Install { set, reply }).await?
+        self.ask(|reply| Command::Install {
+            set: Box::new(set),
+            reply,
+        })
+        .await?
     }
 
     /// Sign out (`DELETE /tokens/{name}`): forget the tokens here and in the state store,

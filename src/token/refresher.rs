@@ -34,7 +34,8 @@ const FILE_POLL: Duration = Duration::from_secs(2);
 /// What the read side asks of the writer.
 pub enum Command {
     Install {
-        set: TokenSet,
+        /// Boxed: a command queue preallocates room for 32 commands per credential.
+        set: Box<TokenSet>,
         reply: oneshot::Sender<Result<(), String>>,
     },
     SignOut {
@@ -222,6 +223,8 @@ impl Refresher {
 
     /// The refresher loop; returns when `shutdown` is cancelled. A refresh in flight is
     /// finished (and committed) first: only waits are interrupted.
+    /// The work (token calls, store writes) is boxed, so a waiting refresher — what ten
+    /// thousand credentials mostly are — holds only its small loop state.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut guard = self.inner.lock().await;
         let (w, queue) = &mut *guard;
@@ -230,16 +233,16 @@ impl Refresher {
         loop {
             let wait_until = match schedule::next(&self.schedule_state(w), Instant::now()) {
                 Action::SaveAgain => {
-                    self.save_again(w).await;
+                    Box::pin(self.save_again(w)).await;
                     continue;
                 }
                 Action::Fetch => {
-                    self.attempt(w, false).await;
+                    Box::pin(self.attempt(w, false)).await;
                     continue;
                 }
                 Action::PollFile => {
                     w.next_file_poll = Instant::now() + FILE_POLL;
-                    self.attempt(w, true).await;
+                    Box::pin(self.attempt(w, true)).await;
                     continue;
                 }
                 Action::Wait(until) => until,
@@ -262,7 +265,7 @@ impl Refresher {
                     match changed {
                         Ok(()) => {
                             if seen != w.committed {
-                                self.follow_store(w).await;
+                                Box::pin(self.follow_store(w)).await;
                             }
                             self.retry_now_if_waiting_for_the_store(w);
                         }
@@ -275,7 +278,7 @@ impl Refresher {
                 _ = sleep => None,
             };
             if let Some(command) = command {
-                self.handle(w, command).await;
+                Box::pin(self.handle(w, command)).await;
             }
         }
     }
@@ -302,7 +305,7 @@ impl Refresher {
     async fn handle(&self, w: &mut Writer, command: Command) {
         match command {
             Command::Install { set, reply } => {
-                let outcome = self.install(w, set).await;
+                let outcome = self.install(w, *set).await;
                 let _ = reply.send(outcome);
             }
             Command::SignOut { reply } => {

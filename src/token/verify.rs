@@ -119,13 +119,7 @@ impl Verifier {
             },
             timeout: c.timeout,
         };
-        let client = crate::upstream::client(
-            c.ca_file.as_deref(),
-            crate::upstream::Timeouts {
-                connect: c.timeout,
-                write_stall: c.timeout,
-            },
-        )?;
+        let client = crate::upstream::token_client(c.ca_file.as_deref(), c.timeout)?;
         Ok(Some(Verifier {
             config,
             client,

@@ -51,13 +51,7 @@ impl Endpoint {
             params: e.params.clone(),
             headers: e.headers.clone(),
             timeout: c.timeout,
-            client: upstream::client(
-                c.ca_file.as_deref(),
-                upstream::Timeouts {
-                    connect: c.timeout,
-                    write_stall: c.timeout,
-                },
-            )?,
+            client: upstream::token_client(c.ca_file.as_deref(), c.timeout)?,
         })
     }
 }
