@@ -1,6 +1,7 @@
 //! The container image, run as a platform would run it: read-only root filesystem, user
 //! 65532, configured by `TOKEN_PROXY_*` variables alone, state on a mounted volume. An app
-//! request through the container reaches a mock upstream with the token attached;
+//! request through the container reaches a mock upstream with the token attached (the
+//! token endpoint named `localhost`: name resolution works in the empty image);
 //! `/readyz` turns 200; `podman stop` (SIGTERM) exits 0 within the grace; the state file
 //! lands in the volume with mode 0600; the image is at most 15 MB.
 //!
@@ -83,7 +84,11 @@ async fn the_image_runs_read_only_as_non_root_from_the_environment() {
         format!("TOKEN_PROXY_LISTEN=127.0.0.1:{port}"),
         format!("TOKEN_PROXY_ADMIN_LISTEN=127.0.0.1:{admin}"),
         format!("TOKEN_PROXY_UPSTREAM={}", world.api_server.url),
-        format!("TOKEN_PROXY_TOKEN_URL={}/oauth/token", world.idp.url),
+        // By name: resolved inside the empty image (static glibc, the engine's /etc/hosts).
+        format!(
+            "TOKEN_PROXY_TOKEN_URL={}/oauth/token",
+            world.idp.url.replace("127.0.0.1", "localhost")
+        ),
         "TOKEN_PROXY_CLIENT_ID=cid".to_string(),
         "TOKEN_PROXY_CLIENT_SECRET=client-secret-value-123".to_string(),
         format!("TOKEN_PROXY_REFRESH_TOKEN={rt}"),
