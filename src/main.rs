@@ -174,7 +174,14 @@ fn summary(source: &ConfigSource, config: &Config) -> String {
                 e.client_auth,
                 e.scope.as_deref().unwrap_or("(none)"),
                 e.headers.iter().map(|(k, _)| format!("{k}=***")).collect::<Vec<_>>().join(","),
-            ),
+            ) + &e.assertion.as_ref().map_or_else(String::new, |a| {
+                format!(
+                    "assertion=alg:{:?},kid:{},aud:{} ",
+                    a.key.alg,
+                    a.kid.as_deref().unwrap_or("(none)"),
+                    a.audience.clone().unwrap_or_else(|| e.token_url.to_string())
+                )
+            }),
             None => String::new(),
         };
         let access_token = matches!(c.grant, token_proxy::config::GrantConfig::Static(_));

@@ -221,6 +221,7 @@ pub(super) fn build_credential(
         &c.refresh_token_file,
         &c.initial_tokens_file,
         &c.ca_file,
+        &c.signing_key_file,
     ]
     .into_iter()
     .flatten()
@@ -271,7 +272,9 @@ pub(super) fn build_credential(
             "{key}.refresh_token: not used by grant = \"client_credentials\""
         ));
     }
-    let client_auth = c.client_auth.unwrap_or(if client_secret.is_some() {
+    let client_auth = c.client_auth.unwrap_or(if c.signing_key_file.is_some() {
+        ClientAuth::PrivateKeyJwt
+    } else if client_secret.is_some() {
         ClientAuth::Basic
     } else if c.client_id.is_some() {
         ClientAuth::Body
@@ -281,15 +284,63 @@ pub(super) fn build_credential(
     if client_auth == ClientAuth::Basic && c.client_id.is_none() {
         return err(format!("{key}.client_auth: \"basic\" needs client_id"));
     }
+    let assertion = match (client_auth, &c.signing_key_file) {
+        (ClientAuth::PrivateKeyJwt, None) => {
+            return err(format!(
+                "{key}.signing_key_file: required for client_auth = \"private_key_jwt\""
+            ))
+        }
+        (ClientAuth::PrivateKeyJwt, Some(path)) => {
+            if c.client_id.is_none() {
+                return err(format!(
+                    "{key}.client_id: required for client_auth = \"private_key_jwt\" (the assertion's iss and sub)"
+                ));
+            }
+            if client_secret.is_some() {
+                return err(format!(
+                    "{key}.client_secret: not used with client_auth = \"private_key_jwt\""
+                ));
+            }
+            let signing = super::signing_key::load(
+                &key,
+                std::path::Path::new(path),
+                c.signing_alg.as_deref(),
+            )
+            .map_err(ConfigError)?;
+            Some(super::AssertionConfig {
+                key: signing,
+                kid: c.signing_key_id.clone(),
+                audience: c.assertion_audience.clone(),
+            })
+        }
+        (_, Some(_)) => {
+            return err(format!(
+                "{key}.signing_key_file: only used with client_auth = \"private_key_jwt\""
+            ))
+        }
+        (_, None) => {
+            if c.signing_alg.is_some()
+                || c.signing_key_id.is_some()
+                || c.assertion_audience.is_some()
+            {
+                return err(format!(
+                    "{key}.signing_alg: signing_alg, signing_key_id and assertion_audience need client_auth = \"private_key_jwt\""
+                ));
+            }
+            None
+        }
+    };
 
     let mut params = Vec::new();
     for (k, v) in c.params.unwrap_or_default() {
-        const RESERVED: [&str; 5] = [
+        const RESERVED: [&str; 7] = [
             "grant_type",
             "refresh_token",
             "client_id",
             "client_secret",
             "scope",
+            "client_assertion",
+            "client_assertion_type",
         ];
         if RESERVED.contains(&k.as_str()) {
             return err(format!(
@@ -345,6 +396,7 @@ pub(super) fn build_credential(
         scope: c.scope,
         params,
         headers,
+        assertion,
     });
     let grant = match (grant, endpoint) {
         (GrantKind::RefreshToken, Some(endpoint)) => GrantConfig::RefreshToken {

@@ -19,6 +19,7 @@ use serde::Deserialize;
 mod build;
 pub mod env;
 mod raw;
+pub mod signing_key;
 mod values;
 
 use build::build;
@@ -184,6 +185,18 @@ pub enum ClientAuth {
     Basic,
     Body,
     None,
+    /// RFC 7523: a JWT signed with `signing_key_file` instead of a shared secret.
+    PrivateKeyJwt,
+}
+
+/// `client_auth = "private_key_jwt"`: how the client assertion is made.
+#[derive(Debug, Clone)]
+pub struct AssertionConfig {
+    pub key: signing_key::SigningKey,
+    /// `kid` in the assertion's header.
+    pub kid: Option<String>,
+    /// `aud`; the token endpoint's URL when unset.
+    pub audience: Option<String>,
 }
 
 /// How a credential obtains its tokens: one variant per grant, each with exactly the
@@ -216,6 +229,8 @@ pub struct EndpointConfig {
     /// Extra token request parameters (e.g. Auth0's `audience`, `resource` of RFC 8707).
     pub params: Vec<(String, String)>,
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Set with `client_auth = "private_key_jwt"`.
+    pub assertion: Option<AssertionConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -266,6 +281,10 @@ impl CredentialConfig {
         for (_, v) in endpoint.map_or(&[][..], |e| &e.headers) {
             v.as_bytes().hash(&mut h);
         }
+        endpoint
+            .and_then(|e| e.assertion.as_ref())
+            .map(|a| a.key.digest)
+            .hash(&mut h);
         h.finish()
     }
 

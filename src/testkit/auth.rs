@@ -106,9 +106,40 @@ pub struct MockAuth {
     pub echo_requests_in_errors: std::sync::atomic::AtomicBool,
     /// Token requests being handled right now.
     pub in_flight: AtomicU64,
+    /// private_key_jwt: the client's public key; assertions are verified when set.
+    client_key: Mutex<Option<ClientKey>>,
+    /// Verified client assertions (header and claims), in order.
+    pub assertions: Mutex<Vec<serde_json::Value>>,
     /// Held after a request is processed (a rotation is final) and before it is answered:
     /// the worst provider for a client that dies mid-call.
     response_delay: Mutex<Duration>,
+}
+
+/// The key a private_key_jwt client signs with, as the provider registered it.
+pub struct ClientKey {
+    pub key: jsonwebtoken::DecodingKey,
+    pub algorithm: jsonwebtoken::Algorithm,
+    pub client_id: String,
+    /// The `aud` the provider accepts.
+    pub audience: String,
+    seen_jti: HashSet<String>,
+}
+
+impl ClientKey {
+    pub fn new(
+        key: jsonwebtoken::DecodingKey,
+        algorithm: jsonwebtoken::Algorithm,
+        client_id: &str,
+        audience: &str,
+    ) -> ClientKey {
+        ClientKey {
+            key,
+            algorithm,
+            client_id: client_id.to_string(),
+            audience: audience.to_string(),
+            seen_jti: HashSet::new(),
+        }
+    }
 }
 
 /// Counts a request in `in_flight` until it is answered or dropped.
@@ -148,6 +179,8 @@ impl MockAuth {
             rejected_calls: AtomicU64::new(0),
             echo_requests_in_errors: std::sync::atomic::AtomicBool::new(false),
             in_flight: AtomicU64::new(0),
+            client_key: Mutex::new(None),
+            assertions: Mutex::new(Vec::new()),
             response_delay: Mutex::new(Duration::ZERO),
         })
     }
@@ -190,6 +223,50 @@ impl MockAuth {
             .response_delay
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = delay;
+    }
+
+    /// Require private_key_jwt client authentication with this key (RFC 7523).
+    pub fn require_client_key(&self, key: ClientKey) {
+        *self.client_key.lock().unwrap_or_else(|e| e.into_inner()) = Some(key);
+    }
+
+    /// RFC 7523 §3: signature, iss = sub = client_id, aud, exp, a jti never seen before.
+    fn check_assertion(&self, params: &HashMap<String, String>) -> Result<(), &'static str> {
+        let mut guard = self.client_key.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(key) = guard.as_mut() else {
+            return Ok(());
+        };
+        if params.get("client_assertion_type").map(String::as_str)
+            != Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+        {
+            return Err("client_assertion_type missing or wrong");
+        }
+        let jwt = params
+            .get("client_assertion")
+            .ok_or("client_assertion missing")?;
+        let mut validation = jsonwebtoken::Validation::new(key.algorithm);
+        validation.set_audience(&[&key.audience]);
+        validation.set_issuer(&[&key.client_id]);
+        validation.sub = Some(key.client_id.clone());
+        validation.set_required_spec_claims(&["exp", "aud", "iss", "sub"]);
+        let data = jsonwebtoken::decode::<serde_json::Value>(jwt, &key.key, &validation)
+            .map_err(|_| "client assertion does not verify")?;
+        let jti = data.claims["jti"]
+            .as_str()
+            .ok_or("jti missing")?
+            .to_string();
+        if !key.seen_jti.insert(jti) {
+            return Err("client assertion replayed (jti seen before)");
+        }
+        self.assertions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(serde_json::json!({
+                "kid": data.header.kid,
+                "alg": format!("{:?}", data.header.alg),
+                "claims": data.claims,
+            }));
+        Ok(())
     }
 
     /// Refresh tokens that would be accepted now (issued, not yet rotated, not revoked).
@@ -421,6 +498,9 @@ impl MockAuth {
                 "temporarily_unavailable",
                 "the token service is down",
             );
+        }
+        if let Err(why) = self.check_assertion(&params) {
+            return self.error(StatusCode::UNAUTHORIZED, "invalid_client", why);
         }
         match params.get("grant_type").map(String::as_str) {
             Some("refresh_token") => {

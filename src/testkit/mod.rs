@@ -27,7 +27,9 @@ use crate::body::{self, ProxyBody};
 mod auth;
 mod upstream;
 
-pub use auth::{token_server, Canned, ErrorStyle, JwtSigner, MockAuth, RefreshMode, TokenRequest};
+pub use auth::{
+    token_server, Canned, ClientKey, ErrorStyle, JwtSigner, MockAuth, RefreshMode, TokenRequest,
+};
 pub use upstream::{upstream_server, upstream_server_tls, MockUpstream, SeenRequest};
 
 type Handler = Arc<

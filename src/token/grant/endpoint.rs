@@ -16,7 +16,7 @@ use hyper_util::client::legacy::Client;
 use secrecy::{ExposeSecret, SecretString};
 
 use super::GrantError;
-use crate::config::{ClientAuth, CredentialConfig, Encoding, EndpointConfig};
+use crate::config::{AssertionConfig, ClientAuth, CredentialConfig, Encoding, EndpointConfig};
 use crate::error::error_chain;
 use crate::redact::Redactor;
 use crate::token::response::{ensure_not_expired, parse_token_response, ResponseError, TokenSet};
@@ -37,6 +37,7 @@ pub struct Endpoint {
     headers: Vec<(HeaderName, HeaderValue)>,
     timeout: Duration,
     client: Client<Connector, Full<Bytes>>,
+    assertion: Option<AssertionConfig>,
 }
 
 impl Endpoint {
@@ -52,15 +53,48 @@ impl Endpoint {
             headers: e.headers.clone(),
             timeout: c.timeout,
             client: upstream::token_client(c.ca_file.as_deref(), c.timeout)?,
+            assertion: e.assertion.clone(),
         })
     }
 }
 
 impl Endpoint {
+    /// RFC 7523 §2.2 client assertion: iss = sub = client_id, aud = the token endpoint (or
+    /// `assertion_audience`), a fresh `jti`, valid for 60 s. A new one for every call.
+    fn client_assertion(&self) -> Result<Option<String>, GrantError> {
+        let Some(a) = &self.assertion else {
+            return Ok(None);
+        };
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let jti: String = {
+            use rand::Rng;
+            let bytes: [u8; 16] = rand::thread_rng().gen();
+            bytes.iter().map(|b| format!("{b:02x}")).collect()
+        };
+        let client_id = self.client_id.as_deref().unwrap_or_default();
+        let claims = serde_json::json!({
+            "iss": client_id,
+            "sub": client_id,
+            "aud": a.audience.clone().unwrap_or_else(|| self.url.to_string()),
+            "jti": jti,
+            "iat": now,
+            "exp": now + 60,
+        });
+        let mut header = jsonwebtoken::Header::new(a.key.alg);
+        header.kid = a.kid.clone();
+        jsonwebtoken::encode(&header, &claims, &a.key.key)
+            .map(Some)
+            .map_err(|e| GrantError::Rejected(format!("cannot sign the client assertion: {e}")))
+    }
+
     fn body(
         &self,
         grant_type: &str,
         refresh_token: Option<&SecretString>,
+        assertion: Option<&str>,
     ) -> (Bytes, &'static str) {
         let mut fields: Vec<(&str, &str)> = vec![("grant_type", grant_type)];
         if let Some(rt) = refresh_token {
@@ -71,6 +105,16 @@ impl Endpoint {
         }
         for (k, v) in &self.params {
             fields.push((k, v));
+        }
+        if let Some(jwt) = assertion {
+            if let Some(id) = &self.client_id {
+                fields.push(("client_id", id));
+            }
+            fields.push((
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ));
+            fields.push(("client_assertion", jwt));
         }
         if self.client_auth == ClientAuth::Body {
             if let Some(id) = &self.client_id {
@@ -105,8 +149,12 @@ impl Endpoint {
     }
 
     /// Every secret this endpoint is sent, for scrubbing its answers.
-    fn redactor(&self, refresh_token: Option<&SecretString>) -> Redactor {
+    fn redactor(&self, refresh_token: Option<&SecretString>, assertion: Option<&str>) -> Redactor {
         let mut r = Redactor::default();
+        if let Some(jwt) = assertion {
+            // A signed assertion is a credential for its minute of life.
+            r.add(jwt);
+        }
         for secret in [refresh_token, self.client_secret.as_ref()]
             .into_iter()
             .flatten()
@@ -150,7 +198,8 @@ impl Endpoint {
         grant_type: &str,
         refresh_token: Option<&SecretString>,
     ) -> Result<TokenSet, GrantError> {
-        let (body, content_type) = self.body(grant_type, refresh_token);
+        let assertion = self.client_assertion()?;
+        let (body, content_type) = self.body(grant_type, refresh_token, assertion.as_deref());
         let mut req = Request::builder()
             .method(Method::POST)
             .uri(self.url.clone())
@@ -205,7 +254,7 @@ impl Endpoint {
         }
         // The endpoint's own words may quote what it was sent: never pass our secrets on.
         let detail = self
-            .redactor(refresh_token)
+            .redactor(refresh_token, assertion.as_deref())
             .scrub(&describe_error_body(&body));
         let message = format!("token endpoint answered {}{}", status.as_u16(), detail);
         if status.is_server_error()
