@@ -148,7 +148,7 @@ fn summary(source: &ConfigSource, config: &Config) -> String {
         );
         let _ = writeln!(
             out,
-            "route {}: prefix={} hosts=[{}] -> {upstream} strip_prefix={} credential={} retry_on_401={} max_retry_body={} timeout={:?} connect_timeout={:?} idle_timeout={:?}{}",
+            "route {}: prefix={} hosts=[{}] -> {upstream} strip_prefix={} credential={} retry_on_401={} max_retry_body={} timeout={:?} connect_timeout={:?} idle_timeout={:?}{}{}",
             r.name,
             r.prefix.as_deref().unwrap_or("(none)"),
             r.hosts.join(","),
@@ -160,6 +160,7 @@ fn summary(source: &ConfigSource, config: &Config) -> String {
             r.connect_timeout,
             r.idle_timeout,
             r.ca_file.as_ref().map(|p| format!(" ca_file={}", p.display())).unwrap_or_default(),
+            if r.client_cert.is_some() { " client_cert=on" } else { "" },
         );
     }
     let mask = |set: bool| if set { "***" } else { "(none)" };
@@ -174,7 +175,8 @@ fn summary(source: &ConfigSource, config: &Config) -> String {
                 e.client_auth,
                 e.scope.as_deref().unwrap_or("(none)"),
                 e.headers.iter().map(|(k, _)| format!("{k}=***")).collect::<Vec<_>>().join(","),
-            ) + &e.assertion.as_ref().map_or_else(String::new, |a| {
+            ) + if c.client_cert.is_some() { "client_cert=on " } else { "" }
+              + &e.assertion.as_ref().map_or_else(String::new, |a| {
                 format!(
                     "assertion=alg:{:?},kid:{},aud:{} ",
                     a.key.alg,

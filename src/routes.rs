@@ -63,11 +63,15 @@ impl Route {
             max_retry_body: c.max_retry_body,
             timeout: c.timeout,
             clients: (0..=workers)
-                .map(|_| upstream::client(c.ca_file.as_deref(), timeouts))
+                .map(|_| upstream::client(c.ca_file.as_deref(), c.client_cert.as_deref(), timeouts))
                 .collect::<Result<_, _>>()
                 .map_err(|e| format!("routes.{}: {e}", c.name))?,
-            upgrade_client: upstream::http1_client(c.ca_file.as_deref(), timeouts)
-                .map_err(|e| format!("routes.{}: {e}", c.name))?,
+            upgrade_client: upstream::http1_client(
+                c.ca_file.as_deref(),
+                c.client_cert.as_deref(),
+                timeouts,
+            )
+            .map_err(|e| format!("routes.{}: {e}", c.name))?,
             idle_timeout: c.idle_timeout,
             metrics: std::sync::OnceLock::new(),
         })

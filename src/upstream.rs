@@ -13,6 +13,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use crate::config::client_cert::ClientCert;
 use crate::idle::StallGuard;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -30,12 +31,16 @@ pub struct Timeouts {
 }
 
 /// Build a pooled client for bodies of type `B` (HTTP/1.1, and h2 when TLS negotiates it).
-pub fn client<B>(ca_file: Option<&Path>, timeouts: Timeouts) -> Result<Client<Connector, B>, String>
+pub fn client<B>(
+    ca_file: Option<&Path>,
+    cert: Option<&ClientCert>,
+    timeouts: Timeouts,
+) -> Result<Client<Connector, B>, String>
 where
     B: http_body::Body + Send + 'static,
     B::Data: Send,
 {
-    build_client(ca_file, timeouts, true)
+    build_client(ca_file, cert, timeouts, true)
 }
 
 /// The client for token endpoints and JWKS (credentials' own calls, not app traffic).
@@ -45,6 +50,7 @@ where
 /// idle connections behind per host.
 pub fn token_client(
     ca_file: Option<&Path>,
+    cert: Option<&ClientCert>,
     timeout: Duration,
 ) -> Result<Client<Connector, http_body_util::Full<bytes::Bytes>>, String> {
     type Shared = Client<Connector, http_body_util::Full<bytes::Bytes>>;
@@ -54,7 +60,7 @@ pub fn token_client(
         write_stall: timeout,
     };
     let build = || -> Result<Shared, String> {
-        let tls = tls_config(ca_file)?;
+        let tls = tls_config(ca_file, cert)?;
         Ok(Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
@@ -62,7 +68,7 @@ pub fn token_client(
             .pool_max_idle_per_host(4)
             .build(connector(tls, timeouts, true)))
     };
-    if ca_file.is_some() {
+    if ca_file.is_some() || cert.is_some() {
         return build();
     }
     let mut shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
@@ -77,17 +83,19 @@ pub fn token_client(
 /// The same, HTTP/1.1 only: protocol upgrades (WebSocket) exist only there.
 pub fn http1_client<B>(
     ca_file: Option<&Path>,
+    cert: Option<&ClientCert>,
     timeouts: Timeouts,
 ) -> Result<Client<Connector, B>, String>
 where
     B: http_body::Body + Send + 'static,
     B::Data: Send,
 {
-    build_client(ca_file, timeouts, false)
+    build_client(ca_file, cert, timeouts, false)
 }
 
 fn build_client<B>(
     ca_file: Option<&Path>,
+    cert: Option<&ClientCert>,
     timeouts: Timeouts,
     http2: bool,
 ) -> Result<Client<Connector, B>, String>
@@ -95,7 +103,7 @@ where
     B: http_body::Body + Send + 'static,
     B::Data: Send,
 {
-    let connector = connector(tls_config(ca_file)?, timeouts, http2);
+    let connector = connector(tls_config(ca_file, cert)?, timeouts, http2);
     Ok(Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
@@ -127,19 +135,28 @@ fn connector(tls: rustls::ClientConfig, timeouts: Timeouts, http2: bool) -> Conn
 /// Mozilla's roots (so a minimal container image works) plus the PEM roots in `ca_file`.
 /// Without `ca_file` every client shares one parsed root store (a clone of the config is
 /// shallow): thousands of credentials must not each hold a copy of ~150 roots.
-fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String> {
+fn tls_config(
+    ca_file: Option<&Path>,
+    cert: Option<&ClientCert>,
+) -> Result<rustls::ClientConfig, String> {
     static DEFAULT: std::sync::OnceLock<rustls::ClientConfig> = std::sync::OnceLock::new();
+    if let Some(cert) = cert {
+        return build_tls_config(ca_file, Some(cert));
+    }
     if ca_file.is_none() {
         if let Some(config) = DEFAULT.get() {
             return Ok(config.clone());
         }
-        let config = build_tls_config(None)?;
+        let config = build_tls_config(None, None)?;
         return Ok(DEFAULT.get_or_init(|| config).clone());
     }
-    build_tls_config(ca_file)
+    build_tls_config(ca_file, None)
 }
 
-fn build_tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String> {
+fn build_tls_config(
+    ca_file: Option<&Path>,
+    cert: Option<&ClientCert>,
+) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca_file {
@@ -163,9 +180,13 @@ fn build_tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, Stri
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(config)
+        .with_root_certificates(roots);
+    match cert {
+        Some(c) => config
+            .with_client_auth_cert(c.chain.clone(), c.key())
+            .map_err(|e| format!("client certificate: {e}")),
+        None => Ok(config.with_no_client_auth()),
+    }
 }
 
 /// Bounds the whole connect (TCP + TLS): `HttpConnector`'s own timeout covers TCP only.

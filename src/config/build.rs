@@ -2,6 +2,7 @@
 //! (a route's credential exists, a grant has what it needs), errors naming the key.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -167,6 +168,12 @@ pub(super) fn build_route(
             return err(format!("{key}.ca_file: {} does not exist", p.display()));
         }
     }
+    let client_cert_files: Vec<PathBuf> = [&r.tls_client_cert_file, &r.tls_client_key_file]
+        .into_iter()
+        .flatten()
+        .map(PathBuf::from)
+        .collect();
+    let client_cert = client_cert(&key, r.tls_client_cert_file, r.tls_client_key_file)?;
     Ok(RouteConfig {
         name,
         // "/api/" and "/api" name the same segment: matching is by whole segments.
@@ -192,7 +199,29 @@ pub(super) fn build_route(
         )?,
         idle_timeout,
         ca_file,
+        client_cert,
+        client_cert_files,
     })
+}
+
+/// Both of `tls_client_cert_file` and `tls_client_key_file`, or neither.
+fn client_cert(
+    key: &str,
+    cert: Option<String>,
+    private: Option<String>,
+) -> Result<Option<std::sync::Arc<super::client_cert::ClientCert>>, ConfigError> {
+    match (cert, private) {
+        (None, None) => Ok(None),
+        (Some(c), Some(k)) => super::client_cert::load(key, Path::new(&c), Path::new(&k))
+            .map(Some)
+            .map_err(ConfigError),
+        (Some(_), None) => err(format!(
+            "{key}.tls_client_key_file: required with tls_client_cert_file"
+        )),
+        (None, Some(_)) => err(format!(
+            "{key}.tls_client_cert_file: required with tls_client_key_file"
+        )),
+    }
 }
 
 pub(super) fn build_credential(
@@ -222,6 +251,8 @@ pub(super) fn build_credential(
         &c.initial_tokens_file,
         &c.ca_file,
         &c.signing_key_file,
+        &c.tls_client_cert_file,
+        &c.tls_client_key_file,
     ]
     .into_iter()
     .flatten()
@@ -374,6 +405,7 @@ pub(super) fn build_credential(
             return err(format!("{key}.ca_file: {} does not exist", p.display()));
         }
     }
+    let client_cert = client_cert(&key, c.tls_client_cert_file, c.tls_client_key_file)?;
     let refresh_before = opt_duration(
         &format!("{key}.refresh_before"),
         c.refresh_before,
@@ -424,6 +456,7 @@ pub(super) fn build_credential(
         header_prefix,
         timeout,
         ca_file,
+        client_cert,
         verify,
         files,
     })

@@ -17,6 +17,7 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 mod build;
+pub mod client_cert;
 pub mod env;
 mod raw;
 pub mod signing_key;
@@ -54,6 +55,7 @@ impl Config {
     pub fn watched_files(&self) -> Vec<PathBuf> {
         let mut files: Vec<PathBuf> = self.source.iter().cloned().collect();
         files.extend(self.routes.iter().filter_map(|r| r.ca_file.clone()));
+        files.extend(self.routes.iter().flat_map(|r| r.client_cert_files.clone()));
         files.extend(
             self.credentials
                 .values()
@@ -153,6 +155,10 @@ pub struct RouteConfig {
     /// for this long is abandoned and its connections are freed.
     pub idle_timeout: Duration,
     pub ca_file: Option<PathBuf>,
+    /// Mutual TLS to the upstream.
+    pub client_cert: Option<std::sync::Arc<client_cert::ClientCert>>,
+    /// Its certificate and key files (watched).
+    pub client_cert_files: Vec<PathBuf>,
 }
 
 /// `scheme://host[:port][/base-path]`, split once at load time.
@@ -253,6 +259,8 @@ pub struct CredentialConfig {
     /// Token endpoint (and JWKS) call timeout.
     pub timeout: Duration,
     pub ca_file: Option<PathBuf>,
+    /// Mutual TLS to the token endpoint (RFC 8705) and JWKS.
+    pub client_cert: Option<std::sync::Arc<client_cert::ClientCert>>,
     /// Verify access tokens (JWTs) against the issuer's keys before attaching them.
     pub verify: Option<JwtVerification>,
     /// Files this credential's config was read from (secrets, initial tokens, CA): a change
@@ -285,6 +293,7 @@ impl CredentialConfig {
             .and_then(|e| e.assertion.as_ref())
             .map(|a| a.key.digest)
             .hash(&mut h);
+        self.client_cert.as_ref().map(|c| c.digest).hash(&mut h);
         h.finish()
     }
 

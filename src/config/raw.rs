@@ -60,6 +60,8 @@ pub(super) struct RawRoute {
     pub(super) connect_timeout: Option<String>,
     pub(super) idle_timeout: Option<String>,
     pub(super) ca_file: Option<String>,
+    pub(super) tls_client_cert_file: Option<String>,
+    pub(super) tls_client_key_file: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -91,6 +93,8 @@ pub(super) struct RawCredential {
     pub(super) access_token_file: Option<String>,
     pub(super) timeout: Option<String>,
     pub(super) ca_file: Option<String>,
+    pub(super) tls_client_cert_file: Option<String>,
+    pub(super) tls_client_key_file: Option<String>,
     pub(super) jwks_url: Option<String>,
     pub(super) issuer: Option<String>,
     pub(super) audience: Option<String>,

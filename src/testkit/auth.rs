@@ -573,3 +573,13 @@ pub async fn token_server(auth: Arc<MockAuth>) -> MockServer {
     )
     .await
 }
+
+/// The token server over TLS (`tls` may require client certificates: RFC 8705).
+pub async fn token_server_tls(auth: Arc<MockAuth>, tls: rustls::ServerConfig) -> MockServer {
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    spawn(
+        Some(acceptor),
+        Arc::new(move |req| Box::pin(auth.clone().handle(req))),
+    )
+    .await
+}

@@ -28,7 +28,8 @@ mod auth;
 mod upstream;
 
 pub use auth::{
-    token_server, Canned, ClientKey, ErrorStyle, JwtSigner, MockAuth, RefreshMode, TokenRequest,
+    token_server, token_server_tls, Canned, ClientKey, ErrorStyle, JwtSigner, MockAuth,
+    RefreshMode, TokenRequest,
 };
 pub use upstream::{upstream_server, upstream_server_tls, MockUpstream, SeenRequest};
 

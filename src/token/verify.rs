@@ -119,7 +119,11 @@ impl Verifier {
             },
             timeout: c.timeout,
         };
-        let client = crate::upstream::token_client(c.ca_file.as_deref(), c.timeout)?;
+        let client = crate::upstream::token_client(
+            c.ca_file.as_deref(),
+            c.client_cert.as_deref(),
+            c.timeout,
+        )?;
         Ok(Some(Verifier {
             config,
             client,

@@ -52,7 +52,11 @@ impl Endpoint {
             params: e.params.clone(),
             headers: e.headers.clone(),
             timeout: c.timeout,
-            client: upstream::token_client(c.ca_file.as_deref(), c.timeout)?,
+            client: upstream::token_client(
+                c.ca_file.as_deref(),
+                c.client_cert.as_deref(),
+                c.timeout,
+            )?,
             assertion: e.assertion.clone(),
         })
     }
