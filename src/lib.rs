@@ -12,6 +12,7 @@ pub mod config;
 /// `token-proxy demo` (feature `demo`, on by default).
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod egress;
 pub mod error;
 pub mod idle;
 pub mod metrics;

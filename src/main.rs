@@ -148,7 +148,7 @@ fn summary(source: &ConfigSource, config: &Config) -> String {
         );
         let _ = writeln!(
             out,
-            "route {}: prefix={} hosts=[{}] -> {upstream} strip_prefix={} credential={} retry_on_401={} max_retry_body={} timeout={:?} connect_timeout={:?} idle_timeout={:?}{}{}",
+            "route {}: prefix={} hosts=[{}] -> {upstream} strip_prefix={} credential={} retry_on_401={} max_retry_body={} timeout={:?} connect_timeout={:?} idle_timeout={:?}{}{}{}",
             r.name,
             r.prefix.as_deref().unwrap_or("(none)"),
             r.hosts.join(","),
@@ -161,6 +161,7 @@ fn summary(source: &ConfigSource, config: &Config) -> String {
             r.idle_timeout,
             r.ca_file.as_ref().map(|p| format!(" ca_file={}", p.display())).unwrap_or_default(),
             if r.client_cert.is_some() { " client_cert=on" } else { "" },
+            r.egress.as_ref().map(|e| format!(" egress_proxy={e:?}")).unwrap_or_default(),
         );
     }
     let mask = |set: bool| if set { "***" } else { "(none)" };
@@ -176,6 +177,7 @@ fn summary(source: &ConfigSource, config: &Config) -> String {
                 e.scope.as_deref().unwrap_or("(none)"),
                 e.headers.iter().map(|(k, _)| format!("{k}=***")).collect::<Vec<_>>().join(","),
             ) + if c.client_cert.is_some() { "client_cert=on " } else { "" }
+              + &c.egress.as_ref().map(|e| format!("egress_proxy={e:?} ")).unwrap_or_default()
               + &e.assertion.as_ref().map_or_else(String::new, |a| {
                 format!(
                     "assertion=alg:{:?},kid:{},aud:{} ",

@@ -63,12 +63,20 @@ impl Route {
             max_retry_body: c.max_retry_body,
             timeout: c.timeout,
             clients: (0..=workers)
-                .map(|_| upstream::client(c.ca_file.as_deref(), c.client_cert.as_deref(), timeouts))
+                .map(|_| {
+                    upstream::client(
+                        c.ca_file.as_deref(),
+                        c.client_cert.as_deref(),
+                        c.egress.as_ref(),
+                        timeouts,
+                    )
+                })
                 .collect::<Result<_, _>>()
                 .map_err(|e| format!("routes.{}: {e}", c.name))?,
             upgrade_client: upstream::http1_client(
                 c.ca_file.as_deref(),
                 c.client_cert.as_deref(),
+                c.egress.as_ref(),
                 timeouts,
             )
             .map_err(|e| format!("routes.{}: {e}", c.name))?,

@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -14,12 +15,13 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::client_cert::ClientCert;
+use crate::egress::{Egress, EgressConnector};
 use crate::idle::StallGuard;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The connector every outbound client uses.
-pub type Connector = TimeoutConnector<HttpsConnector<HttpConnector>>;
+pub type Connector = TimeoutConnector<HttpsConnector<EgressConnector>>;
 
 /// How an outbound client connects.
 #[derive(Clone, Copy, Debug)]
@@ -34,13 +36,14 @@ pub struct Timeouts {
 pub fn client<B>(
     ca_file: Option<&Path>,
     cert: Option<&ClientCert>,
+    egress: Option<&Arc<Egress>>,
     timeouts: Timeouts,
 ) -> Result<Client<Connector, B>, String>
 where
     B: http_body::Body + Send + 'static,
     B::Data: Send,
 {
-    build_client(ca_file, cert, timeouts, true)
+    build_client(ca_file, cert, egress, timeouts, true)
 }
 
 /// The client for token endpoints and JWKS (credentials' own calls, not app traffic).
@@ -51,6 +54,7 @@ where
 pub fn token_client(
     ca_file: Option<&Path>,
     cert: Option<&ClientCert>,
+    egress: Option<&Arc<Egress>>,
     timeout: Duration,
 ) -> Result<Client<Connector, http_body_util::Full<bytes::Bytes>>, String> {
     type Shared = Client<Connector, http_body_util::Full<bytes::Bytes>>;
@@ -66,9 +70,9 @@ pub fn token_client(
             .timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(4)
-            .build(connector(tls, timeouts, true)))
+            .build(connector(tls, egress, timeouts, true)))
     };
-    if ca_file.is_some() || cert.is_some() {
+    if ca_file.is_some() || cert.is_some() || egress.is_some() {
         return build();
     }
     let mut shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
@@ -84,18 +88,20 @@ pub fn token_client(
 pub fn http1_client<B>(
     ca_file: Option<&Path>,
     cert: Option<&ClientCert>,
+    egress: Option<&Arc<Egress>>,
     timeouts: Timeouts,
 ) -> Result<Client<Connector, B>, String>
 where
     B: http_body::Body + Send + 'static,
     B::Data: Send,
 {
-    build_client(ca_file, cert, timeouts, false)
+    build_client(ca_file, cert, egress, timeouts, false)
 }
 
 fn build_client<B>(
     ca_file: Option<&Path>,
     cert: Option<&ClientCert>,
+    egress: Option<&Arc<Egress>>,
     timeouts: Timeouts,
     http2: bool,
 ) -> Result<Client<Connector, B>, String>
@@ -103,7 +109,7 @@ where
     B: http_body::Body + Send + 'static,
     B::Data: Send,
 {
-    let connector = connector(tls_config(ca_file, cert)?, timeouts, http2);
+    let connector = connector(tls_config(ca_file, cert)?, egress, timeouts, http2);
     Ok(Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
@@ -111,11 +117,20 @@ where
         .build(connector))
 }
 
-fn connector(tls: rustls::ClientConfig, timeouts: Timeouts, http2: bool) -> Connector {
+fn connector(
+    tls: rustls::ClientConfig,
+    egress: Option<&Arc<Egress>>,
+    timeouts: Timeouts,
+    http2: bool,
+) -> Connector {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(timeouts.connect));
+    let http = EgressConnector {
+        http,
+        egress: egress.cloned(),
+    };
     let builder = HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()

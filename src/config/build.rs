@@ -72,7 +72,7 @@ pub(super) fn build(
     let mut credentials = BTreeMap::new();
     for (name, c) in raw.credentials {
         let share = c.shared;
-        let mut cred = build_credential(&name, c)?;
+        let mut cred = build_credential(&name, c, env)?;
         cred.shared = match (share, &shared) {
             (Some(true), None) => {
                 return err(format!(
@@ -91,7 +91,7 @@ pub(super) fn build(
     }
     let mut routes = Vec::new();
     for (i, r) in raw.routes.into_iter().enumerate() {
-        routes.push(build_route(i, r, &credentials)?);
+        routes.push(build_route(i, r, &credentials, env)?);
     }
     let mut seen = std::collections::HashSet::new();
     for r in &routes {
@@ -115,6 +115,7 @@ pub(super) fn build_route(
     i: usize,
     r: RawRoute,
     credentials: &BTreeMap<String, CredentialConfig>,
+    env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<RouteConfig, ConfigError> {
     let key = format!("routes[{i}]");
     let name = r.name.unwrap_or_else(|| format!("route{i}"));
@@ -174,6 +175,7 @@ pub(super) fn build_route(
         .map(PathBuf::from)
         .collect();
     let client_cert = client_cert(&key, r.tls_client_cert_file, r.tls_client_key_file)?;
+    let egress = egress(&key, r.egress_proxy, env)?;
     Ok(RouteConfig {
         name,
         // "/api/" and "/api" name the same segment: matching is by whole segments.
@@ -201,7 +203,21 @@ pub(super) fn build_route(
         ca_file,
         client_cert,
         client_cert_files,
+        egress,
     })
+}
+
+/// `egress_proxy`: a proxy URL, or `env` (HTTPS_PROXY / HTTP_PROXY / NO_PROXY).
+fn egress(
+    key: &str,
+    value: Option<String>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<std::sync::Arc<crate::egress::Egress>>, ConfigError> {
+    match value {
+        None => Ok(None),
+        Some(v) => crate::egress::Egress::from_setting(&format!("{key}.egress_proxy"), &v, env)
+            .map_err(ConfigError),
+    }
 }
 
 /// Both of `tls_client_cert_file` and `tls_client_key_file`, or neither.
@@ -227,6 +243,7 @@ fn client_cert(
 pub(super) fn build_credential(
     name: &str,
     c: RawCredential,
+    env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<CredentialConfig, ConfigError> {
     let key = format!("credentials.{name}");
     let Some(grant) = c.grant else {
@@ -406,6 +423,7 @@ pub(super) fn build_credential(
         }
     }
     let client_cert = client_cert(&key, c.tls_client_cert_file, c.tls_client_key_file)?;
+    let egress = egress(&key, c.egress_proxy, env)?;
     let refresh_before = opt_duration(
         &format!("{key}.refresh_before"),
         c.refresh_before,
@@ -457,6 +475,7 @@ pub(super) fn build_credential(
         timeout,
         ca_file,
         client_cert,
+        egress,
         verify,
         files,
     })

@@ -157,6 +157,8 @@ pub struct RouteConfig {
     pub ca_file: Option<PathBuf>,
     /// Mutual TLS to the upstream.
     pub client_cert: Option<std::sync::Arc<client_cert::ClientCert>>,
+    /// Outbound connections through this HTTP proxy (CONNECT).
+    pub egress: Option<std::sync::Arc<crate::egress::Egress>>,
     /// Its certificate and key files (watched).
     pub client_cert_files: Vec<PathBuf>,
 }
@@ -261,6 +263,8 @@ pub struct CredentialConfig {
     pub ca_file: Option<PathBuf>,
     /// Mutual TLS to the token endpoint (RFC 8705) and JWKS.
     pub client_cert: Option<std::sync::Arc<client_cert::ClientCert>>,
+    /// Outbound connections through this HTTP proxy (CONNECT).
+    pub egress: Option<std::sync::Arc<crate::egress::Egress>>,
     /// Verify access tokens (JWTs) against the issuer's keys before attaching them.
     pub verify: Option<JwtVerification>,
     /// Files this credential's config was read from (secrets, initial tokens, CA): a change

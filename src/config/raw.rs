@@ -62,6 +62,7 @@ pub(super) struct RawRoute {
     pub(super) ca_file: Option<String>,
     pub(super) tls_client_cert_file: Option<String>,
     pub(super) tls_client_key_file: Option<String>,
+    pub(super) egress_proxy: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -95,6 +96,7 @@ pub(super) struct RawCredential {
     pub(super) ca_file: Option<String>,
     pub(super) tls_client_cert_file: Option<String>,
     pub(super) tls_client_key_file: Option<String>,
+    pub(super) egress_proxy: Option<String>,
     pub(super) jwks_url: Option<String>,
     pub(super) issuer: Option<String>,
     pub(super) audience: Option<String>,

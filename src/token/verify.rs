@@ -122,6 +122,7 @@ impl Verifier {
         let client = crate::upstream::token_client(
             c.ca_file.as_deref(),
             c.client_cert.as_deref(),
+            c.egress.as_ref(),
             c.timeout,
         )?;
         Ok(Some(Verifier {

@@ -55,6 +55,7 @@ impl Endpoint {
             client: upstream::token_client(
                 c.ca_file.as_deref(),
                 c.client_cert.as_deref(),
+                c.egress.as_ref(),
                 c.timeout,
             )?,
             assertion: e.assertion.clone(),
