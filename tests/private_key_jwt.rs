@@ -221,3 +221,44 @@ fn bad_keys_are_config_errors_naming_the_key() {
     let ok = format!("signing_key_file = \"{}\"", rsa.display());
     token_proxy::config::Config::parse(&base(&ok), &|_| None).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_signing_key_is_picked_up_by_a_reload() {
+    let world = World::new(Duration::from_secs(300)).await;
+    let (old_pem, old_public) = ec_key();
+    let (new_pem, new_public) = ec_key();
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = write_file(dir.path(), "client.pem", &old_pem);
+    let token_url = format!("{}/oauth/token", world.idp.url);
+    world.auth.require_client_key(ClientKey::new(
+        old_public,
+        Algorithm::ES256,
+        "cid",
+        &token_url,
+    ));
+    let toml = config_without_secret(&world, &credential("", &key_file, "")).replace(
+        "grant = \"refresh_token\"",
+        "grant = \"client_credentials\"",
+    );
+    let app = start(&toml).await;
+    assert_eq!(get(&url(&app, "/v1/x")).await.status, 200);
+    // The key is rotated at the provider and in the file; a reload (the binary reloads on
+    // the file's change) rebuilds the credential with the new key.
+    world.auth.require_client_key(ClientKey::new(
+        new_public,
+        Algorithm::ES256,
+        "cid",
+        &token_url,
+    ));
+    write_file(dir.path(), "client.pem", &new_pem);
+    let config = token_proxy::config::Config::parse(&toml, &|_| None).unwrap();
+    assert!(config
+        .watched_files()
+        .iter()
+        .any(|f| f.ends_with("client.pem")));
+    let summary = app.reload(config).await.unwrap();
+    assert!(summary.contains("replaced=[\"main\"]"), "{summary}");
+    let r = send(Method::POST, &admin(&app, "/tokens/main/refresh"), &[], "").await;
+    assert_eq!(r.status, 200, "signed with the new key: {}", r.text());
+    app.stop().await;
+}
