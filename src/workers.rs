@@ -21,26 +21,35 @@ pub fn current() -> usize {
     WORKER.with(Cell::get)
 }
 
-/// Bind `n` listening sockets to `addr` with `SO_REUSEPORT` (a port of 0 is chosen once,
-/// by the first). Returned as std listeners, to be registered on each worker's runtime.
+/// Bind `n` listening sockets to `addr` with `SO_REUSEPORT`, so that the kernel spreads
+/// new connections evenly over the workers. First the address is bound once *without*
+/// `SO_REUSEPORT`: if anything already listens there (another token-proxy included), that
+/// fails as a plain bind would, instead of our sockets silently joining its port. A port
+/// of 0 is chosen by that first bind. Returned as std listeners, to be registered on each
+/// worker's runtime.
 pub fn bind(
     addr: SocketAddr,
     n: usize,
 ) -> std::io::Result<(SocketAddr, Vec<std::net::TcpListener>)> {
-    let mut bound = addr;
+    let new_socket = || {
+        if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+    };
+    let probe = new_socket()?;
+    probe.set_reuseaddr(true)?;
+    probe.bind(addr)?;
+    let bound = probe.local_addr()?;
+    drop(probe);
     let mut listeners = Vec::with_capacity(n);
     for _ in 0..n {
-        let socket = if bound.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
+        let socket = new_socket()?;
         socket.set_reuseaddr(true)?;
         socket.set_reuseport(true)?;
         socket.bind(bound)?;
-        let listener = socket.listen(1024)?;
-        bound = listener.local_addr()?;
-        listeners.push(listener.into_std()?);
+        listeners.push(socket.listen(1024)?.into_std()?);
     }
     Ok((bound, listeners))
 }

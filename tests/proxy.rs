@@ -299,3 +299,20 @@ async fn several_workers_share_the_listener_and_the_token() {
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_already_in_use_is_refused_not_shared() {
+    let world = World::new(Duration::from_secs(300)).await;
+    let first = start(&world.config_rt("", "")).await;
+    let port = first.proxy_addr.port();
+    let toml = world.config_rt("", "").replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{port}\""),
+    );
+    let config = token_proxy::config::Config::parse(&toml, &|_| None).unwrap();
+    let Err(e) = token_proxy::App::spawn(config).await else {
+        panic!("a second proxy on the same port started (it would share the connections)");
+    };
+    assert!(e.to_string().contains("cannot listen"), "{e}");
+    first.stop().await;
+}
