@@ -62,17 +62,16 @@ impl Route {
             retry_on_401: c.retry_on_401,
             max_retry_body: c.max_retry_body,
             timeout: c.timeout,
-            clients: (0..=workers)
-                .map(|_| {
-                    upstream::client(
-                        c.ca_file.as_deref(),
-                        c.client_cert.as_deref(),
-                        c.egress.as_ref(),
-                        timeouts,
-                    )
-                })
-                .collect::<Result<_, _>>()
-                .map_err(|e| format!("routes.{}: {e}", c.name))?,
+            // Slot 0 serves any thread that is not a proxy worker.
+            clients: upstream::clients(
+                workers + 1,
+                c.ca_file.as_deref(),
+                c.client_cert.as_deref(),
+                c.egress.as_ref(),
+                timeouts,
+            )
+            .map_err(|e| format!("routes.{}: {e}", c.name))?
+            .into_boxed_slice(),
             upgrade_client: upstream::http1_client(
                 c.ca_file.as_deref(),
                 c.client_cert.as_deref(),
@@ -279,16 +278,18 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     HeaderName::from_static("keep-alive"),
 ];
 
+/// Not standard, but sent by old clients and just as hop-by-hop.
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
 /// Remove hop-by-hop headers, including any the `Connection` header names. A message that
 /// came with `Transfer-Encoding` also loses `Content-Length` (RFC 9112 §6.3: a sender must
 /// remove it before forwarding; keeping both is how requests are smuggled).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none of these: one pass over the names says so, instead of a
     // hashed removal per listed name.
-    let proxy_connection = HeaderName::from_static("proxy-connection");
     if !headers
         .keys()
-        .any(|k| HOP_BY_HOP.contains(k) || *k == proxy_connection)
+        .any(|k| HOP_BY_HOP.contains(k) || *k == PROXY_CONNECTION)
     {
         return;
     }
@@ -305,7 +306,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
     }
-    headers.remove(proxy_connection);
+    headers.remove(PROXY_CONNECTION);
 }
 
 /// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` + `Upgrade`).

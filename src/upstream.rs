@@ -32,18 +32,36 @@ pub struct Timeouts {
     pub write_stall: Duration,
 }
 
-/// Build a pooled client for bodies of type `B` (HTTP/1.1, and h2 when TLS negotiates it).
-pub fn client<B>(
+/// `count` pooled clients with the same settings (one per worker thread, each its own
+/// pool), for bodies of type `B` (HTTP/1.1, and h2 when TLS negotiates it). The TLS
+/// settings (roots, `ca_file`, client certificate) are read once and shared.
+pub fn clients<B>(
+    count: usize,
     ca_file: Option<&Path>,
     cert: Option<&ClientCert>,
     egress: Option<&Arc<Egress>>,
     timeouts: Timeouts,
-) -> Result<Client<Connector, B>, String>
+) -> Result<Vec<Client<Connector, B>>, String>
 where
     B: http_body::Body + Send + 'static,
     B::Data: Send,
 {
-    build_client(ca_file, cert, egress, timeouts, true)
+    let tls = tls_config(ca_file, cert)?;
+    Ok((0..count)
+        .map(|_| pooled(connector(tls.clone(), egress, timeouts, true)))
+        .collect())
+}
+
+fn pooled<B>(connector: Connector) -> Client<Connector, B>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+{
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build(connector)
 }
 
 /// The client for token endpoints and JWKS (credentials' own calls, not app traffic).
@@ -109,12 +127,12 @@ where
     B: http_body::Body + Send + 'static,
     B::Data: Send,
 {
-    let connector = connector(tls_config(ca_file, cert)?, egress, timeouts, http2);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .build(connector))
+    Ok(pooled(connector(
+        tls_config(ca_file, cert)?,
+        egress,
+        timeouts,
+        http2,
+    )))
 }
 
 fn connector(

@@ -49,14 +49,6 @@ fn ok(out: std::process::Output, what: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_image_runs_read_only_as_non_root_from_the_environment() {
     let Ok(image) = std::env::var("TOKEN_PROXY_IMAGE") else {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+use rcgen::{CertificateParams, ExtendedKeyUsagePurpose};
 use support::*;
 use token_proxy::testkit::{token_server_tls, upstream_server_tls, MockUpstream};
 
@@ -24,33 +24,22 @@ struct Pki {
 }
 
 fn pki(dir: &Path) -> Pki {
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "mtls test CA");
-    let ca_key = KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let server_key = KeyPair::generate().unwrap();
-    let server = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
-        .unwrap()
-        .signed_by(&server_key, &ca, &ca_key)
-        .unwrap();
+    let ca = TestCa::new("mtls test CA");
+    let (server, server_key) = ca.server();
     let client = |not_after: Option<(i32, u8, u8)>| {
-        let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(vec!["client.example".into()]).unwrap();
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         if let Some((y, m, d)) = not_after {
             params.not_before = rcgen::date_time_ymd(2020, 1, 1);
             params.not_after = rcgen::date_time_ymd(y, m, d);
         }
-        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+        let (cert, key) = ca.sign(params);
         (cert.pem(), key.serialize_pem())
     };
     let (cert, key) = client(None);
     let (old_cert, old_key) = client(Some((2021, 1, 1)));
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.der().clone()).unwrap();
+    roots.add(ca.cert.der().clone()).unwrap();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots),
@@ -68,7 +57,7 @@ fn pki(dir: &Path) -> Pki {
         )
         .unwrap();
     Pki {
-        ca: write_file(dir, "ca.pem", &ca.pem()),
+        ca: write_file(dir, "ca.pem", &ca.cert.pem()),
         client_cert: write_file(dir, "client.crt", &cert),
         client_key: write_file(dir, "client.key", &key),
         expired_cert: write_file(dir, "expired.crt", &old_cert),

@@ -91,20 +91,9 @@ async fn h2c_from_the_app_works() {
 }
 
 fn test_pki(dir: &std::path::Path) -> (std::path::PathBuf, rustls::ServerConfig) {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "token-proxy test CA");
-    let ca_key = KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&leaf_key, &ca, &ca_key)
-        .unwrap();
-    let ca_path = write_file(dir, "ca.pem", &ca.pem());
+    let ca = TestCa::new("token-proxy test CA");
+    let (leaf, leaf_key) = ca.server();
+    let ca_path = write_file(dir, "ca.pem", &ca.cert.pem());
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let server = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -274,7 +263,6 @@ async fn several_workers_share_the_listener_and_the_token() {
     );
     let app = start(&toml).await;
     // Fresh connections (no keep-alive) land on whichever worker the kernel picks.
-    let mut served = 0;
     for i in 0..30 {
         let client = client();
         let r = send_with(
@@ -286,9 +274,7 @@ async fn several_workers_share_the_listener_and_the_token() {
         )
         .await;
         assert_eq!(r.status, 200, "{}", r.text());
-        served += 1;
     }
-    assert_eq!(served, 30);
     assert_eq!(
         world
             .auth

@@ -531,12 +531,7 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub fn start() -> RedisServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Self::start_on(port)
+        Self::start_on(free_port())
     }
 
     /// Start (again) on `port`: an empty Redis, as after a restart without persistence.
@@ -547,27 +542,12 @@ impl RedisServer {
     /// A TLS-only Redis (`rediss://`) with a certificate from a private CA, requiring
     /// `password`. Returns the server and the CA's PEM file (in `dir`).
     pub fn start_tls(dir: &Path, password: &str) -> (RedisServer, std::path::PathBuf) {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "token-proxy test Redis CA");
-        let ca_key = KeyPair::generate().unwrap();
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let leaf_key = KeyPair::generate().unwrap();
-        let leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-            .unwrap()
-            .signed_by(&leaf_key, &ca, &ca_key)
-            .unwrap();
-        let ca_path = write_file(dir, "redis-ca.pem", &ca.pem());
+        let ca = TestCa::new("token-proxy test Redis CA");
+        let (leaf, leaf_key) = ca.server();
+        let ca_path = write_file(dir, "redis-ca.pem", &ca.cert.pem());
         let cert = write_file(dir, "redis.crt", &leaf.pem());
         let key = write_file(dir, "redis.key", &leaf_key.serialize_pem());
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let server = Self::start_with(
             port,
             &[
@@ -713,4 +693,45 @@ impl Drop for Relay {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// A private CA for TLS tests, and the leaf certificates it signs.
+pub struct TestCa {
+    pub cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> TestCa {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        TestCa { cert, key }
+    }
+
+    /// A leaf signed by this CA, with a fresh P-256 key.
+    pub fn sign(&self, params: rcgen::CertificateParams) -> (rcgen::Certificate, rcgen::KeyPair) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        (cert, key)
+    }
+
+    /// A server certificate for `localhost` and `127.0.0.1`.
+    pub fn server(&self) -> (rcgen::Certificate, rcgen::KeyPair) {
+        self.sign(
+            rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap(),
+        )
+    }
+}
+
+/// A free port on 127.0.0.1 (bound once, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
