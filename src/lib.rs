@@ -12,9 +12,11 @@ pub mod config;
 /// `token-proxy demo` (feature `demo`, on by default).
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod dpop;
 pub mod egress;
 pub mod error;
 pub mod idle;
+pub mod jwk;
 pub mod metrics;
 pub mod proxy;
 pub mod redact;

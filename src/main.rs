@@ -185,6 +185,12 @@ fn summary(source: &ConfigSource, config: &Config) -> String {
                     a.kid.as_deref().unwrap_or("(none)"),
                     a.audience.clone().unwrap_or_else(|| e.token_url.to_string())
                 )
+            }) + &c.dpop.as_ref().map_or_else(String::new, |d| {
+                match &d.file {
+                    Some(f) if f.exists() => format!("dpop=ES256,jkt:{},key:{} ", d.jkt, f.display()),
+                    Some(f) => format!("dpop=ES256,key:generated at start into {} ", f.display()),
+                    None => "dpop=ES256,key:generated at each start (saved tokens are fetched anew after a restart) ".into(),
+                }
             }),
             None => String::new(),
         };

@@ -162,6 +162,15 @@ impl Proxy {
         parts.uri = route.upstream_uri(&parts.uri, path)?;
         parts.version = Version::HTTP_11; // the client negotiates h2 upstream via ALPN itself
         rewrite_request_headers(&mut parts.headers, header_of(&credential, &lease));
+        if let (Some(credential), Some(lease)) = (&credential, &lease) {
+            add_dpop_proof(
+                credential,
+                lease,
+                &parts.method,
+                &parts.uri,
+                &mut parts.headers,
+            );
+        }
         if let Some((protocol, app_side)) = upgrade {
             parts
                 .headers
@@ -178,9 +187,10 @@ impl Proxy {
             return Ok(splice(response, app_side, &route));
         }
 
-        // Only requests that can be replayed keep a copy of what they sent.
-        let replay = match (&credential, route.retry_on_401) {
-            (Some(_), true) => Some(ReplayCopy {
+        // Only requests that can be replayed (after a 401, or a DPoP nonce challenge) keep
+        // a copy of what they sent.
+        let replay = match &credential {
+            Some(c) if route.retry_on_401 || c.dpop.is_some() => Some(ReplayCopy {
                 buffer: ReplayBuffer::new(route.max_retry_body, &incoming.size_hint()),
                 method: parts.method.clone(),
                 uri: parts.uri.clone(),
@@ -195,21 +205,38 @@ impl Proxy {
             )),
             None => body::boxed(IdleBody::new(incoming, route.idle_timeout)),
         };
-        let response = send(&route, Request::from_parts(parts, body), trace).await?;
+        let mut response = send(&route, Request::from_parts(parts, body), trace).await?;
 
         let (Some(credential), Some(lease), Some(copy)) = (credential, lease, replay) else {
             return Ok(finish(response, &route));
         };
-        if response.status() != StatusCode::UNAUTHORIZED || !credential.reject(lease.generation) {
+        if let Some(dpop) = &credential.dpop {
+            // RFC 9449 §9: a resource server's nonce challenge gets exactly one more try
+            // with the nonce it sent (a nonce on any other answer is kept for next time).
+            let new_nonce = dpop.remember_nonce(&copy.uri, response.headers());
+            if new_nonce
+                && response.status() == StatusCode::UNAUTHORIZED
+                && crate::dpop::asks_for_nonce(response.headers())
+            {
+                let Some(bytes) = copy.replayable() else {
+                    tracing::info!(route = %route.name, "DPoP nonce challenge not replayed: body too large or still streaming");
+                    return Ok(finish(response, &route));
+                };
+                drop(response);
+                trace.replayed = true;
+                self.inner.metrics.retry(&route.name);
+                response = send(&route, copy.rebuild(bytes, &credential, &lease), trace).await?;
+                dpop.remember_nonce(&copy.uri, response.headers());
+            }
+        }
+        if !route.retry_on_401
+            || response.status() != StatusCode::UNAUTHORIZED
+            || !credential.reject(lease.generation)
+        {
             return Ok(finish(response, &route));
         }
         // Our token was refused and a new one is coming. Replay only a body we hold whole.
-        let Some(bytes) = copy
-            .buffer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .replayable()
-        else {
+        let Some(bytes) = copy.replayable() else {
             tracing::info!(route = %route.name, "401 not replayed: body too large or still streaming");
             return Ok(finish(response, &route));
         };
@@ -217,9 +244,25 @@ impl Proxy {
         let fresh = self::lease(&credential).await?;
         trace.replayed = true;
         self.inner.metrics.retry(&route.name);
-        let again = copy.rebuild(bytes, (&credential.header, &fresh.header_value));
-        let response = send(&route, again, trace).await?;
+        let response = send(&route, copy.rebuild(bytes, &credential, &fresh), trace).await?;
+        if let Some(dpop) = &credential.dpop {
+            dpop.remember_nonce(&copy.uri, response.headers());
+        }
         Ok(finish(response, &route))
+    }
+}
+
+/// DPoP (RFC 9449 §7): a fresh proof of the key the token is bound to, for this request.
+fn add_dpop_proof(
+    credential: &Credential,
+    token: &ActiveToken,
+    method: &Method,
+    uri: &Uri,
+    headers: &mut HeaderMap,
+) {
+    if let Some(dpop) = &credential.dpop {
+        let proof = dpop.proof(method, uri, token.ath.as_deref());
+        headers.insert(crate::dpop::DPOP.clone(), proof);
     }
 }
 
@@ -232,13 +275,34 @@ struct ReplayCopy {
 }
 
 impl ReplayCopy {
-    /// The same request with the whole body and a new token.
-    fn rebuild(self, body: Bytes, token: (&HeaderName, &HeaderValue)) -> Request<ProxyBody> {
+    /// The body, if it was held whole (not too large, not still streaming).
+    fn replayable(&self) -> Option<Bytes> {
+        self.buffer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replayable()
+    }
+
+    /// The same request with the whole body, `token` attached (and a new DPoP proof).
+    fn rebuild(
+        &self,
+        body: Bytes,
+        credential: &Credential,
+        token: &ActiveToken,
+    ) -> Request<ProxyBody> {
         let mut req = Request::new(body::full(body));
-        *req.method_mut() = self.method;
-        *req.uri_mut() = self.uri;
-        *req.headers_mut() = self.headers;
-        req.headers_mut().insert(token.0.clone(), token.1.clone());
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.headers_mut() = self.headers.clone();
+        req.headers_mut()
+            .insert(credential.header.clone(), token.header_value.clone());
+        add_dpop_proof(
+            credential,
+            token,
+            &self.method,
+            &self.uri,
+            req.headers_mut(),
+        );
         req
     }
 }

@@ -270,6 +270,7 @@ pub(super) fn build_credential(
         &c.signing_key_file,
         &c.tls_client_cert_file,
         &c.tls_client_key_file,
+        &c.dpop_key_file,
     ]
     .into_iter()
     .flatten()
@@ -356,8 +357,13 @@ pub(super) fn build_credential(
             )
             .map_err(ConfigError)?;
             Some(super::AssertionConfig {
+                // INTERFACE.md: `signing_key_id`, else the key's RFC 7638 thumbprint.
+                kid: Some(
+                    c.signing_key_id
+                        .clone()
+                        .unwrap_or_else(|| signing.thumbprint.clone()),
+                ),
                 key: signing,
-                kid: c.signing_key_id.clone(),
                 audience: c.assertion_audience.clone(),
             })
         }
@@ -406,13 +412,38 @@ pub(super) fn build_credential(
         hv.set_sensitive(true);
         headers.push((hn, hv));
     }
+    let dpop = match (c.dpop.unwrap_or(false), c.dpop_key_file) {
+        (true, _) if grant == GrantKind::Static => {
+            return err(format!(
+                "{key}.dpop: needs a token endpoint (grant = \"refresh_token\" or \"client_credentials\"); a static token is not bound to our key"
+            ))
+        }
+        (true, _) if c.header.as_deref().is_some_and(|h| !h.eq_ignore_ascii_case("authorization"))
+            || c.header_prefix.is_some() =>
+        {
+            return err(format!(
+                "{key}.header_prefix: not used with dpop = true (the token goes in `Authorization: DPoP ...`)"
+            ))
+        }
+        (true, file) => Some(std::sync::Arc::new(
+            crate::dpop::Dpop::load(&key, file.as_deref().map(std::path::Path::new))
+                .map_err(ConfigError)?,
+        )),
+        (false, Some(_)) => {
+            return err(format!("{key}.dpop_key_file: only used with dpop = true"))
+        }
+        (false, None) => None,
+    };
     let header_s = c.header.unwrap_or_else(|| "Authorization".into());
     let header = HeaderName::from_bytes(header_s.as_bytes()).map_err(|_| {
         ConfigError(format!(
             "{key}.header: {header_s:?} is not a valid header name"
         ))
     })?;
-    let header_prefix = c.header_prefix.unwrap_or_else(|| "Bearer ".into());
+    let header_prefix = match &dpop {
+        Some(_) => "DPoP ".to_string(),
+        None => c.header_prefix.unwrap_or_else(|| "Bearer ".into()),
+    };
     if HeaderValue::from_str(&header_prefix).is_err() {
         return err(format!("{key}.header_prefix: not a valid header value"));
     }
@@ -476,6 +507,7 @@ pub(super) fn build_credential(
         ca_file,
         client_cert,
         egress,
+        dpop,
         verify,
         files,
     })

@@ -265,6 +265,8 @@ pub struct CredentialConfig {
     pub client_cert: Option<std::sync::Arc<client_cert::ClientCert>>,
     /// Outbound connections through this HTTP proxy (CONNECT).
     pub egress: Option<std::sync::Arc<crate::egress::Egress>>,
+    /// `dpop = true`: DPoP-bound tokens (RFC 9449), with this key.
+    pub dpop: Option<std::sync::Arc<crate::dpop::Dpop>>,
     /// Verify access tokens (JWTs) against the issuer's keys before attaching them.
     pub verify: Option<JwtVerification>,
     /// Files this credential's config was read from (secrets, initial tokens, CA): a change
@@ -298,6 +300,13 @@ impl CredentialConfig {
             .map(|a| a.key.digest)
             .hash(&mut h);
         self.client_cert.as_ref().map(|c| c.digest).hash(&mut h);
+        // A key from a file counts by its contents (a replaced key is a new credential);
+        // a generated one is the running credential's own and survives reloads.
+        self.dpop
+            .as_ref()
+            .filter(|d| d.file.is_some())
+            .map(|d| d.digest)
+            .hash(&mut h);
         h.finish()
     }
 

@@ -80,6 +80,8 @@ pub(super) struct RawCredential {
     pub(super) signing_key_id: Option<String>,
     pub(super) signing_alg: Option<String>,
     pub(super) assertion_audience: Option<String>,
+    pub(super) dpop: Option<bool>,
+    pub(super) dpop_key_file: Option<String>,
     pub(super) refresh_token: Option<String>,
     pub(super) refresh_token_file: Option<String>,
     pub(super) initial_tokens_file: Option<String>,

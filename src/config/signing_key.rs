@@ -15,6 +15,8 @@ pub struct SigningKey {
     pub alg: Algorithm,
     /// SHA-256 of the key (DER): tells a rotated key apart (config fingerprints), never shown.
     pub digest: [u8; 32],
+    /// RFC 7638 thumbprint of the public key: the assertion's `kid` unless one is set.
+    pub thumbprint: String,
 }
 
 impl std::fmt::Debug for SigningKey {
@@ -113,11 +115,40 @@ pub fn load(key: &str, path: &Path, alg: Option<&str>) -> Result<SigningKey, Str
         )
     })?;
     let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let public = public_jwk(&der).ok_or_else(|| {
+        format!(
+            "{key}.signing_key_file: {} could not be read as a signing key",
+            path.display()
+        )
+    })?;
     Ok(SigningKey {
         key: Arc::new(encoding),
         alg,
         digest: digest.as_ref().try_into().expect("32 bytes"),
+        thumbprint: crate::jwk::thumbprint(&public),
     })
+}
+
+/// The public half of a private key, as a JWK.
+fn public_jwk(der: &rustls::pki_types::PrivateKeyDer<'_>) -> Option<serde_json::Value> {
+    use ring::signature::{EcdsaKeyPair, KeyPair, RsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+    use rustls::pki_types::PrivateKeyDer;
+    let rsa = match der {
+        PrivateKeyDer::Pkcs8(k) => RsaKeyPair::from_pkcs8(k.secret_pkcs8_der()).ok(),
+        PrivateKeyDer::Pkcs1(k) => RsaKeyPair::from_der(k.secret_pkcs1_der()).ok(),
+        _ => None,
+    };
+    if let Some(rsa) = rsa {
+        let c = ring::rsa::PublicKeyComponents::<Vec<u8>>::from(rsa.public());
+        return Some(crate::jwk::rsa(&c.n, &c.e));
+    }
+    let PrivateKeyDer::Pkcs8(k) = der else {
+        return None;
+    };
+    let rng = ring::rand::SystemRandom::new();
+    let ec = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, k.secret_pkcs8_der(), &rng)
+        .ok()?;
+    crate::jwk::ec_p256(ec.public_key().as_ref())
 }
 
 /// RSA or EC P-256, from a PKCS#8 key (ring parses both strictly).

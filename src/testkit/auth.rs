@@ -29,11 +29,21 @@ struct Access {
     expires: Instant,
     family: u64,
     revoked: bool,
+    /// DPoP: the key (thumbprint) the token is bound to.
+    jkt: Option<String>,
 }
 
 struct Refresh {
     family: u64,
     used: bool,
+    jkt: Option<String>,
+}
+
+/// RFC 9449 at the token endpoint: proofs required, tokens bound to their key.
+struct DpopPolicy {
+    /// When set, proofs must carry this nonce (else `use_dpop_nonce`).
+    nonce: Option<String>,
+    seen_jti: HashSet<String>,
 }
 
 /// What a refresh does with the refresh token.
@@ -80,6 +90,7 @@ struct AuthState {
     next_family: u64,
     fail_with: Option<StatusCode>,
     requests: Vec<TokenRequest>,
+    dpop: Option<DpopPolicy>,
 }
 
 /// One request the token server received.
@@ -110,6 +121,8 @@ pub struct MockAuth {
     client_key: Mutex<Option<ClientKey>>,
     /// Verified client assertions (header and claims), in order.
     pub assertions: Mutex<Vec<serde_json::Value>>,
+    /// Token requests answered `use_dpop_nonce`.
+    pub dpop_nonce_challenges: AtomicU64,
     /// Held after a request is processed (a rotation is final) and before it is answered:
     /// the worst provider for a client that dies mid-call.
     response_delay: Mutex<Duration>,
@@ -170,6 +183,7 @@ impl MockAuth {
                 next_family: 1,
                 fail_with: None,
                 requests: Vec::new(),
+                dpop: None,
             }),
             error_style,
             gate: watch::Sender::new(true),
@@ -181,6 +195,7 @@ impl MockAuth {
             in_flight: AtomicU64::new(0),
             client_key: Mutex::new(None),
             assertions: Mutex::new(Vec::new()),
+            dpop_nonce_challenges: AtomicU64::new(0),
             response_delay: Mutex::new(Duration::ZERO),
         })
     }
@@ -223,6 +238,78 @@ impl MockAuth {
             .response_delay
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = delay;
+    }
+
+    /// Require DPoP proofs at the token endpoint and bind tokens to their key (RFC 9449);
+    /// with `nonce`, proofs must carry it.
+    pub fn require_dpop(&self, nonce: Option<&str>) {
+        self.lock().dpop = Some(DpopPolicy {
+            nonce: nonce.map(str::to_string),
+            seen_jti: HashSet::new(),
+        });
+    }
+
+    /// The DPoP key (thumbprint) `token` is bound to, if any.
+    pub fn bound_key(&self, token: &str) -> Option<String> {
+        self.lock().access.get(token).and_then(|a| a.jkt.clone())
+    }
+
+    /// RFC 9449 §5: the proof of a token request, when DPoP is required. `Ok(None)`: not
+    /// required (a server without DPoP ignores the header and issues bearer tokens).
+    fn check_dpop(
+        &self,
+        parts: &http::request::Parts,
+    ) -> Result<Option<String>, Response<ProxyBody>> {
+        let mut s = self.lock();
+        let Some(policy) = s.dpop.as_mut() else {
+            return Ok(None);
+        };
+        let proofs: Vec<&HeaderValue> = parts.headers.get_all("dpop").iter().collect();
+        let [proof] = proofs[..] else {
+            drop(s);
+            return Err(self.error(
+                StatusCode::BAD_REQUEST,
+                "invalid_dpop_proof",
+                "exactly one DPoP header is required",
+            ));
+        };
+        let host = parts
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        let path = parts.uri.path();
+        let htu = [
+            format!("http://{host}{path}"),
+            format!("https://{host}{path}"),
+        ];
+        let expect = super::dpop::Expect {
+            method: "POST",
+            htu: &htu,
+            ath: None,
+            nonce: policy.nonce.as_deref(),
+        };
+        let nonce = policy.nonce.clone();
+        match super::dpop::verify(proof.to_str().unwrap_or(""), &expect, &mut policy.seen_jti) {
+            Ok(jkt) => Ok(Some(jkt)),
+            Err(super::dpop::Refused::Nonce) => {
+                drop(s);
+                self.dpop_nonce_challenges.fetch_add(1, Ordering::SeqCst);
+                let mut r = self.error(
+                    StatusCode::BAD_REQUEST,
+                    "use_dpop_nonce",
+                    "Authorization server requires nonce in DPoP proof",
+                );
+                if let Some(n) = nonce.and_then(|n| HeaderValue::from_str(&n).ok()) {
+                    r.headers_mut().insert("dpop-nonce", n);
+                }
+                Err(r)
+            }
+            Err(super::dpop::Refused::Invalid(why)) => {
+                drop(s);
+                Err(self.error(StatusCode::BAD_REQUEST, "invalid_dpop_proof", &why))
+            }
+        }
     }
 
     /// Require private_key_jwt client authentication with this key (RFC 7523).
@@ -294,7 +381,7 @@ impl MockAuth {
         let mut s = self.lock();
         let family = s.next_family;
         s.next_family += 1;
-        self.issue(&mut s, family, true)
+        self.issue(&mut s, family, true, None)
     }
 
     /// Just a refresh token of a fresh family.
@@ -305,7 +392,13 @@ impl MockAuth {
             .to_string()
     }
 
-    fn issue(&self, s: &mut AuthState, family: u64, with_refresh: bool) -> serde_json::Value {
+    fn issue(
+        &self,
+        s: &mut AuthState,
+        family: u64,
+        with_refresh: bool,
+        jkt: Option<&str>,
+    ) -> serde_json::Value {
         let lifetime = if s.next_lifetimes.is_empty() {
             s.lifetime
         } else {
@@ -339,11 +432,12 @@ impl MockAuth {
                 expires: Instant::now() + lifetime,
                 family,
                 revoked: false,
+                jkt: jkt.map(str::to_string),
             },
         );
         let mut resp = serde_json::json!({
             "access_token": access,
-            "token_type": "Bearer",
+            "token_type": if jkt.is_some() { "DPoP" } else { "Bearer" },
             "expires_in": lifetime.as_secs_f64().ceil() as u64,
         });
         if with_refresh {
@@ -353,6 +447,7 @@ impl MockAuth {
                 Refresh {
                     family,
                     used: false,
+                    jkt: jkt.map(str::to_string),
                 },
             );
             resp["refresh_token"] = refresh.into();
@@ -502,6 +597,10 @@ impl MockAuth {
         if let Err(why) = self.check_assertion(&params) {
             return self.error(StatusCode::UNAUTHORIZED, "invalid_client", why);
         }
+        let jkt = match self.check_dpop(&parts) {
+            Ok(jkt) => jkt,
+            Err(refusal) => return refusal,
+        };
         match params.get("grant_type").map(String::as_str) {
             Some("refresh_token") => {
                 self.refresh_calls.fetch_add(1, Ordering::SeqCst);
@@ -516,6 +615,14 @@ impl MockAuth {
                     );
                 };
                 let (family, used) = (entry.family, entry.used);
+                if entry.jkt.is_some() && entry.jkt != jkt {
+                    drop(s);
+                    return self.error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_grant",
+                        "refresh token is bound to another DPoP key",
+                    );
+                }
                 if used {
                     // Reuse of a rotated token: revoke the whole family, as real servers do.
                     s.revoked_families.insert(family);
@@ -541,7 +648,8 @@ impl MockAuth {
                         entry.used = true;
                     }
                 }
-                let mut resp = self.issue(&mut s, family, mode == RefreshMode::Rotate);
+                let mut resp =
+                    self.issue(&mut s, family, mode == RefreshMode::Rotate, jkt.as_deref());
                 match mode {
                     RefreshMode::Rotate => {}
                     RefreshMode::Keep => resp["refresh_token"] = presented.into(),
@@ -553,7 +661,7 @@ impl MockAuth {
             Some("client_credentials") => {
                 self.client_credentials_calls.fetch_add(1, Ordering::SeqCst);
                 let mut s = self.lock();
-                let resp = self.issue(&mut s, 0, false);
+                let resp = self.issue(&mut s, 0, false, jkt.as_deref());
                 json(StatusCode::OK, resp)
             }
             _ => self.error(

@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 use crate::body::{self, ProxyBody};
 
 mod auth;
+pub mod dpop;
 mod upstream;
 
 pub use auth::{

@@ -43,6 +43,23 @@ pub struct MockUpstream {
     pub seen: Mutex<Vec<SeenRequest>>,
     pub unauthorized: AtomicU64,
     pub ok: AtomicU64,
+    /// DPoP (RFC 9449 §9): the nonce proofs must carry, when set.
+    pub dpop_nonce: Mutex<Option<String>>,
+    /// Sent as `DPoP-Nonce` on the next successful answer, and required from then on.
+    pub dpop_next_nonce: Mutex<Option<String>>,
+    /// 401s answered `use_dpop_nonce`.
+    pub dpop_nonce_challenges: AtomicU64,
+    /// Why DPoP proofs were refused (for test messages).
+    pub dpop_refusals: Mutex<Vec<String>>,
+    dpop_seen_jti: Mutex<std::collections::HashSet<String>>,
+}
+
+/// The upstream's verdict on a request's credentials.
+enum Verdict {
+    Ok,
+    Denied,
+    /// A valid DPoP proof without the nonce this server requires.
+    NeedNonce,
 }
 
 impl MockUpstream {
@@ -53,6 +70,11 @@ impl MockUpstream {
             seen: Mutex::new(Vec::new()),
             unauthorized: AtomicU64::new(0),
             ok: AtomicU64::new(0),
+            dpop_nonce: Mutex::new(None),
+            dpop_next_nonce: Mutex::new(None),
+            dpop_nonce_challenges: AtomicU64::new(0),
+            dpop_refusals: Mutex::new(Vec::new()),
+            dpop_seen_jti: Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -60,13 +82,109 @@ impl MockUpstream {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn authorized(&self, headers: &HeaderMap) -> bool {
-        let Some(auth) = &self.auth else { return true };
-        let bearer = headers
+    /// A valid token from `auth`; a DPoP-bound one only as `DPoP <token>` with a valid
+    /// proof by its key for this very request (RFC 9449 §7.1).
+    fn verdict(&self, parts: &Parts) -> Verdict {
+        let Some(auth) = &self.auth else {
+            return Verdict::Ok;
+        };
+        let value = parts
+            .headers
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        bearer.is_some_and(|t| auth.check(t).is_ok())
+            .unwrap_or("");
+        let (scheme, token) = value.split_once(' ').unwrap_or(("", ""));
+        if auth.check(token).is_err() {
+            return Verdict::Denied;
+        }
+        let bound = auth.bound_key(token);
+        match (scheme, bound) {
+            ("Bearer", None) => Verdict::Ok,
+            ("DPoP", Some(jkt)) => self.check_proof(parts, token, &jkt),
+            _ => {
+                self.refused("token presented with the wrong scheme for its binding".into());
+                Verdict::Denied
+            }
+        }
+    }
+
+    fn check_proof(&self, parts: &Parts, token: &str, jkt: &str) -> Verdict {
+        let proofs: Vec<_> = parts.headers.get_all("dpop").iter().collect();
+        let [proof] = proofs[..] else {
+            self.refused(format!("{} DPoP headers", proofs.len()));
+            return Verdict::Denied;
+        };
+        let host = parts
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or(parts.uri.authority().map(|a| a.as_str()))
+            .unwrap_or("");
+        let htu = [
+            format!("http://{host}{}", parts.uri.path()),
+            format!("https://{host}{}", parts.uri.path()),
+        ];
+        let nonce = self
+            .dpop_nonce
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let expect = super::dpop::Expect {
+            method: parts.method.as_str(),
+            htu: &htu,
+            ath: Some(super::dpop::ath(token)),
+            nonce: nonce.as_deref(),
+        };
+        let mut seen = self.dpop_seen_jti.lock().unwrap_or_else(|e| e.into_inner());
+        match super::dpop::verify(proof.to_str().unwrap_or(""), &expect, &mut seen) {
+            Ok(key) if key == jkt => Verdict::Ok,
+            Ok(_) => {
+                self.refused("proof signed by another key than the token is bound to".into());
+                Verdict::Denied
+            }
+            Err(super::dpop::Refused::Nonce) => Verdict::NeedNonce,
+            Err(super::dpop::Refused::Invalid(why)) => {
+                self.refused(why);
+                Verdict::Denied
+            }
+        }
+    }
+
+    fn refused(&self, why: String) {
+        self.dpop_refusals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(why);
+    }
+
+    fn authorized(&self, parts: &Parts) -> Result<(), Response<ProxyBody>> {
+        match self.verdict(parts) {
+            Verdict::Ok => Ok(()),
+            Verdict::Denied => Err(self.unauthorized()),
+            Verdict::NeedNonce => {
+                self.dpop_nonce_challenges.fetch_add(1, Ordering::SeqCst);
+                self.unauthorized.fetch_add(1, Ordering::SeqCst);
+                let mut r = json(
+                    StatusCode::UNAUTHORIZED,
+                    serde_json::json!({"error": "use_dpop_nonce"}),
+                );
+                r.headers_mut().insert(
+                    WWW_AUTHENTICATE,
+                    HeaderValue::from_static(
+                        "DPoP error=\"use_dpop_nonce\", error_description=\"Resource server requires nonce in DPoP proof\"",
+                    ),
+                );
+                let nonce = self
+                    .dpop_nonce
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                if let Some(n) = nonce.and_then(|n| HeaderValue::from_str(&n).ok()) {
+                    r.headers_mut().insert("dpop-nonce", n);
+                }
+                Err(r)
+            }
+        }
     }
 
     /// Accept a protocol upgrade (with a valid bearer) and echo every byte back.
@@ -76,10 +194,10 @@ impl MockUpstream {
         on_upgrade: hyper::upgrade::OnUpgrade,
         protocol: HeaderValue,
     ) -> Response<ProxyBody> {
-        let authorized = self.authorized(&parts.headers);
-        self.record(&parts, Bytes::new(), 0, authorized);
-        if !authorized {
-            return self.unauthorized();
+        let verdict = self.authorized(&parts);
+        self.record(&parts, Bytes::new(), 0, verdict.is_ok());
+        if let Err(refusal) = verdict {
+            return refusal;
         }
         tokio::spawn(async move {
             if let Ok(upgraded) = on_upgrade.await {
@@ -132,9 +250,12 @@ impl MockUpstream {
         }
         let (parts, mut body) = req.into_parts();
         let path = parts.uri.path().to_string();
-        let authorized = self.authorized(&parts.headers);
-        if path.starts_with("/early401") && !authorized {
-            return self.unauthorized();
+        let verdict = self.authorized(&parts);
+        let authorized = verdict.is_ok();
+        if path.starts_with("/early401") {
+            if let Err(refusal) = verdict {
+                return refusal;
+            }
         }
         // Read the body as a stream: count everything, keep up to 4 MiB.
         let mut kept = Vec::new();
@@ -149,8 +270,8 @@ impl MockUpstream {
             }
         }
         self.record(&parts, Bytes::from(kept), len, authorized);
-        if !authorized {
-            return self.unauthorized();
+        if let Err(refusal) = verdict {
+            return refusal;
         }
         self.ok.fetch_add(1, Ordering::SeqCst);
         if let Some(ms) = path
@@ -178,6 +299,17 @@ impl MockUpstream {
             "x-upstream",
             HeaderValue::from_str(&self.name).unwrap_or(HeaderValue::from_static("?")),
         );
+        let next = self
+            .dpop_next_nonce
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(n) = next {
+            if let Ok(v) = HeaderValue::from_str(&n) {
+                r.headers_mut().insert("dpop-nonce", v);
+            }
+            *self.dpop_nonce.lock().unwrap_or_else(|e| e.into_inner()) = Some(n);
+        }
         r
     }
 }

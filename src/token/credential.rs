@@ -16,7 +16,7 @@ use secrecy::SecretString;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use super::refresher::Command;
-use super::response::parse_handed_over;
+use super::response::parse_handed_over_as;
 
 /// A token ready to attach, with what the refresher needs to schedule the next one.
 #[derive(Debug)]
@@ -25,6 +25,8 @@ pub struct ActiveToken {
     pub generation: u64,
     /// `header_prefix + access_token`, marked sensitive.
     pub header_value: HeaderValue,
+    /// DPoP: the token's hash for the proofs' `ath` claim, computed once per token.
+    pub ath: Option<Box<str>>,
     pub expires_at: Option<SystemTime>,
     /// Never attach after this (a margin before `expires_at` for clock skew and transit).
     pub(super) usable_until: Option<SystemTime>,
@@ -107,6 +109,8 @@ pub struct Unavailable {
 pub struct Credential {
     pub name: Arc<str>,
     pub header: HeaderName,
+    /// `dpop = true`: the key every request's proof is signed with (and its nonces).
+    pub dpop: Option<Arc<crate::dpop::Dpop>>,
     /// `memory`, `file` or `redis`: where this credential's tokens are committed.
     pub store_kind: &'static str,
     /// How long a request waits for a refresh before it gets 503.
@@ -128,6 +132,7 @@ impl Credential {
     pub(super) fn new(
         name: &str,
         header: HeaderName,
+        dpop: Option<Arc<crate::dpop::Dpop>>,
         store_kind: &'static str,
         wait_timeout: Duration,
         snapshot: Snapshot,
@@ -137,6 +142,7 @@ impl Credential {
         Credential {
             name: Arc::from(name),
             header,
+            dpop,
             store_kind,
             wait_timeout,
             snapshot: watch::Sender::new(snapshot),
@@ -253,7 +259,8 @@ impl Credential {
     /// The refresher checks everything before anything is replaced: a refused install
     /// leaves the working tokens (memory and state store) exactly as they were.
     pub async fn install(&self, body: &[u8]) -> Result<(), String> {
-        let set = parse_handed_over(body, SystemTime::now())?;
+        let jkt = self.dpop.as_ref().map(|d| d.jkt.as_str());
+        let set = parse_handed_over_as(body, SystemTime::now(), jkt)?;
         self.ask(|reply| Command::Install {
             set: Box::new(set),
             reply,

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::credential::{ActiveToken, Credential, Phase, Snapshot};
 use super::grant::{Grant, GrantError};
-use super::response::{parse_handed_over, TokenSet};
+use super::response::{parse_handed_over_as, TokenSet};
 use super::schedule::{self, Action};
 use super::state::{Acquire, Commit, Loaded, StateStore, Stored};
 use super::verify::{Verifier, VerifyError};
@@ -135,12 +135,21 @@ pub async fn build(
         }
         _ => None,
     };
+    let jkt = config.dpop.as_ref().map(|d| d.jkt.as_str());
+    let saved = saved.map(|s| Stored {
+        generation: s.generation,
+        tokens: fit_to_key(s.tokens, jkt),
+    });
     let initial = match (saved.map(|s| s.tokens), config.initial_tokens()) {
         (Some(set), _) => Some(set),
         (None, _) if start.carried_refresh_token.is_some() || signed_out => None,
         (None, Some(json)) => Some(
-            parse_handed_over(json.expose_secret().as_bytes(), now)
-                .map_err(|e| format!("credentials.{}.initial_tokens_file: {e}", config.name))?,
+            parse_handed_over_as(
+                json.expose_secret().as_bytes(),
+                now,
+                config.dpop.as_ref().map(|d| d.jkt.as_str()),
+            )
+            .map_err(|e| format!("credentials.{}.initial_tokens_file: {e}", config.name))?,
         ),
         (None, None) => None,
     };
@@ -158,6 +167,7 @@ pub async fn build(
     let cred = Arc::new(Credential::new(
         &config.name,
         config.header.clone(),
+        config.dpop.clone(),
         store.kind(),
         config.timeout + Duration::from_secs(1),
         Snapshot::empty(persisted),
@@ -488,7 +498,9 @@ impl Refresher {
             }
         };
         match loaded {
-            Loaded::Tokens(stored) if stored.generation > w.committed => {
+            Loaded::Tokens(mut stored) if stored.generation > w.committed => {
+                let jkt = self.cred.dpop.as_ref().map(|d| d.jkt.as_str());
+                stored.tokens = fit_to_key(stored.tokens, jkt);
                 self.store.adopted(&stored).await;
                 w.committed = stored.generation;
                 w.generation = w.generation.max(stored.generation);
@@ -805,12 +817,31 @@ impl Refresher {
             }
             None => (None, None),
         };
+        let ath = self
+            .cred
+            .dpop
+            .as_ref()
+            .map(|_| crate::dpop::ath(set.access_token.expose_secret()).into_boxed_str());
         Ok(ActiveToken {
             generation,
             header_value,
+            ath,
             expires_at: set.expires_at,
             usable_until,
             refresh_at,
         })
     }
+}
+
+/// A saved access token bound to another DPoP key than ours (`jkt`; `None`: we send
+/// bearer tokens) cannot be attached: it is kept only for its refresh token, as expired,
+/// so a new one is fetched. (The key was replaced, or a replica has another key.)
+fn fit_to_key(mut set: TokenSet, jkt: Option<&str>) -> TokenSet {
+    if set.dpop_jkt.as_deref() != jkt {
+        tracing::info!(
+            "the saved access token is bound to another DPoP key (or none); fetching a new one"
+        );
+        set.expires_at = Some(set.received_at);
+    }
+    set
 }

@@ -14,6 +14,9 @@ pub struct TokenSet {
     /// `None`: valid until the upstream answers 401.
     pub expires_at: Option<SystemTime>,
     pub received_at: SystemTime,
+    /// The DPoP key (its RFC 7638 thumbprint) the access token is bound to; `None`: a
+    /// bearer token. A token bound to another key than the credential's is never attached.
+    pub dpop_jkt: Option<String>,
 }
 
 impl std::fmt::Debug for TokenSet {
@@ -49,8 +52,12 @@ pub enum ResponseError {
     NotJson(String),
     #[error("token response has no access_token")]
     MissingAccessToken,
-    #[error("token response has token_type {0:?}; only Bearer is supported")]
+    #[error(
+        "token response has token_type {0:?}; only Bearer is supported (DPoP with dpop = true)"
+    )]
     UnsupportedTokenType(String),
+    #[error("the token endpoint answered token_type {0:?} to a DPoP request: a bearer token can be replayed by whoever holds it, so it is not used (is DPoP enabled for this client at the provider?)")]
+    NotDpopBound(String),
     #[error("token response has an invalid expires_in")]
     BadExpiresIn,
     #[error("token is already expired on arrival (check the clocks)")]
@@ -59,18 +66,33 @@ pub enum ResponseError {
 
 /// Parse a token response body received at `now`.
 pub fn parse_token_response(body: &[u8], now: SystemTime) -> Result<TokenSet, ResponseError> {
+    parse_token_response_as(body, now, None)
+}
+
+/// Parse a token response to a request made with a DPoP proof for the key `dpop_jkt`
+/// (`None`: a bearer request). A DPoP request must get `token_type: DPoP` back.
+pub fn parse_token_response_as(
+    body: &[u8],
+    now: SystemTime,
+    dpop_jkt: Option<&str>,
+) -> Result<TokenSet, ResponseError> {
     let raw: RawResponse =
         serde_json::from_slice(body).map_err(|e| ResponseError::NotJson(e.classify_str()))?;
     let access = raw
         .access_token
         .filter(|s| !s.is_empty())
         .ok_or(ResponseError::MissingAccessToken)?;
-    if let Some(tt) = &raw.token_type {
-        if !tt.eq_ignore_ascii_case("bearer") {
-            // RFC 6749 §7.1: a client must not use a token whose type it does not understand.
-            let shown: String = tt.chars().take(32).collect();
-            return Err(ResponseError::UnsupportedTokenType(shown));
+    let shown = |tt: &str| tt.chars().take(32).collect::<String>();
+    match (&raw.token_type, dpop_jkt) {
+        (Some(tt), Some(_)) if !tt.eq_ignore_ascii_case("dpop") => {
+            return Err(ResponseError::NotDpopBound(shown(tt)))
         }
+        (None, Some(_)) => return Err(ResponseError::NotDpopBound("(none)".into())),
+        // RFC 6749 §7.1: a client must not use a token whose type it does not understand.
+        (Some(tt), None) if !tt.eq_ignore_ascii_case("bearer") => {
+            return Err(ResponseError::UnsupportedTokenType(shown(tt)))
+        }
+        _ => {}
     }
     let expires_in = match raw.expires_in {
         None => None,
@@ -95,6 +117,7 @@ pub fn parse_token_response(body: &[u8], now: SystemTime) -> Result<TokenSet, Re
             .map(SecretString::from),
         expires_at,
         received_at: now,
+        dpop_jkt: dpop_jkt.map(str::to_string),
     })
 }
 
@@ -104,6 +127,44 @@ pub fn parse_token_response(body: &[u8], now: SystemTime) -> Result<TokenSet, Re
 /// `expires_in` suggests wins, and an already-expired access token is accepted for its
 /// refresh token (the refresher then refreshes at once).
 pub fn parse_handed_over(body: &[u8], now: SystemTime) -> Result<TokenSet, String> {
+    parse_handed_over_as(body, now, None)
+}
+
+/// [`parse_handed_over`] for a DPoP credential: a token handed over is taken as bound to
+/// its key `dpop_jkt` whether it says `DPoP` or `Bearer` (an upstream 401 then gets a
+/// bound one through the refresh token).
+pub fn parse_handed_over_as(
+    body: &[u8],
+    now: SystemTime,
+    dpop_jkt: Option<&str>,
+) -> Result<TokenSet, String> {
+    let Some(jkt) = dpop_jkt else {
+        return parse_handed_over_typed(body, now);
+    };
+    let mut v: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|_| "token response is not a JSON object".to_string())?;
+    // Both types are accepted here: read a DPoP one as the (otherwise equal) bearer shape.
+    fn bearer_shape(o: &mut serde_json::Map<String, serde_json::Value>) {
+        let dpop = o
+            .get("token_type")
+            .and_then(|x| x.as_str())
+            .is_some_and(|x| x.eq_ignore_ascii_case("dpop"));
+        if dpop {
+            o.insert("token_type".into(), "Bearer".into());
+        }
+        if let Some(inner) = o.get_mut("oauth_token").and_then(|x| x.as_object_mut()) {
+            bearer_shape(inner);
+        }
+    }
+    if let Some(o) = v.as_object_mut() {
+        bearer_shape(o);
+    }
+    let mut set = parse_handed_over_typed(v.to_string().as_bytes(), now)?;
+    set.dpop_jkt = Some(jkt.to_string());
+    Ok(set)
+}
+
+fn parse_handed_over_typed(body: &[u8], now: SystemTime) -> Result<TokenSet, String> {
     let nested = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
         .filter(|v| v.get("access_token").is_none())

@@ -238,6 +238,11 @@ impl TokenStore {
             }
             _ => Arc::new(MemoryStateStore::default()),
         };
+        // A DPoP key generated for `dpop_key_file` is on disk before any token is bound to it.
+        if let Some(dpop) = &config.dpop {
+            dpop.persist()
+                .map_err(|e| format!("credentials.{}.{e}", config.name))?;
+        }
         let (_, refresher) = refresher::build(config, self.metrics.clone(), start, state).await?;
         Ok(refresher)
     }

@@ -19,7 +19,9 @@ use super::GrantError;
 use crate::config::{AssertionConfig, ClientAuth, CredentialConfig, Encoding, EndpointConfig};
 use crate::error::error_chain;
 use crate::redact::Redactor;
-use crate::token::response::{ensure_not_expired, parse_token_response, ResponseError, TokenSet};
+use crate::token::response::{
+    ensure_not_expired, parse_token_response_as, ResponseError, TokenSet,
+};
 use crate::upstream::{self, Connector};
 
 /// Token responses larger than this are refused (a token endpoint is not a file server).
@@ -38,6 +40,8 @@ pub struct Endpoint {
     timeout: Duration,
     client: Client<Connector, Full<Bytes>>,
     assertion: Option<AssertionConfig>,
+    /// `dpop = true`: a proof with every call; tokens must come back DPoP-bound.
+    dpop: Option<std::sync::Arc<crate::dpop::Dpop>>,
 }
 
 impl Endpoint {
@@ -59,6 +63,7 @@ impl Endpoint {
                 c.timeout,
             )?,
             assertion: e.assertion.clone(),
+            dpop: c.dpop.clone(),
         })
     }
 }
@@ -198,11 +203,30 @@ impl Endpoint {
         Some(v)
     }
 
+    /// One token request. With DPoP, a `use_dpop_nonce` answer (RFC 9449 §8) is followed
+    /// by exactly one more request with the nonce it carried (new proof, new assertion).
     pub async fn call(
         &self,
         grant_type: &str,
         refresh_token: Option<&SecretString>,
     ) -> Result<TokenSet, GrantError> {
+        match self.call_once(grant_type, refresh_token).await {
+            Ok(set) => Ok(set),
+            Err(Failed::NonceChallenge(_)) => {
+                tracing::debug!("token endpoint asked for a DPoP nonce; retrying once with it");
+                self.call_once(grant_type, refresh_token)
+                    .await
+                    .map_err(Failed::into_inner)
+            }
+            Err(Failed::Other(e)) => Err(e),
+        }
+    }
+
+    async fn call_once(
+        &self,
+        grant_type: &str,
+        refresh_token: Option<&SecretString>,
+    ) -> Result<TokenSet, Failed> {
         let assertion = self.client_assertion()?;
         let (body, content_type) = self.body(grant_type, refresh_token, assertion.as_deref());
         let mut req = Request::builder()
@@ -222,6 +246,10 @@ impl Endpoint {
         for (k, v) in &self.headers {
             req.headers_mut().insert(k.clone(), v.clone());
         }
+        if let Some(dpop) = &self.dpop {
+            let proof = dpop.proof(&Method::POST, &self.url, None);
+            req.headers_mut().insert(crate::dpop::DPOP.clone(), proof);
+        }
         let transient = |message: String| GrantError::Transient {
             message,
             retry_after: None,
@@ -231,15 +259,19 @@ impl Endpoint {
                 transient(format!("token endpoint unreachable: {}", error_chain(&e)))
             })?;
             let status = resp.status();
+            let new_nonce = self
+                .dpop
+                .as_ref()
+                .is_some_and(|d| d.remember_nonce(&self.url, resp.headers()));
             let retry_after = resp.headers().get(RETRY_AFTER).and_then(parse_retry_after);
             let body = Limited::new(resp.into_body(), MAX_TOKEN_RESPONSE)
                 .collect()
                 .await
                 .map_err(|e| transient(format!("reading token response: {e}")))?
                 .to_bytes();
-            Ok::<_, GrantError>((status, retry_after, body))
+            Ok::<_, GrantError>((status, retry_after, body, new_nonce))
         };
-        let (status, retry_after, body) = tokio::time::timeout(self.timeout, exchange)
+        let (status, retry_after, body, new_nonce) = tokio::time::timeout(self.timeout, exchange)
             .await
             .map_err(|_| {
                 transient(format!(
@@ -248,45 +280,79 @@ impl Endpoint {
                 ))
             })??;
         if status.is_success() {
-            return parse_token_response(&body, SystemTime::now())
+            let jkt = self.dpop.as_ref().map(|d| d.jkt.as_str());
+            return Ok(parse_token_response_as(&body, SystemTime::now(), jkt)
                 .and_then(ensure_not_expired)
                 .map_err(|e| match e {
                     ResponseError::NotJson(_) | ResponseError::AlreadyExpired => {
                         transient(e.to_string())
                     }
                     other => GrantError::Rejected(other.to_string()),
-                });
+                })?);
         }
         // The endpoint's own words may quote what it was sent: never pass our secrets on.
         let detail = self
             .redactor(refresh_token, assertion.as_deref())
             .scrub(&describe_error_body(&body));
         let message = format!("token endpoint answered {}{}", status.as_u16(), detail);
-        if status.is_server_error()
-            || status == StatusCode::TOO_MANY_REQUESTS
-            || status == StatusCode::REQUEST_TIMEOUT
-        {
-            Err(GrantError::Transient {
+        if new_nonce && error_code(&body).as_deref() == Some("use_dpop_nonce") {
+            return Err(Failed::NonceChallenge(GrantError::Transient {
                 message,
-                retry_after,
-            })
-        } else if status.is_redirection() {
-            Err(GrantError::Rejected(format!(
-                "{message} (redirects are not followed; fix token_url)"
-            )))
-        } else if is_invalid_grant(&body) {
-            Err(GrantError::InvalidGrant(message))
-        } else {
-            Err(GrantError::Rejected(message))
+                retry_after: None,
+            }));
+        }
+        Err(Failed::Other(
+            if status.is_server_error()
+                || status == StatusCode::TOO_MANY_REQUESTS
+                || status == StatusCode::REQUEST_TIMEOUT
+            {
+                GrantError::Transient {
+                    message,
+                    retry_after,
+                }
+            } else if status.is_redirection() {
+                GrantError::Rejected(format!(
+                    "{message} (redirects are not followed; fix token_url)"
+                ))
+            } else if error_code(&body).as_deref() == Some("invalid_grant") {
+                // The grant itself (the refresh token) is dead, for every client holding
+                // it — unlike `invalid_client`, which may be one replica's bad secret.
+                GrantError::InvalidGrant(message)
+            } else {
+                GrantError::Rejected(message)
+            },
+        ))
+    }
+}
+
+/// Why one token request failed: a DPoP nonce challenge (answered once, by `call`), or
+/// anything else.
+enum Failed {
+    NonceChallenge(GrantError),
+    Other(GrantError),
+}
+
+impl Failed {
+    fn into_inner(self) -> GrantError {
+        match self {
+            Failed::NonceChallenge(e) | Failed::Other(e) => e,
         }
     }
 }
 
-/// RFC 6749 §5.2 `invalid_grant`: the grant itself (the refresh token) is dead, for every
-/// client holding it — unlike `invalid_client`, which may be one replica's bad secret.
-fn is_invalid_grant(body: &[u8]) -> bool {
+impl From<GrantError> for Failed {
+    fn from(e: GrantError) -> Failed {
+        Failed::Other(e)
+    }
+}
+
+/// The RFC 6749 §5.2 `error` code of a JSON error body.
+fn error_code(body: &[u8]) -> Option<String> {
     serde_json::from_slice::<serde_json::Value>(body)
-        .is_ok_and(|v| v.get("error").and_then(|e| e.as_str()) == Some("invalid_grant"))
+        .ok()?
+        .get("error")?
+        .as_str()
+        .map(str::to_string)
 }
 
 /// `Retry-After` (RFC 9110 §10.2.3): delay-seconds or an HTTP-date; capped at an hour.

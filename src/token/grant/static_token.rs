@@ -53,6 +53,7 @@ impl StaticSource {
             refresh_token: None,
             expires_at,
             received_at: now,
+            dpop_jkt: None,
         })
     }
 }

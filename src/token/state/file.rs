@@ -30,6 +30,9 @@ struct Persisted {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     expires_at_ms: Option<u64>,
     received_at_ms: u64,
+    /// The DPoP key the access token is bound to (RFC 7638 thumbprint).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    dpop_jkt: Option<String>,
 }
 
 pub struct FileStateStore {
@@ -184,6 +187,7 @@ fn load_file(path: &Path) -> Result<Option<Stored>, StateError> {
             refresh_token: p.refresh_token.map(SecretString::from),
             expires_at: p.expires_at_ms.map(from_ms),
             received_at: from_ms(p.received_at_ms),
+            dpop_jkt: p.dpop_jkt,
         },
     }))
 }
@@ -210,6 +214,7 @@ fn save_file(path: &Path, stored: &Stored) -> Result<(), StateError> {
             .map(|s| s.expose_secret().to_string()),
         expires_at_ms: t.expires_at.map(to_ms),
         received_at_ms: to_ms(t.received_at),
+        dpop_jkt: t.dpop_jkt.clone(),
     };
     let json = serde_json::to_vec_pretty(&p).map_err(|e| file_error(path, e))?;
     write_atomic(path, &json).map_err(|e| file_error(path, e))

@@ -189,6 +189,8 @@ struct Wire {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     expires_at_ms: Option<u64>,
     received_at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dpop_jkt: Option<String>,
 }
 
 const ACQUIRE: &str = r"
@@ -250,6 +252,7 @@ impl RedisStateStore {
                 .map(|r| r.expose_secret().to_string()),
             expires_at_ms: set.expires_at.map(ms),
             received_at_ms: ms(set.received_at),
+            dpop_jkt: set.dpop_jkt.clone(),
         };
         let json = serde_json::to_vec(&wire).map_err(|e| StateError(e.to_string()))?;
         match &self.shared.settings.encryption_key {
@@ -282,6 +285,7 @@ impl RedisStateStore {
             refresh_token: wire.refresh_token.map(SecretString::from),
             expires_at: wire.expires_at_ms.map(at),
             received_at: at(wire.received_at_ms),
+            dpop_jkt: wire.dpop_jkt,
         })
     }
 
