@@ -259,7 +259,7 @@ impl MockAuth {
     fn check_dpop(
         &self,
         parts: &http::request::Parts,
-    ) -> Result<Option<String>, Response<ProxyBody>> {
+    ) -> Result<Option<String>, Box<Response<ProxyBody>>> {
         let mut s = self.lock();
         let Some(policy) = s.dpop.as_mut() else {
             return Ok(None);
@@ -267,11 +267,11 @@ impl MockAuth {
         let proofs: Vec<&HeaderValue> = parts.headers.get_all("dpop").iter().collect();
         let [proof] = proofs[..] else {
             drop(s);
-            return Err(self.error(
+            return Err(Box::new(self.error(
                 StatusCode::BAD_REQUEST,
                 "invalid_dpop_proof",
                 "exactly one DPoP header is required",
-            ));
+            )));
         };
         let host = parts
             .headers
@@ -303,11 +303,15 @@ impl MockAuth {
                 if let Some(n) = nonce.and_then(|n| HeaderValue::from_str(&n).ok()) {
                     r.headers_mut().insert("dpop-nonce", n);
                 }
-                Err(r)
+                Err(Box::new(r))
             }
             Err(super::dpop::Refused::Invalid(why)) => {
                 drop(s);
-                Err(self.error(StatusCode::BAD_REQUEST, "invalid_dpop_proof", &why))
+                Err(Box::new(self.error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_dpop_proof",
+                    &why,
+                )))
             }
         }
     }
@@ -599,7 +603,7 @@ impl MockAuth {
         }
         let jkt = match self.check_dpop(&parts) {
             Ok(jkt) => jkt,
-            Err(refusal) => return refusal,
+            Err(refusal) => return *refusal,
         };
         match params.get("grant_type").map(String::as_str) {
             Some("refresh_token") => {

@@ -157,10 +157,11 @@ impl MockUpstream {
             .push(why);
     }
 
-    fn authorized(&self, parts: &Parts) -> Result<(), Response<ProxyBody>> {
+    /// The 401 for a request whose credentials do not pass, if they do not.
+    fn refusal(&self, parts: &Parts) -> Option<Response<ProxyBody>> {
         match self.verdict(parts) {
-            Verdict::Ok => Ok(()),
-            Verdict::Denied => Err(self.unauthorized()),
+            Verdict::Ok => None,
+            Verdict::Denied => Some(self.unauthorized()),
             Verdict::NeedNonce => {
                 self.dpop_nonce_challenges.fetch_add(1, Ordering::SeqCst);
                 self.unauthorized.fetch_add(1, Ordering::SeqCst);
@@ -182,7 +183,7 @@ impl MockUpstream {
                 if let Some(n) = nonce.and_then(|n| HeaderValue::from_str(&n).ok()) {
                     r.headers_mut().insert("dpop-nonce", n);
                 }
-                Err(r)
+                Some(r)
             }
         }
     }
@@ -194,9 +195,9 @@ impl MockUpstream {
         on_upgrade: hyper::upgrade::OnUpgrade,
         protocol: HeaderValue,
     ) -> Response<ProxyBody> {
-        let verdict = self.authorized(&parts);
-        self.record(&parts, Bytes::new(), 0, verdict.is_ok());
-        if let Err(refusal) = verdict {
+        let refusal = self.refusal(&parts);
+        self.record(&parts, Bytes::new(), 0, refusal.is_none());
+        if let Some(refusal) = refusal {
             return refusal;
         }
         tokio::spawn(async move {
@@ -250,10 +251,10 @@ impl MockUpstream {
         }
         let (parts, mut body) = req.into_parts();
         let path = parts.uri.path().to_string();
-        let verdict = self.authorized(&parts);
-        let authorized = verdict.is_ok();
+        let mut refusal = self.refusal(&parts);
+        let authorized = refusal.is_none();
         if path.starts_with("/early401") {
-            if let Err(refusal) = verdict {
+            if let Some(refusal) = refusal.take() {
                 return refusal;
             }
         }
@@ -270,7 +271,7 @@ impl MockUpstream {
             }
         }
         self.record(&parts, Bytes::from(kept), len, authorized);
-        if let Err(refusal) = verdict {
+        if let Some(refusal) = refusal {
             return refusal;
         }
         self.ok.fetch_add(1, Ordering::SeqCst);

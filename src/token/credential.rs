@@ -132,7 +132,6 @@ impl Credential {
     pub(super) fn new(
         name: &str,
         header: HeaderName,
-        dpop: Option<Arc<crate::dpop::Dpop>>,
         store_kind: &'static str,
         wait_timeout: Duration,
         snapshot: Snapshot,
@@ -142,7 +141,7 @@ impl Credential {
         Credential {
             name: Arc::from(name),
             header,
-            dpop,
+            dpop: None,
             store_kind,
             wait_timeout,
             snapshot: watch::Sender::new(snapshot),
@@ -151,6 +150,12 @@ impl Credential {
             lease_holder,
             reject_budget: Mutex::new(RejectBudget::new()),
         }
+    }
+
+    /// DPoP-bound tokens, proved with `dpop`'s key on every request.
+    pub(super) fn with_dpop(mut self, dpop: Option<Arc<crate::dpop::Dpop>>) -> Credential {
+        self.dpop = dpop;
+        self
     }
 
     /// Whether this replica holds the shared refresh lease right now.

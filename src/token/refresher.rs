@@ -164,19 +164,21 @@ pub async fn build(
     };
     let (commands, queue) = mpsc::channel(16);
     let persisted = (store.kind() != "memory").then_some(true);
-    let cred = Arc::new(Credential::new(
-        &config.name,
-        config.header.clone(),
-        config.dpop.clone(),
-        store.kind(),
-        config.timeout + Duration::from_secs(1),
-        Snapshot::empty(persisted),
-        commands,
-        {
-            let store = store.clone();
-            Box::new(move || store.holds_lease())
-        },
-    ));
+    let cred = Arc::new(
+        Credential::new(
+            &config.name,
+            config.header.clone(),
+            store.kind(),
+            config.timeout + Duration::from_secs(1),
+            Snapshot::empty(persisted),
+            commands,
+            {
+                let store = store.clone();
+                Box::new(move || store.holds_lease())
+            },
+        )
+        .with_dpop(config.dpop.clone()),
+    );
     let writer = Writer {
         refresh_token,
         generation: committed,

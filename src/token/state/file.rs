@@ -350,6 +350,7 @@ mod tests {
             refresh_token: Some(SecretString::from("rt".to_string())),
             expires_at: Some(now + Duration::from_secs(60)),
             received_at: now,
+            dpop_jkt: None,
         };
         save_file(
             &path,
@@ -406,6 +407,7 @@ mod hijack_tests {
             refresh_token: Some(SecretString::from("rt".to_string())),
             expires_at: None,
             received_at: now,
+            dpop_jkt: None,
         };
         save_file(
             &path,

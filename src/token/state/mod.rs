@@ -202,6 +202,7 @@ mod tests {
             refresh_token: Some(SecretString::from(rt.to_string())),
             expires_at: None,
             received_at: SystemTime::now(),
+            dpop_jkt: None,
         }
     }
 
