@@ -39,7 +39,8 @@ pub struct Dpop {
     pub file: Option<PathBuf>,
     /// A generated key still to be written to `file` (PKCS#8 DER), by `persist` at start.
     unsaved: Mutex<Option<Vec<u8>>>,
-    /// The newest `DPoP-Nonce` per origin (`scheme://authority`).
+    /// The newest `DPoP-Nonce` per server: the token endpoint's by its URL, a resource
+    /// server's by its origin (`scheme://authority`) — apart even when they share an origin.
     nonces: Mutex<HashMap<String, String>>,
 }
 
@@ -117,8 +118,8 @@ impl Dpop {
     }
 
     /// A fresh proof for one request (RFC 9449 §4.2): `htm`, `htu` (no query or fragment),
-    /// `iat`, a random `jti`, `ath` when a token goes with it, and the origin's nonce if
-    /// it sent one.
+    /// `iat`, a random `jti`, `ath` when a token goes with it (a resource request), and the
+    /// server's nonce if it sent one.
     pub fn proof(&self, method: &Method, uri: &Uri, ath: Option<&str>) -> HeaderValue {
         #[derive(serde::Serialize)]
         struct Claims<'a> {
@@ -141,7 +142,7 @@ impl Dpop {
                 .unwrap_or_default()
                 .as_secs(),
             ath,
-            nonce: self.nonce(uri),
+            nonce: self.nonce(&server(uri, ath.is_none())),
         };
         let claims = serde_json::to_vec(&claims).unwrap_or_default();
         let mut jws = String::with_capacity(self.header.len() + claims.len() * 4 / 3 + 100);
@@ -160,8 +161,17 @@ impl Dpop {
         value
     }
 
-    /// Keep a `DPoP-Nonce` the server at `uri` sent; `true` when it is new.
+    /// Keep a `DPoP-Nonce` the resource server at `uri` sent; `true` when it is new.
     pub fn remember_nonce(&self, uri: &Uri, headers: &HeaderMap) -> bool {
+        self.remember(server(uri, false), headers)
+    }
+
+    /// Keep a `DPoP-Nonce` the token endpoint at `uri` sent; `true` when it is new.
+    pub fn remember_token_endpoint_nonce(&self, uri: &Uri, headers: &HeaderMap) -> bool {
+        self.remember(server(uri, true), headers)
+    }
+
+    fn remember(&self, key: String, headers: &HeaderMap) -> bool {
         let Some(nonce) = headers
             .get(&DPOP_NONCE)
             .and_then(|v| v.to_str().ok())
@@ -170,25 +180,25 @@ impl Dpop {
             return false;
         };
         let mut nonces = self.nonces.lock().unwrap_or_else(|e| e.into_inner());
-        match nonces.get_mut(&origin(uri)) {
+        match nonces.get_mut(&key) {
             Some(known) if known == nonce => false,
             Some(known) => {
                 *known = nonce.to_string();
                 true
             }
             None => {
-                nonces.insert(origin(uri), nonce.to_string());
+                nonces.insert(key, nonce.to_string());
                 true
             }
         }
     }
 
-    fn nonce(&self, uri: &Uri) -> Option<String> {
+    fn nonce(&self, key: &str) -> Option<String> {
         let nonces = self.nonces.lock().unwrap_or_else(|e| e.into_inner());
         if nonces.is_empty() {
             return None;
         }
-        nonces.get(&origin(uri)).cloned()
+        nonces.get(key).cloned()
     }
 }
 
@@ -222,13 +232,19 @@ fn htu(uri: &Uri) -> String {
     )
 }
 
-fn origin(uri: &Uri) -> String {
-    format!(
+/// Whose nonce a proof for `uri` carries: the token endpoint's (its whole URL) or a
+/// resource server's (its origin).
+fn server(uri: &Uri, token_endpoint: bool) -> String {
+    let origin = format!(
         "{}://{}",
         uri.scheme_str().unwrap_or("http"),
         uri.authority().map(|a| a.as_str()).unwrap_or("")
     )
-    .to_ascii_lowercase()
+    .to_ascii_lowercase();
+    match token_endpoint {
+        true => format!("token endpoint {origin}{}", uri.path()),
+        false => origin,
+    }
 }
 
 /// The PKCS#8 DER of an EC key in a PEM file, or an error that says what the file holds.
@@ -322,11 +338,26 @@ mod tests {
         h.insert(&DPOP_NONCE, HeaderValue::from_static("n-1"));
         assert!(d.remember_nonce(&api, &h));
         assert!(!d.remember_nonce(&api, &h), "the same nonce is not new");
-        assert_eq!(parts(&d.proof(&Method::POST, &api, None)).1["nonce"], "n-1");
+        assert_eq!(
+            parts(&d.proof(&Method::POST, &api, Some("a"))).1["nonce"],
+            "n-1"
+        );
         assert!(parts(&d.proof(&Method::POST, &idp, None))
             .1
             .get("nonce")
             .is_none());
+        // The token endpoint's nonce is its own, even on the API's origin.
+        let same_origin: Uri = "https://api.example.com/token".parse().unwrap();
+        h.insert(&DPOP_NONCE, HeaderValue::from_static("as-1"));
+        assert!(d.remember_token_endpoint_nonce(&same_origin, &h));
+        assert_eq!(
+            parts(&d.proof(&Method::POST, &same_origin, None)).1["nonce"],
+            "as-1"
+        );
+        assert_eq!(
+            parts(&d.proof(&Method::GET, &api, Some("a"))).1["nonce"],
+            "n-1"
+        );
     }
 
     #[test]

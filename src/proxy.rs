@@ -207,48 +207,47 @@ impl Proxy {
         };
         let mut response = send(&route, Request::from_parts(parts, body), trace).await?;
 
-        let (Some(credential), Some(lease), Some(copy)) = (credential, lease, replay) else {
+        let (Some(credential), Some(mut lease), Some(copy)) = (credential, lease, replay) else {
             return Ok(finish(response, &route));
         };
-        if let Some(dpop) = &credential.dpop {
-            // RFC 9449 §9: a resource server's nonce challenge gets exactly one more try
-            // with the nonce it sent (a nonce on any other answer is kept for next time).
-            let new_nonce = dpop.remember_nonce(&copy.uri, response.headers());
-            if new_nonce
-                && response.status() == StatusCode::UNAUTHORIZED
-                && crate::dpop::asks_for_nonce(response.headers())
+        // At most one retry for a DPoP nonce challenge (RFC 9449 §9: with the nonce the
+        // resource server sent) and one replay after a 401 for our token, in either order.
+        let (mut nonce_retried, mut token_replayed) = (false, false);
+        loop {
+            let unauthorized = response.status() == StatusCode::UNAUTHORIZED;
+            let new_nonce = credential
+                .dpop
+                .as_ref()
+                .is_some_and(|d| d.remember_nonce(&copy.uri, response.headers()));
+            let nonce_challenge = unauthorized
+                && new_nonce
+                && !nonce_retried
+                && crate::dpop::asks_for_nonce(response.headers());
+            if nonce_challenge {
+                nonce_retried = true;
+            } else if unauthorized
+                && route.retry_on_401
+                && !token_replayed
+                && credential.reject(lease.generation)
             {
-                let Some(bytes) = copy.replayable() else {
-                    tracing::info!(route = %route.name, "DPoP nonce challenge not replayed: body too large or still streaming");
-                    return Ok(finish(response, &route));
-                };
-                drop(response);
-                trace.replayed = true;
-                self.inner.metrics.retry(&route.name);
-                response = send(&route, copy.rebuild(bytes, &credential, &lease), trace).await?;
-                dpop.remember_nonce(&copy.uri, response.headers());
+                // Our token was refused and a new one is coming.
+                token_replayed = true;
+            } else {
+                return Ok(finish(response, &route));
             }
+            // Replay only a body we hold whole.
+            let Some(bytes) = copy.replayable() else {
+                tracing::info!(route = %route.name, "401 not replayed: body too large or still streaming");
+                return Ok(finish(response, &route));
+            };
+            drop(response);
+            if !nonce_challenge {
+                lease = self::lease(&credential).await?;
+            }
+            trace.replayed = true;
+            self.inner.metrics.retry(&route.name);
+            response = send(&route, copy.rebuild(bytes, &credential, &lease), trace).await?;
         }
-        if !route.retry_on_401
-            || response.status() != StatusCode::UNAUTHORIZED
-            || !credential.reject(lease.generation)
-        {
-            return Ok(finish(response, &route));
-        }
-        // Our token was refused and a new one is coming. Replay only a body we hold whole.
-        let Some(bytes) = copy.replayable() else {
-            tracing::info!(route = %route.name, "401 not replayed: body too large or still streaming");
-            return Ok(finish(response, &route));
-        };
-        drop(response);
-        let fresh = self::lease(&credential).await?;
-        trace.replayed = true;
-        self.inner.metrics.retry(&route.name);
-        let response = send(&route, copy.rebuild(bytes, &credential, &fresh), trace).await?;
-        if let Some(dpop) = &credential.dpop {
-            dpop.remember_nonce(&copy.uri, response.headers());
-        }
-        Ok(finish(response, &route))
     }
 }
 

@@ -262,7 +262,7 @@ impl Endpoint {
             let new_nonce = self
                 .dpop
                 .as_ref()
-                .is_some_and(|d| d.remember_nonce(&self.url, resp.headers()));
+                .is_some_and(|d| d.remember_token_endpoint_nonce(&self.url, resp.headers()));
             let retry_after = resp.headers().get(RETRY_AFTER).and_then(parse_retry_after);
             let body = Limited::new(resp.into_body(), MAX_TOKEN_RESPONSE)
                 .collect()
