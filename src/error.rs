@@ -19,6 +19,12 @@ pub enum ProxyError {
         "CONNECT tunnels cannot carry a token: give the app an http:// URL for {host} and let the route's upstream be https"
     )]
     ConnectNotSupported { host: String },
+    #[error(
+        "the interception CA cannot sign for {host}: it is name-constrained to the hosts routes named when it was made; remove intercept.ca_cert_file and ca_key_file to make a new one (apps must then trust the new CA)"
+    )]
+    CaCannotSign { host: String },
+    #[error("this connection was opened (CONNECT) for {expected}, not for {got}")]
+    Misdirected { expected: String, got: String },
     #[error("no valid token: {reason}")]
     TokenUnavailable {
         reason: String,
@@ -43,6 +49,8 @@ impl ProxyError {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::HostNotAllowed { .. } => StatusCode::FORBIDDEN,
             ProxyError::ConnectNotSupported { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::CaCannotSign { .. } => StatusCode::FORBIDDEN,
+            ProxyError::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -57,6 +65,8 @@ impl ProxyError {
             ProxyError::NoRoute => "no_route",
             ProxyError::HostNotAllowed { .. } => "host_not_allowed",
             ProxyError::ConnectNotSupported { .. } => "connect_not_supported",
+            ProxyError::CaCannotSign { .. } => "host_not_allowed",
+            ProxyError::Misdirected { .. } => "misdirected_request",
             ProxyError::TokenUnavailable { .. } => "token_unavailable",
             ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",

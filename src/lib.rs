@@ -16,6 +16,7 @@ pub mod dpop;
 pub mod egress;
 pub mod error;
 pub mod idle;
+pub mod intercept;
 pub mod jwk;
 pub mod metrics;
 pub mod proxy;
@@ -33,6 +34,7 @@ pub mod upstream;
 pub mod workers;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -116,6 +118,8 @@ pub struct AppHandle {
     server: config::ServerConfig,
     /// Identifies the `[shared]` settings in force (they need a restart to change).
     shared: Option<u64>,
+    /// The interceptor in force, and the CA files it came from (a restart changes them).
+    intercept: Option<(Arc<intercept::Interceptor>, (PathBuf, PathBuf))>,
     /// Cancelled first on shutdown: readiness fails.
     draining: CancellationToken,
     /// Cancelled after `shutdown_delay`: the proxy stops accepting and drains.
@@ -163,6 +167,10 @@ impl App {
         let draining = CancellationToken::new();
         let stop_proxy = CancellationToken::new();
 
+        let intercept = match &config.intercept {
+            Some(settings) => Some(Arc::new(start_interception(settings, limits)?)),
+            None => None,
+        };
         let routes = Arc::new(RwLock::new(Arc::new(routes)));
         let proxy = proxy::Proxy::new(
             routes.clone(),
@@ -170,6 +178,7 @@ impl App {
             metrics.clone(),
             config.server.log_query,
             config.server.access.clone(),
+            intercept.clone(),
         );
         let handler = move |req| {
             let proxy = proxy.clone();
@@ -228,6 +237,7 @@ impl App {
                 .as_ref()
                 .map(config::SharedConfig::fingerprint),
             server: config.server,
+            intercept: intercept.zip(config.intercept.map(|c| (c.ca_cert_file, c.ca_key_file))),
             draining,
             stop_proxy,
             stop_all,
@@ -282,6 +292,23 @@ impl AppHandle {
         {
             summary.push_str("; [shared] changes take effect after a restart");
         }
+        let files = |c: &config::InterceptConfig| (c.ca_cert_file.clone(), c.ca_key_file.clone());
+        match (&config.intercept, &self.intercept) {
+            (Some(new), Some((running, old_files))) => {
+                if *old_files != files(new) {
+                    summary.push_str("; [intercept] changes take effect after a restart");
+                }
+                let uncovered = intercept::uncovered_hosts(running.ca(), &new.hosts);
+                if !uncovered.is_empty() {
+                    tracing::warn!(hosts = ?uncovered, "the interception CA cannot sign for these route hosts: CONNECT to them gets 403 until a new CA is made (remove both CA files and restart; apps must then trust the new CA)");
+                    summary.push_str(&format!(
+                        "; [intercept] the CA cannot sign for {uncovered:?}: a new CA is needed"
+                    ));
+                }
+            }
+            (None, None) => {}
+            _ => summary.push_str("; [intercept] changes take effect after a restart"),
+        }
         Ok(summary)
     }
 
@@ -303,4 +330,21 @@ impl AppHandle {
             }
         }
     }
+}
+
+/// `[intercept]`: open (or generate) the CA and say what it can sign for.
+fn start_interception(
+    settings: &config::InterceptConfig,
+    limits: ConnLimits,
+) -> Result<intercept::Interceptor, StartError> {
+    let ca = intercept::open_ca(settings).map_err(StartError::Runtime)?;
+    if !ca.constrained() {
+        tracing::warn!("the interception CA has no name constraints: whoever holds its key can impersonate any site to apps that trust it; prefer a generated CA (remove both files)");
+    }
+    let uncovered = intercept::uncovered_hosts(&ca, &settings.hosts);
+    if !uncovered.is_empty() {
+        tracing::warn!(hosts = ?uncovered, "the interception CA cannot sign for these route hosts: CONNECT to them gets 403 until a new CA is made (remove both CA files and restart; apps must then trust the new CA)");
+    }
+    tracing::info!(can_sign = %ca.describe_constraints(), "HTTPS interception on");
+    intercept::Interceptor::new(ca, settings, limits).map_err(StartError::Runtime)
 }

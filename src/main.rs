@@ -30,6 +30,9 @@ enum Command {
     Check,
     /// Self-contained demo: embedded token server + upstream + proxy, short-lived tokens
     Demo,
+    /// Print the [intercept] CA certificate (PEM) for the app's trust store (the CA is
+    /// generated first if neither of its files exists yet)
+    Ca,
 }
 
 fn main() -> ExitCode {
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
         Command::Check => check(ConfigSource::resolve(cli.config)),
+        Command::Ca => print_ca(ConfigSource::resolve(cli.config)),
         Command::Run => runtime.block_on(run(ConfigSource::resolve(cli.config))),
     }
 }
@@ -85,6 +89,28 @@ fn check(source: ConfigSource) -> ExitCode {
     }
     print!("{}", summary(&source, &config));
     ExitCode::SUCCESS
+}
+
+/// `token-proxy ca`: the interception CA's certificate on stdout (never its key).
+fn print_ca(source: ConfigSource) -> ExitCode {
+    let config = match load(&source) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let Some(settings) = &config.intercept else {
+        eprintln!("token-proxy: config error in {source}: no [intercept] section (ca_cert_file, ca_key_file)");
+        return ExitCode::from(2);
+    };
+    match token_proxy::intercept::open_ca(settings) {
+        Ok(ca) => {
+            print!("{}", ca.pem);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("token-proxy: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 /// What `check` prints: the resolved routes and credentials, secrets masked.
@@ -165,6 +191,33 @@ fn summary(source: &ConfigSource, config: &Config) -> String {
         );
     }
     let mask = |set: bool| if set { "***" } else { "(none)" };
+    if let Some(ic) = &config.intercept {
+        let _ = match &ic.ca {
+            Some(ca) => {
+                let uncovered = token_proxy::intercept::uncovered_hosts(ca, &ic.hosts);
+                let mut line = format!(
+                    "intercept: ca={} (provided) can sign for {} leaf_lifetime={:?}",
+                    ic.ca_cert_file.display(),
+                    ca.describe_constraints(),
+                    ic.leaf_lifetime
+                );
+                if !ca.constrained() {
+                    line.push_str("\nwarning: the interception CA has no name constraints: whoever holds its key can impersonate any site to apps that trust it; prefer a generated CA (remove both files)");
+                }
+                if !uncovered.is_empty() {
+                    line.push_str(&format!("\nwarning: the interception CA cannot sign for route hosts {uncovered:?} (made before those routes): CONNECT to them gets 403 until a new CA is made (remove both CA files and restart; apps must then trust the new CA)"));
+                }
+                writeln!(out, "{line}")
+            }
+            None => writeln!(
+                out,
+                "intercept: ca={} (generated at first start, name-constrained to [{}]) leaf_lifetime={:?}",
+                ic.ca_cert_file.display(),
+                ic.hosts.join(", "),
+                ic.leaf_lifetime
+            ),
+        };
+    }
     for c in config.credentials.values() {
         let endpoint = match c.endpoint() {
             Some(e) => format!(

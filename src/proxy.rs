@@ -17,6 +17,7 @@ use crate::access::{requested_host, AccessPolicy};
 use crate::body::{self, ProxyBody, ReplayBuffer, TeeBody};
 use crate::error::{error_chain, ProxyError};
 use crate::idle::{is_idle_timeout, IdleBody};
+use crate::intercept::{Interceptor, Target};
 use crate::metrics::Metrics;
 use crate::routes::{
     normalize_path, requested_upgrade, rewrite_request_headers, strip_hop_by_hop, Route, RouteTable,
@@ -39,6 +40,8 @@ struct Inner {
     log_query: bool,
     /// Which hosts and web origins may use the proxy (DNS rebinding, CSRF).
     access: AccessPolicy,
+    /// `[intercept]`: TLS interception for `CONNECT` to the routes' hosts.
+    intercept: Option<Arc<Interceptor>>,
 }
 
 /// What one request did, for the metrics and the log line.
@@ -60,6 +63,7 @@ impl Proxy {
         metrics: Arc<Metrics>,
         log_query: bool,
         access: AccessPolicy,
+        intercept: Option<Arc<Interceptor>>,
     ) -> Proxy {
         Proxy {
             inner: Arc::new(Inner {
@@ -68,6 +72,7 @@ impl Proxy {
                 metrics,
                 log_query,
                 access,
+                intercept,
             }),
         }
     }
@@ -123,7 +128,18 @@ impl Proxy {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        admit(&self.inner.access, &req)?;
+        if req.method() == Method::CONNECT {
+            return self.connect(req, &routes, trace);
+        }
+        // A request inside an intercepted tunnel must be for the tunnel's host.
+        let intercepted = req.extensions().get::<Target>().cloned();
+        if let Some(target) = &intercepted {
+            target.admits(&req).map_err(|got| ProxyError::Misdirected {
+                expected: target.to_string(),
+                got,
+            })?;
+        }
+        admit(&self.inner.access, &req, intercepted.is_some())?;
         // Route (and forward) the path the upstream will actually serve: "/api/../admin"
         // is "/admin", and must not ride the "/api" route's token there.
         // Only a path that changed is copied; the usual one is borrowed from the request.
@@ -133,7 +149,7 @@ impl Proxy {
             Err(e) => return Err(ProxyError::BadRequest(e.to_string())),
         };
         let path = normalized.as_deref().unwrap_or(req.uri().path());
-        let route = select_route(&routes, &req, path)?.clone();
+        let route = select_route(&routes, &req, path, intercepted.as_ref())?.clone();
         trace.route = Some(route.name.clone());
         trace.metrics = Some(route.metrics(&self.inner.metrics));
         trace.credential = route.credential.clone();
@@ -265,6 +281,50 @@ fn add_dpop_proof(
     }
 }
 
+impl Proxy {
+    /// `CONNECT host:port`: 405 without `[intercept]`; with it, 200 and a TLS tunnel served
+    /// as that host — only for a host a route names (403 otherwise: never a blind tunnel).
+    fn connect(
+        &self,
+        mut req: Request<Incoming>,
+        routes: &RouteTable,
+        trace: &mut Trace,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let Some(interceptor) = &self.inner.intercept else {
+            let host = req
+                .uri()
+                .authority()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            return Err(ProxyError::ConnectNotSupported { host });
+        };
+        let target = Target::of_connect(req.uri()).map_err(ProxyError::BadRequest)?;
+        let route = routes
+            .naming_host(&target.host, Some(target.port))
+            .ok_or_else(|| ProxyError::HostNotAllowed {
+                host: target.to_string(),
+            })?;
+        trace.route = Some(route.name.clone());
+        trace.metrics = Some(route.metrics(&self.inner.metrics));
+        if !interceptor.ca().permits(&target.host) {
+            return Err(ProxyError::CaCannotSign { host: target.host });
+        }
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        let proxy = self.clone();
+        let inside = target.clone();
+        tokio::spawn(
+            interceptor
+                .clone()
+                .tunnel(on_upgrade, target, move |mut req| {
+                    req.extensions_mut().insert(inside.clone());
+                    let proxy = proxy.clone();
+                    async move { proxy.handle(req).await }
+                }),
+        );
+        Ok(Response::new(body::full(Bytes::new())))
+    }
+}
+
 /// What a request keeps so it can be sent again after a 401.
 struct ReplayCopy {
     buffer: Arc<Mutex<ReplayBuffer>>,
@@ -314,11 +374,12 @@ fn is_forward_mode<B>(req: &Request<B>) -> bool {
 
 /// Refuse requests made by web pages, and reverse-mode requests addressed to a name that
 /// DNS rebinding could have pointed here (forward-mode hosts are checked by the routes).
-fn admit<B>(access: &AccessPolicy, req: &Request<B>) -> Result<(), ProxyError> {
+fn admit<B>(access: &AccessPolicy, req: &Request<B>, intercepted: bool) -> Result<(), ProxyError> {
     access
         .check_browser(req.headers())
         .map_err(|r| ProxyError::BrowserRequestRefused(r.0))?;
-    if !is_forward_mode(req) && req.method() != Method::CONNECT {
+    // Inside a tunnel the host was checked against the CONNECT (and the routes) already.
+    if !is_forward_mode(req) && !intercepted {
         access
             .check_host(requested_host(req.uri(), req.headers()))
             .map_err(|r| ProxyError::BrowserRequestRefused(r.0))?;
@@ -330,14 +391,10 @@ fn select_route<'a>(
     routes: &'a RouteTable,
     req: &Request<Incoming>,
     path: &str,
+    intercepted: Option<&Target>,
 ) -> Result<&'a Arc<Route>, ProxyError> {
-    if req.method() == Method::CONNECT {
-        let host = req
-            .uri()
-            .authority()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
-        return Err(ProxyError::ConnectNotSupported { host });
+    if let Some(t) = intercepted {
+        return routes.by_host(&t.host, Some(t.port), path);
     }
     let uri = req.uri();
     match (is_forward_mode(req), uri.host()) {

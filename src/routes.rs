@@ -148,6 +148,17 @@ impl RouteTable {
             .ok_or(ProxyError::NoRoute)
     }
 
+    /// The first route whose `hosts` names this host (as `by_host` matches them).
+    pub fn naming_host(&self, host: &str, port: Option<u16>) -> Option<&Arc<Route>> {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let with_port = port.map(|p| format!("{host}:{p}"));
+        self.routes.iter().find(|r| {
+            r.hosts
+                .iter()
+                .any(|h| *h == host || with_port.as_deref() == Some(h.as_str()))
+        })
+    }
+
     /// Forward mode (absolute-form request, the app uses us as HTTP_PROXY): the route whose
     /// `hosts` names this host exactly (case-insensitive; an entry without a port matches any
     /// port), most specific prefix first. A host no route names is refused.

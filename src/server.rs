@@ -27,7 +27,7 @@ pub struct ConnLimits {
     pub max_header_size: usize,
 }
 
-fn builder(limits: ConnLimits) -> auto::Builder<TokioExecutor> {
+pub(crate) fn builder(limits: ConnLimits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())

@@ -102,12 +102,80 @@ pub(super) fn build(
             ));
         }
     }
+    let intercept = match raw.intercept {
+        Some(i) => Some(build_intercept(i, &routes)?),
+        None => None,
+    };
     Ok(Config {
         server,
         routes,
         credentials,
         shared,
+        intercept,
         source: None,
+    })
+}
+
+/// `[intercept]`: both CA files exist (loaded and checked now) or neither does (generated
+/// at start, name-constrained to the routes' hosts).
+fn build_intercept(
+    raw: super::raw::RawIntercept,
+    routes: &[RouteConfig],
+) -> Result<super::InterceptConfig, ConfigError> {
+    let (Some(cert), Some(key)) = (raw.ca_cert_file, raw.ca_key_file) else {
+        return err("intercept.ca_cert_file: ca_cert_file and ca_key_file are both required (generated on first start when both are missing)");
+    };
+    let (cert, key) = (PathBuf::from(cert), PathBuf::from(key));
+    let leaf_lifetime = opt_duration(
+        "intercept.leaf_lifetime",
+        raw.leaf_lifetime,
+        Duration::from_secs(24 * 3600),
+    )?;
+    if leaf_lifetime < Duration::from_secs(60) {
+        return err("intercept.leaf_lifetime: at least 1m");
+    }
+    let ca = match (cert.exists(), key.exists()) {
+        (true, true) => Some(std::sync::Arc::new(
+            crate::intercept::Ca::load(&cert, &key).map_err(ConfigError)?,
+        )),
+        (false, false) => None,
+        (true, false) => {
+            return err(format!(
+                "intercept.ca_key_file: {} does not exist but ca_cert_file does; provide both, or remove both to generate a new CA",
+                key.display()
+            ))
+        }
+        (false, true) => {
+            return err(format!(
+                "intercept.ca_cert_file: {} does not exist but ca_key_file does; provide both, or remove both to generate a new CA",
+                cert.display()
+            ))
+        }
+    };
+    let mut hosts: Vec<String> = Vec::new();
+    for r in routes {
+        for h in &r.hosts {
+            let bare = match h.rsplit_once(':') {
+                Some((name, port)) if port.parse::<u16>().is_ok() && !name.ends_with(':') => name,
+                _ => h.as_str(),
+            };
+            let bare = bare.trim_matches(['[', ']']).to_ascii_lowercase();
+            if !hosts.contains(&bare) {
+                hosts.push(bare);
+            }
+        }
+    }
+    if hosts.is_empty() {
+        return err(
+            "intercept: no route names `hosts`; interception serves only hosts a route names",
+        );
+    }
+    Ok(super::InterceptConfig {
+        ca_cert_file: cert,
+        ca_key_file: key,
+        leaf_lifetime,
+        ca,
+        hosts,
     })
 }
 

@@ -35,8 +35,22 @@ impl std::fmt::Debug for ClientCert {
 
 /// Load the pair named `{prefix}.tls_client_cert_file` / `{prefix}.tls_client_key_file`.
 pub fn load(prefix: &str, cert: &Path, key: &Path) -> Result<Arc<ClientCert>, String> {
-    let cert_key = format!("{prefix}.tls_client_cert_file");
-    let key_key = format!("{prefix}.tls_client_key_file");
+    load_pair(
+        &format!("{prefix}.tls_client_cert_file"),
+        &format!("{prefix}.tls_client_key_file"),
+        cert,
+        key,
+    )
+}
+
+/// A certificate and its key (the keys named in errors as `cert_key` and `key_key`):
+/// readable, not expired, and the key the certificate's.
+pub fn load_pair(
+    cert_key: &str,
+    key_key: &str,
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<ClientCert>, String> {
     let pem = std::fs::read(cert)
         .map_err(|e| format!("{cert_key}: cannot read {}: {e}", cert.display()))?;
     let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut pem.as_slice())

@@ -45,6 +45,8 @@ pub struct Config {
     pub credentials: BTreeMap<String, CredentialConfig>,
     /// `[shared]`: replicas share token state through Redis.
     pub shared: Option<SharedConfig>,
+    /// `[intercept]`: TLS interception for `CONNECT` to the routes' hosts.
+    pub intercept: Option<InterceptConfig>,
     /// The file this was loaded from, if any.
     pub source: Option<PathBuf>,
 }
@@ -76,6 +78,19 @@ pub fn fingerprint_files(files: &[PathBuf]) -> u64 {
         std::fs::read(f).ok().hash(&mut h);
     }
     h.finish()
+}
+
+/// `[intercept]`: a CA (from files, or generated into them at start) for HTTPS_PROXY apps.
+#[derive(Debug, Clone)]
+pub struct InterceptConfig {
+    pub ca_cert_file: PathBuf,
+    pub ca_key_file: PathBuf,
+    pub leaf_lifetime: Duration,
+    /// The CA in the files, loaded and checked; `None`: neither file exists yet (a CA is
+    /// generated at start).
+    pub ca: Option<std::sync::Arc<crate::intercept::Ca>>,
+    /// The hosts the routes name (ports stripped): what a generated CA may sign for.
+    pub hosts: Vec<String>,
 }
 
 /// `[shared]`: where replicas keep one token state per credential.

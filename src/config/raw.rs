@@ -17,6 +17,15 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) credentials: BTreeMap<String, RawCredential>,
     pub(super) shared: Option<RawShared>,
+    pub(super) intercept: Option<RawIntercept>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawIntercept {
+    pub(super) ca_cert_file: Option<String>,
+    pub(super) ca_key_file: Option<String>,
+    pub(super) leaf_lifetime: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

@@ -698,7 +698,7 @@ impl Drop for Relay {
 /// A private CA for TLS tests, and the leaf certificates it signs.
 pub struct TestCa {
     pub cert: rcgen::Certificate,
-    key: rcgen::KeyPair,
+    pub key: rcgen::KeyPair,
 }
 
 impl TestCa {
