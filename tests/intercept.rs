@@ -129,6 +129,7 @@ async fn http1_keep_alive_inside_one_tunnel_gets_the_token_and_401_replay() {
             .unwrap();
     tokio::spawn(conn);
     for i in 0..5 {
+        sender.ready().await.unwrap();
         let resp = sender
             .send_request(get(&format!("/v1/items/{i}"), HOST))
             .await
@@ -138,6 +139,7 @@ async fn http1_keep_alive_inside_one_tunnel_gets_the_token_and_401_replay() {
     }
     // 401 for the token inside the tunnel: refreshed and replayed.
     setup.world.auth.revoke_all_access();
+    sender.ready().await.unwrap();
     let resp = sender
         .send_request(get("/v1/after-revoke", HOST))
         .await
@@ -151,6 +153,7 @@ async fn http1_keep_alive_inside_one_tunnel_gets_the_token_and_401_replay() {
         .starts_with("Bearer ")));
     assert_eq!(setup.world.auth.refresh_calls.load(Ordering::SeqCst), 2);
     // A request for another host inside the tunnel: 421, nothing sent upstream.
+    sender.ready().await.unwrap();
     let resp = sender
         .send_request(get("/v1/x", "other.example.test"))
         .await
@@ -193,6 +196,7 @@ async fn h2_inside_the_tunnel_and_a_client_hello_without_sni() {
             .await
             .unwrap();
     tokio::spawn(conn);
+    sender.ready().await.unwrap();
     let resp = sender.send_request(get("/v1/no-sni", HOST)).await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(setup.world.api.seen().len(), 11);
