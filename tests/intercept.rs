@@ -462,3 +462,52 @@ access_token = "t"
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("ANY site") && out.contains("warning"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_intercept_connect_gets_405_and_a_reload_adding_hosts_needs_a_new_ca() {
+    let world = World::new(Duration::from_secs(300)).await;
+    let plain = start(&world.config_rt(&format!("hosts = [\"{HOST}\"]"), "")).await;
+    let answer = raw(
+        plain.proxy_addr,
+        format!("CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n").as_bytes(),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+    assert!(answer.contains("connect_not_supported"), "{answer}");
+    plain.stop().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let with_hosts = |hosts: &str| {
+        world.config_rt(&format!("hosts = [{hosts}]"), "").replace(
+            "[[routes]]",
+            &format!(
+                "[intercept]\nca_cert_file = \"{0}/ca.crt\"\nca_key_file = \"{0}/ca.key\"\n\n[[routes]]",
+                dir.path().display()
+            ),
+        )
+    };
+    let app = start(&with_hosts(&format!("\"{HOST}\""))).await;
+    let config = token_proxy::config::Config::parse(
+        &with_hosts(&format!("\"{HOST}\", \"new.example.test\"")),
+        &|_| None,
+    )
+    .unwrap();
+    let summary = app.reload(config).await.unwrap();
+    assert!(
+        summary.contains("the CA cannot sign for [\"new.example.test\"]"),
+        "{summary}"
+    );
+    let answer = raw(
+        app.proxy_addr,
+        b"CONNECT new.example.test:443 HTTP/1.1\r\nHost: new.example.test:443\r\n\r\n",
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("interception CA cannot sign"), "{answer}");
+    // The host the CA was made for still works.
+    let (head, _) = connect(app.proxy_addr, &format!("{HOST}:443")).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    app.stop().await;
+}
