@@ -4,6 +4,9 @@
 //!   (DashMap + watch borrow), header rewrite.
 //! - `round_trip`: a GET through the in-process proxy vs. straight to the same upstream,
 //!   both over loopback with a pooled HTTP/1.1 client. The ratio is what matters.
+//! - `intercept`: through a CONNECT tunnel with TLS interception (keep-alive: one
+//!   handshake, many requests) vs. plain forward mode on a kept-alive connection, and a
+//!   whole new tunnel per request (CONNECT + TLS handshake + one request: handshakes/s).
 //! - `dpop`: one DPoP proof (an ES256 signature with ring), and a GET through the proxy
 //!   with a bearer token vs. a DPoP-bound one (a fresh proof per request; the upstream does
 //!   not verify, so the difference is the proxy's own cost).
@@ -16,7 +19,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use token_proxy::config::Config;
 use token_proxy::metrics::Metrics;
 use token_proxy::routes::{rewrite_request_headers, RouteTable};
@@ -287,5 +290,134 @@ fn dpop(c: &mut Criterion) {
     drop(servers);
 }
 
-criterion_group!(benches, hot_path, round_trip, shared_round_trip, dpop);
+fn intercept(c: &mut Criterion) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const HOST: &str = "api.example.test";
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (upstream, app) = rt.block_on(async {
+        let upstream = upstream_server(MockUpstream::new("bench", None)).await;
+        let text = format!(
+            r#"
+            [server]
+            listen = "127.0.0.1:0"
+            [intercept]
+            ca_cert_file = "{dir}/ca.crt"
+            ca_key_file = "{dir}/ca.key"
+            [[routes]]
+            hosts = ["{HOST}"]
+            upstream = "{up}"
+            credential = "main"
+            [credentials.main]
+            grant = "static"
+            access_token = "bench-access-token-0123456789abcdef"
+            "#,
+            dir = dir.path().display(),
+            up = upstream.url,
+        );
+        let app = App::spawn(Config::parse(&text, &|_| None).unwrap())
+            .await
+            .unwrap();
+        (upstream, app)
+    });
+    let addr = app.proxy_addr;
+    let tls = {
+        let mut roots = rustls::RootCertStore::empty();
+        let pem = std::fs::read(dir.path().join("ca.crt")).unwrap();
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    };
+    // One tunnel: CONNECT, then TLS as HOST; an HTTP/1.1 sender on it.
+    let open_tunnel = move || {
+        let tls = tls.clone();
+        async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(
+                format!("CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                s.read_exact(&mut b).await.unwrap();
+                head.push(b[0]);
+            }
+            let name = rustls::pki_types::ServerName::try_from(HOST).unwrap();
+            let stream = tls.connect(name, s).await.unwrap();
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            sender
+        }
+    };
+    let plain = async move {
+        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(s))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        sender
+    };
+    let request = |uri: &str| {
+        http::Request::get(uri)
+            .header("host", HOST)
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
+    async fn exchange(
+        sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+        req: http::Request<Empty<Bytes>>,
+    ) {
+        sender.ready().await.unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap();
+    }
+    let mut group = c.benchmark_group("intercept");
+    let forward = Arc::new(tokio::sync::Mutex::new(rt.block_on(plain)));
+    group.bench_function("forward_mode_keep_alive", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut sender = forward.lock().await;
+            exchange(&mut sender, request(&format!("http://{HOST}/v1/orders/42"))).await
+        })
+    });
+    let tunnel = Arc::new(tokio::sync::Mutex::new(rt.block_on(open_tunnel())));
+    group.bench_function("tunnel_keep_alive", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut sender = tunnel.lock().await;
+            exchange(&mut sender, request("/v1/orders/42")).await
+        })
+    });
+    group.bench_function("new_tunnel_per_request", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut sender = open_tunnel().await;
+            exchange(&mut sender, request("/v1/orders/42")).await
+        })
+    });
+    group.finish();
+    rt.block_on(app.stop());
+    drop(upstream);
+}
+
+criterion_group!(
+    benches,
+    hot_path,
+    round_trip,
+    shared_round_trip,
+    dpop,
+    intercept
+);
 criterion_main!(benches);
