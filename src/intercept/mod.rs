@@ -41,16 +41,25 @@ impl Target {
         let authority = uri
             .authority()
             .ok_or("CONNECT needs host:port as its target")?;
-        let host = authority.host().trim_matches(['[', ']']);
-        if host.is_empty()
-            || uri
-                .path_and_query()
-                .is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty())
-        {
+        let host = authority
+            .host()
+            .trim_matches(['[', ']'])
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
+        let extra = uri
+            .path_and_query()
+            .is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty());
+        // RFC 9110 §9.3.6: authority-form is host:port, nothing more (no userinfo); a host
+        // is a DNS name or an IP literal.
+        let name_like = host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+        let valid = !host.is_empty() && (name_like || host.parse::<std::net::IpAddr>().is_ok());
+        if !valid || extra || authority.as_str().contains('@') {
             return Err("CONNECT needs host:port as its target".into());
         }
         Ok(Target {
-            host: host.trim_end_matches('.').to_ascii_lowercase(),
+            host,
             port: authority.port_u16().unwrap_or(443),
         })
     }
@@ -256,5 +265,43 @@ struct Leaf(Arc<CertifiedKey>);
 impl ResolvesServerCert for Leaf {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.0.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(s: &str) -> Result<Target, String> {
+        Target::of_connect(&s.parse::<Uri>().map_err(|e| e.to_string())?)
+    }
+
+    #[test]
+    fn connect_targets_are_host_and_port_only() {
+        let t = target("API.Example.com.:8443").unwrap();
+        assert_eq!((t.host.as_str(), t.port), ("api.example.com", 8443));
+        assert_eq!(target("[::1]:443").unwrap().host, "::1");
+        assert_eq!(target("api.example.com").unwrap().port, 443);
+        for bad in [
+            ".:443",
+            "user@api.example.com:443",
+            "a]b:443",
+            "/path",
+            "x y:1",
+        ] {
+            assert!(target(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn requests_inside_must_name_the_tunnel_host() {
+        let t = target("api.example.com:443").unwrap();
+        let req = |host: &str| Request::get("/").header("host", host).body(()).unwrap();
+        assert!(t.admits(&req("api.example.com")).is_ok());
+        assert!(t.admits(&req("API.example.com:443")).is_ok());
+        assert!(t.admits(&req("api.example.com:8443")).is_err());
+        assert!(t.admits(&req("evil.example.com")).is_err());
+        let h2 = Request::get("https://api.example.com/x").body(()).unwrap();
+        assert!(t.admits(&h2).is_ok());
     }
 }
