@@ -395,11 +395,18 @@ fn init_logging(default_filter: &str) -> tracing_appender::non_blocking::WorkerG
             64 * 1024,
             std::io::stderr(),
         ));
+    let ansi = std::io::stderr().is_terminal();
+    let json =
+        std::env::var("TOKEN_PROXY_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+    if !ansi {
+        // The request line, written by hand in the same format (see access_log).
+        token_proxy::access_log::install(writer.clone(), json);
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
-        .with_ansi(std::io::stderr().is_terminal());
-    if std::env::var("TOKEN_PROXY_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+        .with_ansi(ansi);
+    if json {
         builder.json().init();
     } else {
         builder.init();

@@ -103,6 +103,18 @@ impl Proxy {
                 (true, Some(pq)) => pq.as_str(),
                 _ => uri.path(),
             };
+            if let Some(log) = crate::access_log::get() {
+                log.write(&crate::access_log::Record {
+                    route,
+                    method: method.as_str(),
+                    path,
+                    status,
+                    latency: elapsed,
+                    upstream: trace.upstream,
+                    replayed: trace.replayed,
+                });
+                return response;
+            }
             tracing::info!(
                 route,
                 method = %method,
