@@ -169,7 +169,11 @@ impl App {
         let stop_proxy = CancellationToken::new();
 
         let intercept = match &config.intercept {
-            Some(settings) => Some(Arc::new(start_interception(settings, limits)?)),
+            Some(settings) => Some(Arc::new(start_interception(
+                settings,
+                limits,
+                stop_proxy.clone(),
+            )?)),
             None => None,
         };
         let routes = Arc::new(RwLock::new(Arc::new(routes)));
@@ -187,16 +191,25 @@ impl App {
         };
         let fatal = supervise::Fatal::new();
         let stop_workers = stop_proxy.clone();
+        let drain_intercept = intercept.clone();
         let proxy_task = supervise::spawn_essential(
             "proxy listener",
             workers::run(proxy_listeners, move |listener| {
-                server::serve(
+                let serve = server::serve(
                     listener,
                     handler.clone(),
                     limits,
                     stop_workers.clone(),
                     grace,
-                )
+                );
+                // Tunnels run on the worker threads: keep them alive until they drained.
+                let tunnels = drain_intercept.clone();
+                async move {
+                    serve.await;
+                    if let Some(tunnels) = tunnels {
+                        tunnels.drained(grace).await;
+                    }
+                }
             }),
             fatal.clone(),
         );
@@ -337,6 +350,7 @@ impl AppHandle {
 fn start_interception(
     settings: &config::InterceptConfig,
     limits: ConnLimits,
+    stopping: CancellationToken,
 ) -> Result<intercept::Interceptor, StartError> {
     let ca = intercept::open_ca(settings).map_err(StartError::Runtime)?;
     if !ca.constrained() {
@@ -347,5 +361,5 @@ fn start_interception(
         tracing::warn!(hosts = ?uncovered, "the interception CA cannot sign for these route hosts: CONNECT to them gets 403 until a new CA is made (remove both CA files and restart; apps must then trust the new CA)");
     }
     tracing::info!(can_sign = %ca.describe_constraints(), "HTTPS interception on");
-    intercept::Interceptor::new(ca, settings, limits).map_err(StartError::Runtime)
+    intercept::Interceptor::new(ca, settings, limits, stopping).map_err(StartError::Runtime)
 }

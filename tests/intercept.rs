@@ -511,3 +511,41 @@ async fn without_intercept_connect_gets_405_and_a_reload_adding_hosts_needs_a_ne
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_flight_inside_a_tunnel_finishes_during_shutdown() {
+    let world = World::new(Duration::from_secs(300)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = world.config_rt(&format!("hosts = [\"{HOST}\"]"), "").replace(
+        "[[routes]]",
+        &format!(
+            "[intercept]\nca_cert_file = \"{0}/ca.crt\"\nca_key_file = \"{0}/ca.key\"\n\n[[routes]]",
+            dir.path().display()
+        ),
+    );
+    let app = start(&toml).await;
+    let ca_pem = std::fs::read_to_string(dir.path().join("ca.crt")).unwrap();
+    let (head, stream) = connect(app.proxy_addr, &format!("{HOST}:443")).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let tls = tokio_rustls::TlsConnector::from(client_config(&ca_pem, &[b"http/1.1"], true))
+        .connect(ServerName::try_from(HOST).unwrap(), stream)
+        .await
+        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let slow = tokio::spawn(async move {
+        sender.ready().await.unwrap();
+        let resp = sender.send_request(get("/slow/1500", HOST)).await;
+        resp.map(|r| r.status())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    app.stop().await;
+    let status = slow
+        .await
+        .unwrap()
+        .expect("the in-flight request was answered");
+    assert_eq!(status, 200);
+}

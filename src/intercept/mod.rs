@@ -112,6 +112,11 @@ pub struct Interceptor {
     configs: Mutex<HashMap<String, (Arc<ServerConfig>, Instant)>>,
     /// Hosts whose failed handshake was logged (once per host, not per attempt).
     refused: Mutex<HashSet<String>>,
+    /// Cancelled when the proxy stops accepting: tunnels finish their requests and close.
+    stopping: tokio_util::sync::CancellationToken,
+    /// Tunnels open now, and a wake-up when the last one closes (the drain waits for it).
+    open: std::sync::atomic::AtomicUsize,
+    closed: tokio::sync::Notify,
 }
 
 impl Interceptor {
@@ -119,6 +124,7 @@ impl Interceptor {
         ca: Arc<Ca>,
         config: &InterceptConfig,
         limits: ConnLimits,
+        stopping: tokio_util::sync::CancellationToken,
     ) -> Result<Interceptor, String> {
         let leaf_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
             .map_err(|e| format!("intercept: cannot generate the leaf key: {e}"))?;
@@ -129,6 +135,9 @@ impl Interceptor {
             limits,
             configs: Mutex::new(HashMap::new()),
             refused: Mutex::new(HashSet::new()),
+            stopping,
+            open: std::sync::atomic::AtomicUsize::new(0),
+            closed: tokio::sync::Notify::new(),
         })
     }
 
@@ -207,8 +216,39 @@ impl Interceptor {
         });
         let builder = crate::server::builder(self.limits);
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        if let Err(e) = conn.await {
+        let _open = OpenTunnel::new(&self);
+        tokio::pin!(conn);
+        // On shutdown the tunnel drains like any connection: requests in flight finish,
+        // then it closes (the proxy's drain waits for it, within the grace period).
+        let result = tokio::select! {
+            result = conn.as_mut() => result,
+            _ = self.stopping.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = result {
             tracing::debug!(target = %target, error = %e, "intercepted connection ended with an error");
+        }
+    }
+
+    /// Wait (at most `grace`) until every tunnel has closed; called once the proxy has
+    /// stopped accepting.
+    pub async fn drained(&self, grace: Duration) {
+        let all_closed = async {
+            loop {
+                let notified = self.closed.notified();
+                if self.open.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(grace, all_closed).await.is_err() {
+            tracing::warn!(
+                ?grace,
+                "shutdown grace elapsed with intercepted tunnels still open"
+            );
         }
     }
 
@@ -228,6 +268,29 @@ impl Interceptor {
             );
         } else {
             tracing::debug!(target = %target, error = %e, "TLS handshake with the app failed");
+        }
+    }
+}
+
+/// Counts a tunnel as open for as long as it lives.
+struct OpenTunnel<'a>(&'a Interceptor);
+
+impl<'a> OpenTunnel<'a> {
+    fn new(i: &'a Interceptor) -> OpenTunnel<'a> {
+        i.open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        OpenTunnel(i)
+    }
+}
+
+impl Drop for OpenTunnel<'_> {
+    fn drop(&mut self) {
+        if self
+            .0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
+            == 1
+        {
+            self.0.closed.notify_waiters();
         }
     }
 }
