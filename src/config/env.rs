@@ -51,6 +51,21 @@ const VARS: &[(&str, &str, &str, Kind)] = &[
     ("TOKEN_PROXY_ISSUER", "cred", "issuer", Kind::Str),
     ("TOKEN_PROXY_AUDIENCE", "cred", "audience", Kind::Str),
     ("TOKEN_PROXY_ALGORITHMS", "cred", "algorithms", Kind::List),
+    ("TOKEN_PROXY_SIGNING_KEY_FILE", "cred", "signing_key_file", Kind::Str),
+    ("TOKEN_PROXY_SIGNING_KEY_ID", "cred", "signing_key_id", Kind::Str),
+    ("TOKEN_PROXY_SIGNING_ALG", "cred", "signing_alg", Kind::Str),
+    ("TOKEN_PROXY_ASSERTION_AUDIENCE", "cred", "assertion_audience", Kind::Str),
+    ("TOKEN_PROXY_TLS_CLIENT_CERT_FILE", "cred", "tls_client_cert_file", Kind::Str),
+    ("TOKEN_PROXY_TLS_CLIENT_KEY_FILE", "cred", "tls_client_key_file", Kind::Str),
+    ("TOKEN_PROXY_EGRESS_PROXY", "cred", "egress_proxy", Kind::Str),
+    ("TOKEN_PROXY_DPOP", "cred", "dpop", Kind::Bool),
+    ("TOKEN_PROXY_DPOP_KEY_FILE", "cred", "dpop_key_file", Kind::Str),
+    ("TOKEN_PROXY_UPSTREAM_TLS_CLIENT_CERT_FILE", "route", "tls_client_cert_file", Kind::Str),
+    ("TOKEN_PROXY_UPSTREAM_TLS_CLIENT_KEY_FILE", "route", "tls_client_key_file", Kind::Str),
+    ("TOKEN_PROXY_UPSTREAM_EGRESS_PROXY", "route", "egress_proxy", Kind::Str),
+    ("TOKEN_PROXY_INTERCEPT_CA_CERT_FILE", "intercept", "ca_cert_file", Kind::Str),
+    ("TOKEN_PROXY_INTERCEPT_CA_KEY_FILE", "intercept", "ca_key_file", Kind::Str),
+    ("TOKEN_PROXY_INTERCEPT_LEAF_LIFETIME", "intercept", "leaf_lifetime", Kind::Str),
 ];
 
 #[derive(Clone, Copy)]
@@ -74,6 +89,7 @@ pub fn from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigEr
     let mut server = toml::Table::new();
     let mut route = toml::Table::new();
     let mut cred = toml::Table::new();
+    let mut intercept = toml::Table::new();
     route.insert("name".into(), "default".into());
     route.insert("prefix".into(), "/".into());
     for (var, section, key, kind) in VARS {
@@ -112,6 +128,7 @@ pub fn from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigEr
         let target = match *section {
             "server" => &mut server,
             "route" => &mut route,
+            "intercept" => &mut intercept,
             _ => &mut cred,
         };
         target.insert(key.to_string(), value);
@@ -128,6 +145,9 @@ pub fn from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigEr
         "routes".into(),
         toml::Value::Array(vec![toml::Value::Table(route)]),
     );
+    if !intercept.is_empty() {
+        doc.insert("intercept".into(), toml::Value::Table(intercept));
+    }
     if !cred.is_empty() {
         let mut creds = toml::Table::new();
         creds.insert("main".into(), toml::Value::Table(cred));
@@ -159,6 +179,7 @@ fn name_the_variable(message: &str) -> String {
         let path = match *section {
             "server" => format!("server.{key}"),
             "route" => format!("routes[0].{key}"),
+            "intercept" => format!("intercept.{key}"),
             _ => format!("credentials.main.{key}"),
         };
         if message.contains(&path) {
@@ -224,5 +245,40 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("TOKEN_PROXY_STRIP_PREFIX"));
+    }
+
+    #[test]
+    fn enterprise_keys_and_interception_from_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let vars = [
+            ("TOKEN_PROXY_UPSTREAM", "https://api.example.com"),
+            ("TOKEN_PROXY_HOSTS", "api.example.com"),
+            ("TOKEN_PROXY_GRANT", "client_credentials"),
+            ("TOKEN_PROXY_TOKEN_URL", "https://idp.example.com/token"),
+            ("TOKEN_PROXY_CLIENT_ID", "cid"),
+            ("TOKEN_PROXY_DPOP", "true"),
+        ];
+        let key = dir.path().join("dpop.pem");
+        let cert = dir.path().join("ca.crt");
+        let ca_key = dir.path().join("ca.key");
+        let (key, cert, ca_key) = (
+            key.to_str().unwrap(),
+            cert.to_str().unwrap(),
+            ca_key.to_str().unwrap(),
+        );
+        let mut all = vars.to_vec();
+        all.extend([
+            ("TOKEN_PROXY_DPOP_KEY_FILE", key),
+            ("TOKEN_PROXY_INTERCEPT_CA_CERT_FILE", cert),
+            ("TOKEN_PROXY_INTERCEPT_CA_KEY_FILE", ca_key),
+        ]);
+        let config = from_env(&env(&all)).unwrap();
+        assert!(config.credentials["main"].dpop.is_some());
+        let intercept = config.intercept.expect("[intercept] from the environment");
+        assert_eq!(intercept.hosts, vec!["api.example.com".to_string()]);
+        let mut bad = all.clone();
+        bad.push(("TOKEN_PROXY_INTERCEPT_LEAF_LIFETIME", "5s"));
+        let e = from_env(&env(&bad)).unwrap_err().0;
+        assert!(e.starts_with("TOKEN_PROXY_INTERCEPT_LEAF_LIFETIME"), "{e}");
     }
 }
