@@ -184,7 +184,7 @@ pub fn status(c: &Credential) -> Value {
                 Ok(d) => d.as_secs() as i64,
                 Err(e) => -(e.duration().as_secs() as i64),
             });
-    json!({
+    let mut status = json!({
         "state": snap.state_name(now),
         "expires_in_s": expires_in_s,
         "refreshed_at": snap.refreshed_at.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
@@ -194,7 +194,12 @@ pub fn status(c: &Credential) -> Value {
         "persisted": snap.persisted,
         "store": c.store_kind,
         "lease_holder": c.holds_lease(),
-    })
+    });
+    // The DPoP key's public thumbprint (what providers bind tokens to, `cnf.jkt`).
+    if let Some(dpop) = &c.dpop {
+        status["dpop_jkt"] = dpop.jkt.clone().into();
+    }
+    status
 }
 
 fn unknown(name: &str) -> Response<ProxyBody> {

@@ -68,6 +68,15 @@ async fn dpop_bound_tokens_are_refreshed_and_proved_on_every_request() {
     assert!(refusals(&world).is_empty(), "{:?}", refusals(&world));
     let status = get(&admin(&app, "/tokens")).await.json();
     assert_eq!(status["main"]["state"], "fresh");
+    // /tokens shows the key's public thumbprint, the one the provider bound the token to.
+    let latest = world.api.seen().last().unwrap().headers["authorization"]
+        .to_str()
+        .unwrap()["DPoP ".len()..]
+        .to_string();
+    assert_eq!(
+        status["main"]["dpop_jkt"].as_str(),
+        world.auth.bound_key(&latest).as_deref()
+    );
     app.stop().await;
 }
 
