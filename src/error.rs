@@ -16,7 +16,7 @@ pub enum ProxyError {
     #[error("host {host:?} is not named by any route; token-proxy is not an open proxy")]
     HostNotAllowed { host: String },
     #[error(
-        "CONNECT tunnels cannot carry a token: give the app an http:// URL for {host} and let the route's upstream be https"
+        "CONNECT tunnels cannot carry a token: give the app an http:// URL for {host} and let the route's upstream be https, or turn on [intercept] (HTTPS interception for the routes' hosts)"
     )]
     ConnectNotSupported { host: String },
     #[error(
