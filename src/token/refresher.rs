@@ -839,11 +839,15 @@ impl Refresher {
 /// bearer tokens) cannot be attached: it is kept only for its refresh token, as expired,
 /// so a new one is fetched. (The key was replaced, or a replica has another key.)
 fn fit_to_key(mut set: TokenSet, jkt: Option<&str>) -> TokenSet {
-    if set.dpop_jkt.as_deref() != jkt {
-        tracing::info!(
-            "the saved access token is bound to another DPoP key (or none); fetching a new one"
-        );
-        set.expires_at = Some(set.received_at);
+    match (set.dpop_jkt.as_deref(), jkt) {
+        (saved, ours) if saved == ours => return set,
+        (Some(_), Some(_)) => tracing::warn!(
+            "the saved access token is bound to another DPoP key (a replaced dpop_key_file, or a replica with its own key: replicas sharing a credential must share dpop_key_file); fetching a new one"
+        ),
+        _ => tracing::info!(
+            "the saved access token was issued for another token type (bearer vs DPoP); fetching a new one"
+        ),
     }
+    set.expires_at = Some(set.received_at);
     set
 }
