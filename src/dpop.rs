@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use http::header::{HeaderMap, HeaderName, HeaderValue, WWW_AUTHENTICATE};
 use http::{Method, Uri};
@@ -110,7 +110,10 @@ impl Dpop {
         let (Some(der), Some(path)) = (unsaved.as_ref(), &self.file) else {
             return Ok(());
         };
-        write_new_key(path, der)
+        let pem = rcgen::KeyPair::try_from(der.as_slice())
+            .map(|k| k.serialize_pem())
+            .map_err(|e| format!("dpop_key_file: cannot encode the key: {e}"))?;
+        crate::files::create_new(path, pem.as_bytes(), 0o600)
             .map_err(|e| format!("dpop_key_file: cannot write {}: {e}", path.display()))?;
         tracing::info!(path = %path.display(), jkt = %self.jkt, "generated a DPoP key");
         *unsaved = None;
@@ -264,35 +267,6 @@ fn pkcs8_of(key: &str, path: &Path, pem: &[u8]) -> Result<Vec<u8>, String> {
             "{key}.dpop_key_file: {shown} holds no PEM private key"
         )),
     }
-}
-
-/// Create `path` (and its directory, 0700) holding `der` as PEM, 0600, durably.
-fn write_new_key(path: &Path, der: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)?;
-    let mut pem = String::from("-----BEGIN PRIVATE KEY-----\n");
-    let b64 = STANDARD.encode(der);
-    for line in b64.as_bytes().chunks(64) {
-        pem.push_str(std::str::from_utf8(line).unwrap_or_default());
-        pem.push('\n');
-    }
-    pem.push_str("-----END PRIVATE KEY-----\n");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(pem.as_bytes())?;
-    f.sync_all()?;
-    std::fs::File::open(&dir)?.sync_all()
 }
 
 #[cfg(test)]

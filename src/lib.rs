@@ -16,6 +16,7 @@ pub mod demo;
 pub mod dpop;
 pub mod egress;
 pub mod error;
+pub mod files;
 pub mod idle;
 pub mod intercept;
 pub mod jwk;

@@ -148,37 +148,40 @@ impl RouteTable {
             .ok_or(ProxyError::NoRoute)
     }
 
-    /// The first route whose `hosts` names this host (as `by_host` matches them).
-    pub fn naming_host(&self, host: &str, port: Option<u16>) -> Option<&Arc<Route>> {
+    /// The routes whose `hosts` name this host exactly (case-insensitive; an entry without a
+    /// port matches any port), in table order.
+    fn naming<'a>(
+        &'a self,
+        host: &str,
+        port: Option<u16>,
+    ) -> impl Iterator<Item = &'a Arc<Route>> + 'a {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
         let with_port = port.map(|p| format!("{host}:{p}"));
-        self.routes.iter().find(|r| {
+        self.routes.iter().filter(move |r| {
             r.hosts
                 .iter()
                 .any(|h| *h == host || with_port.as_deref() == Some(h.as_str()))
         })
     }
 
-    /// Forward mode (absolute-form request, the app uses us as HTTP_PROXY): the route whose
-    /// `hosts` names this host exactly (case-insensitive; an entry without a port matches any
-    /// port), most specific prefix first. A host no route names is refused.
+    /// The first route whose `hosts` names this host.
+    pub fn naming_host(&self, host: &str, port: Option<u16>) -> Option<&Arc<Route>> {
+        self.naming(host, port).next()
+    }
+
+    /// Forward mode (absolute-form request, the app uses us as HTTP_PROXY): of the routes
+    /// naming this host, the most specific prefix first. A host no route names is refused.
     pub fn by_host(
         &self,
         host: &str,
         port: Option<u16>,
         path: &str,
     ) -> Result<&Arc<Route>, ProxyError> {
-        let host = host.trim_end_matches('.').to_ascii_lowercase();
-        let with_port = port.map(|p| format!("{host}:{p}"));
-        let names_host = |r: &&Arc<Route>| {
-            r.hosts
-                .iter()
-                .any(|h| *h == host || with_port.as_deref() == Some(h.as_str()))
-        };
-        let mut candidates = self.routes.iter().filter(names_host).peekable();
+        let mut candidates = self.naming(host, port).peekable();
         if candidates.peek().is_none() {
+            let host = host.trim_end_matches('.').to_ascii_lowercase();
             return Err(ProxyError::HostNotAllowed {
-                host: with_port.unwrap_or(host),
+                host: port.map_or_else(|| host.clone(), |p| format!("{host}:{p}")),
             });
         }
         candidates

@@ -50,17 +50,9 @@ pub fn load(key: &str, path: &Path, alg: Option<&str>) -> Result<SigningKey, Str
             ))
         }
     };
-    let (key_type, bytes) = match &der {
-        rustls::pki_types::PrivateKeyDer::Pkcs8(k) => (
-            pkcs8_type(k.secret_pkcs8_der()).ok_or_else(|| {
-                format!(
-                    "{key}.signing_key_file: {} is neither an RSA nor an EC P-256 key",
-                    path.display()
-                )
-            })?,
-            k.secret_pkcs8_der(),
-        ),
-        rustls::pki_types::PrivateKeyDer::Pkcs1(k) => (KeyType::Rsa, k.secret_pkcs1_der()),
+    let bytes = match &der {
+        rustls::pki_types::PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der(),
+        rustls::pki_types::PrivateKeyDer::Pkcs1(k) => k.secret_pkcs1_der(),
         _ => {
             return Err(format!(
                 "{key}.signing_key_file: {} is a SEC1 EC key; convert it to PKCS#8 \
@@ -68,6 +60,17 @@ pub fn load(key: &str, path: &Path, alg: Option<&str>) -> Result<SigningKey, Str
                 path.display()
             ))
         }
+    };
+    // Parsing the public half (strictly, by ring) also tells the key's type.
+    let public = public_jwk(&der).ok_or_else(|| {
+        format!(
+            "{key}.signing_key_file: {} is neither an RSA nor an EC P-256 key",
+            path.display()
+        )
+    })?;
+    let key_type = match public["kty"].as_str() {
+        Some("RSA") => KeyType::Rsa,
+        _ => KeyType::EcP256,
     };
     let alg = match (alg, key_type) {
         (None, KeyType::Rsa) => Algorithm::RS256,
@@ -115,12 +118,6 @@ pub fn load(key: &str, path: &Path, alg: Option<&str>) -> Result<SigningKey, Str
         )
     })?;
     let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
-    let public = public_jwk(&der).ok_or_else(|| {
-        format!(
-            "{key}.signing_key_file: {} could not be read as a signing key",
-            path.display()
-        )
-    })?;
     Ok(SigningKey {
         key: Arc::new(encoding),
         alg,
@@ -149,16 +146,4 @@ fn public_jwk(der: &rustls::pki_types::PrivateKeyDer<'_>) -> Option<serde_json::
     let ec = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, k.secret_pkcs8_der(), &rng)
         .ok()?;
     crate::jwk::ec_p256(ec.public_key().as_ref())
-}
-
-/// RSA or EC P-256, from a PKCS#8 key (ring parses both strictly).
-fn pkcs8_type(der: &[u8]) -> Option<KeyType> {
-    use ring::signature::{EcdsaKeyPair, RsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
-    if RsaKeyPair::from_pkcs8(der).is_ok() {
-        return Some(KeyType::Rsa);
-    }
-    let rng = ring::rand::SystemRandom::new();
-    EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der, &rng)
-        .ok()
-        .map(|_| KeyType::EcP256)
 }

@@ -290,26 +290,9 @@ fn ip_covers(net: &CidrSubnet, ip: std::net::IpAddr) -> bool {
 /// Write a generated CA: the key first (0600, never over an existing file), then the
 /// certificate (0644); both fsynced, their directories created 0700.
 pub fn write(cert: &Path, key: &Path, cert_pem: &str, key_pem: &str) -> Result<(), String> {
-    fn create(path: &Path, text: &str, mode: u32) -> std::io::Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)?;
-        }
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(path)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()
-    }
-    create(key, key_pem, 0o600)
+    crate::files::create_new(key, key_pem.as_bytes(), 0o600)
         .map_err(|e| format!("intercept.ca_key_file: cannot write {}: {e}", key.display()))?;
-    create(cert, cert_pem, 0o644).map_err(|e| {
+    crate::files::create_new(cert, cert_pem.as_bytes(), 0o644).map_err(|e| {
         format!(
             "intercept.ca_cert_file: cannot write {}: {e}",
             cert.display()

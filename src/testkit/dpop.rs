@@ -105,8 +105,3 @@ pub fn verify(
     }
     Ok(crate::jwk::thumbprint(jwk))
 }
-
-/// `ath` for `token`.
-pub fn ath(token: &str) -> String {
-    crate::dpop::ath(token)
-}

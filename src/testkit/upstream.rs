@@ -132,7 +132,7 @@ impl MockUpstream {
         let expect = super::dpop::Expect {
             method: parts.method.as_str(),
             htu: &htu,
-            ath: Some(super::dpop::ath(token)),
+            ath: Some(crate::dpop::ath(token)),
             nonce: nonce.as_deref(),
         };
         let mut seen = self.dpop_seen_jti.lock().unwrap_or_else(|e| e.into_inner());

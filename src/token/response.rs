@@ -76,6 +76,23 @@ pub fn parse_token_response_as(
     now: SystemTime,
     dpop_jkt: Option<&str>,
 ) -> Result<TokenSet, ResponseError> {
+    parse(
+        body,
+        now,
+        dpop_jkt.map_or(TokenType::Bearer, TokenType::Dpop),
+    )
+}
+
+/// The `token_type` a response must have, and the DPoP key the token is then bound to.
+#[derive(Clone, Copy)]
+enum TokenType<'a> {
+    Bearer,
+    Dpop(&'a str),
+    /// Handed over to a DPoP credential: either type, taken as bound to this key.
+    Either(&'a str),
+}
+
+fn parse(body: &[u8], now: SystemTime, expect: TokenType<'_>) -> Result<TokenSet, ResponseError> {
     let raw: RawResponse =
         serde_json::from_slice(body).map_err(|e| ResponseError::NotJson(e.classify_str()))?;
     let access = raw
@@ -83,16 +100,29 @@ pub fn parse_token_response_as(
         .filter(|s| !s.is_empty())
         .ok_or(ResponseError::MissingAccessToken)?;
     let shown = |tt: &str| tt.chars().take(32).collect::<String>();
-    match (&raw.token_type, dpop_jkt) {
-        (Some(tt), Some(_)) if !tt.eq_ignore_ascii_case("dpop") => {
-            return Err(ResponseError::NotDpopBound(shown(tt)))
-        }
-        (None, Some(_)) => return Err(ResponseError::NotDpopBound("(none)".into())),
+    let is = |t: &str| {
+        raw.token_type
+            .as_deref()
+            .is_some_and(|tt| tt.eq_ignore_ascii_case(t))
+    };
+    let (ok, dpop_jkt) = match expect {
         // RFC 6749 §7.1: a client must not use a token whose type it does not understand.
-        (Some(tt), None) if !tt.eq_ignore_ascii_case("bearer") => {
-            return Err(ResponseError::UnsupportedTokenType(shown(tt)))
-        }
-        _ => {}
+        TokenType::Bearer => (raw.token_type.is_none() || is("bearer"), None),
+        TokenType::Dpop(jkt) => (is("dpop"), Some(jkt)),
+        TokenType::Either(jkt) => (
+            raw.token_type.is_none() || is("bearer") || is("dpop"),
+            Some(jkt),
+        ),
+    };
+    if !ok {
+        let tt = raw
+            .token_type
+            .as_deref()
+            .map_or_else(|| "(none)".into(), shown);
+        return Err(match expect {
+            TokenType::Dpop(_) => ResponseError::NotDpopBound(tt),
+            _ => ResponseError::UnsupportedTokenType(tt),
+        });
     }
     let expires_in = match raw.expires_in {
         None => None,
@@ -138,40 +168,14 @@ pub fn parse_handed_over_as(
     now: SystemTime,
     dpop_jkt: Option<&str>,
 ) -> Result<TokenSet, String> {
-    let Some(jkt) = dpop_jkt else {
-        return parse_handed_over_typed(body, now);
-    };
-    let mut v: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|_| "token response is not a JSON object".to_string())?;
-    // Both types are accepted here: read a DPoP one as the (otherwise equal) bearer shape.
-    fn bearer_shape(o: &mut serde_json::Map<String, serde_json::Value>) {
-        let dpop = o
-            .get("token_type")
-            .and_then(|x| x.as_str())
-            .is_some_and(|x| x.eq_ignore_ascii_case("dpop"));
-        if dpop {
-            o.insert("token_type".into(), "Bearer".into());
-        }
-        if let Some(inner) = o.get_mut("oauth_token").and_then(|x| x.as_object_mut()) {
-            bearer_shape(inner);
-        }
-    }
-    if let Some(o) = v.as_object_mut() {
-        bearer_shape(o);
-    }
-    let mut set = parse_handed_over_typed(v.to_string().as_bytes(), now)?;
-    set.dpop_jkt = Some(jkt.to_string());
-    Ok(set)
-}
-
-fn parse_handed_over_typed(body: &[u8], now: SystemTime) -> Result<TokenSet, String> {
+    let expect = dpop_jkt.map_or(TokenType::Bearer, TokenType::Either);
     let nested = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
         .filter(|v| v.get("access_token").is_none())
         .and_then(|v| v.get("oauth_token").filter(|t| t.is_object()).cloned());
     let parsed = match nested {
-        Some(inner) => parse_token_response(inner.to_string().as_bytes(), now),
-        None => parse_token_response(body, now),
+        Some(inner) => parse(inner.to_string().as_bytes(), now, expect),
+        None => parse(body, now, expect),
     };
     let mut set = parsed.map_err(|e| e.to_string())?;
     if let Some(jwt_exp) = jwt_expiry(set.access_token.expose_secret()) {
@@ -321,5 +325,34 @@ mod tests {
                 .expires_at,
             None
         );
+    }
+
+    #[test]
+    fn token_types_follow_the_request() {
+        let dpop = br#"{"access_token":"a","token_type":"DPoP","expires_in":60}"#;
+        let bearer = br#"{"access_token":"a","token_type":"Bearer","expires_in":60}"#;
+        assert_eq!(
+            parse_token_response_as(dpop, now(), Some("k"))
+                .unwrap()
+                .dpop_jkt
+                .as_deref(),
+            Some("k")
+        );
+        assert!(matches!(
+            parse_token_response_as(bearer, now(), Some("k")),
+            Err(ResponseError::NotDpopBound(_))
+        ));
+        assert!(matches!(
+            parse_token_response(dpop, now()),
+            Err(ResponseError::UnsupportedTokenType(_))
+        ));
+        // Handed over to a DPoP credential: either type, bound to its key.
+        for body in [&dpop[..], &bearer[..]] {
+            let set = parse_handed_over_as(body, now(), Some("k")).unwrap();
+            assert_eq!(set.dpop_jkt.as_deref(), Some("k"));
+        }
+        let nested = br#"{"oauth_token":{"access_token":"a","token_type":"DPoP"}}"#;
+        assert!(parse_handed_over_as(nested, now(), Some("k")).is_ok());
+        assert!(parse_handed_over(nested, now()).is_err());
     }
 }

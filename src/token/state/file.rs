@@ -220,13 +220,7 @@ fn save_file(path: &Path, stored: &Stored) -> Result<(), StateError> {
     write_atomic(path, &json).map_err(|e| file_error(path, e))
 }
 
-/// The directory a state file lives in.
-fn dir_of(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
-}
+use crate::files::dir_of;
 
 /// Check, at start and in `check`, that the state file's directory is safe and writable:
 /// created (0700) when missing; refused when other users could write it (they could plant
@@ -291,16 +285,9 @@ fn random_suffix() -> String {
     format!("{:016x}", rand::thread_rng().gen::<u64>())
 }
 
-/// A new file, mode 0600, that did not exist before (`O_EXCL`: a planted file or symlink
-/// makes this fail instead of being written through) and is not a symlink (`O_NOFOLLOW`).
+/// A new private file (0600, `O_EXCL`, `O_NOFOLLOW`).
 fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
+    crate::files::open_new(path, 0o600)
 }
 
 /// Write `bytes` to `path` so that a crash leaves either the old or the new file, never a
