@@ -64,7 +64,41 @@ where
         .build(connector)
 }
 
+/// How many token-endpoint (and JWKS) calls one token client makes at once. Ten thousand
+/// credentials starting together would otherwise open ten thousand connections to the
+/// identity provider in the same instant (a stampede it may well rate-limit), and the
+/// proxy would carry their buffers at its memory peak for good: the heap does not shrink
+/// back. Calls beyond this wait their turn, within their own timeout.
+pub const TOKEN_CALLS_IN_FLIGHT: usize = 32;
+
 /// The client for token endpoints and JWKS (credentials' own calls, not app traffic).
+/// Shared through an `Arc`: a hyper client is a few hundred bytes, and there may be ten
+/// thousand credentials.
+pub struct TokenClient {
+    client: Client<Connector, http_body_util::Full<bytes::Bytes>>,
+    in_flight: Arc<tokio::sync::Semaphore>,
+}
+
+impl TokenClient {
+    /// Send `req` once a call slot is free (see [`TOKEN_CALLS_IN_FLIGHT`]); the slot is
+    /// held until the response body has been read (`Permit` is dropped by the caller).
+    pub async fn request(
+        &self,
+        req: http::Request<http_body_util::Full<bytes::Bytes>>,
+    ) -> (
+        tokio::sync::OwnedSemaphorePermit,
+        Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>,
+    ) {
+        let permit = self
+            .in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        (permit, self.client.request(req).await)
+    }
+}
+
 /// Credentials without `ca_file` and with the same timeout share one client, so ten
 /// thousand credentials share a few pooled connections rather than keeping one each;
 /// and a burst of token calls (every credential fetching at start) leaves at most a few
@@ -74,21 +108,24 @@ pub fn token_client(
     cert: Option<&ClientCert>,
     egress: Option<&Arc<Egress>>,
     timeout: Duration,
-) -> Result<Client<Connector, http_body_util::Full<bytes::Bytes>>, String> {
-    type Shared = Client<Connector, http_body_util::Full<bytes::Bytes>>;
-    static SHARED: std::sync::Mutex<Vec<(Duration, Shared)>> = std::sync::Mutex::new(Vec::new());
+) -> Result<Arc<TokenClient>, String> {
+    static SHARED: std::sync::Mutex<Vec<(Duration, Arc<TokenClient>)>> =
+        std::sync::Mutex::new(Vec::new());
     let timeouts = Timeouts {
         connect: timeout,
         write_stall: timeout,
     };
-    let build = || -> Result<Shared, String> {
+    let build = || -> Result<Arc<TokenClient>, String> {
         let tls = tls_config(ca_file, cert)?;
-        Ok(Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(4)
-            .build(connector(tls, egress, timeouts, true)))
+        Ok(Arc::new(TokenClient {
+            client: Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .pool_idle_timeout(Duration::from_secs(60))
+                .pool_max_idle_per_host(4)
+                .build(connector(tls, egress, timeouts, true)),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(TOKEN_CALLS_IN_FLIGHT)),
+        }))
     };
     if ca_file.is_some() || cert.is_some() || egress.is_some() {
         return build();

@@ -138,3 +138,38 @@ async fn json_encoding_with_extra_headers_and_body_client_auth() {
     assert!(req.headers.get("authorization").is_none());
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_credentials_starting_together_do_not_stampede_the_token_endpoint() {
+    let world = World::new(Duration::from_secs(300)).await;
+    world.auth.set_response_delay(Duration::from_millis(100));
+    let mut toml = world.config("", "");
+    for i in 0..100 {
+        toml.push_str(&format!(
+            "\n[credentials.c{i}]\ngrant = \"client_credentials\"\n\
+             token_url = \"{}/oauth/token\"\nclient_id = \"cid\"\nclient_secret = \"s-{i}\"\n",
+            world.idp.url
+        ));
+    }
+    let app = start(&toml).await;
+    let tokens_url = admin(&app, "/tokens");
+    wait_for(
+        "all 100 credentials fresh",
+        Duration::from_secs(60),
+        || async {
+            let tokens = get(&tokens_url).await.json();
+            (0..100).all(|i| tokens[format!("c{i}")]["state"] == "fresh")
+        },
+    )
+    .await;
+    assert_eq!(
+        world.auth.client_credentials_calls.load(Ordering::SeqCst),
+        100
+    );
+    let most = world.auth.max_in_flight.load(Ordering::SeqCst);
+    assert!(
+        (2..=token_proxy::upstream::TOKEN_CALLS_IN_FLIGHT as u64).contains(&most),
+        "token calls at once: {most}"
+    );
+    app.stop().await;
+}

@@ -424,7 +424,7 @@ pub(super) fn build_credential(
                 c.signing_alg.as_deref(),
             )
             .map_err(ConfigError)?;
-            Some(super::AssertionConfig {
+            Some(Box::new(super::AssertionConfig {
                 // INTERFACE.md: `signing_key_id`, else the key's RFC 7638 thumbprint.
                 kid: Some(
                     c.signing_key_id
@@ -433,7 +433,7 @@ pub(super) fn build_credential(
                 ),
                 key: signing,
                 audience: c.assertion_audience.clone(),
-            })
+            }))
         }
         (_, Some(_)) => {
             return err(format!(

@@ -252,8 +252,8 @@ pub struct EndpointConfig {
     /// Extra token request parameters (e.g. Auth0's `audience`, `resource` of RFC 8707).
     pub params: Vec<(String, String)>,
     pub headers: Vec<(HeaderName, HeaderValue)>,
-    /// Set with `client_auth = "private_key_jwt"`.
-    pub assertion: Option<AssertionConfig>,
+    /// Set with `client_auth = "private_key_jwt"` (boxed: most credentials have none).
+    pub assertion: Option<Box<AssertionConfig>>,
 }
 
 #[derive(Debug, Clone)]

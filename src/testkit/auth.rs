@@ -117,6 +117,8 @@ pub struct MockAuth {
     pub echo_requests_in_errors: std::sync::atomic::AtomicBool,
     /// Token requests being handled right now.
     pub in_flight: AtomicU64,
+    /// The most requests it ever had in flight at once.
+    pub max_in_flight: AtomicU64,
     /// private_key_jwt: the client's public key; assertions are verified when set.
     client_key: Mutex<Option<ClientKey>>,
     /// Verified client assertions (header and claims), in order.
@@ -193,6 +195,7 @@ impl MockAuth {
             rejected_calls: AtomicU64::new(0),
             echo_requests_in_errors: std::sync::atomic::AtomicBool::new(false),
             in_flight: AtomicU64::new(0),
+            max_in_flight: AtomicU64::new(0),
             client_key: Mutex::new(None),
             assertions: Mutex::new(Vec::new()),
             dpop_nonce_challenges: AtomicU64::new(0),
@@ -505,7 +508,8 @@ impl MockAuth {
     }
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_in_flight.fetch_max(now, Ordering::SeqCst);
         let _counted = InFlight(&self.in_flight);
         let response = self.clone().respond(req).await;
         let delay = *self

@@ -8,12 +8,13 @@
 //! mark a reader makes is `reject`: "the upstream refused generation N", which the
 //! refresher then acts on.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use http::header::{HeaderName, HeaderValue};
 use secrecy::SecretString;
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::sync::{oneshot, watch, Notify};
 
 use super::refresher::Command;
 use super::response::parse_handed_over_as;
@@ -120,7 +121,7 @@ pub struct Credential {
     /// Wakes the refresher: a request needs a token, or a 401 arrived.
     pub(super) wake: Notify,
     /// Installs, sign-outs and forced refreshes, for the refresher to carry out.
-    commands: mpsc::Sender<Command>,
+    commands: Mutex<Commands>,
     /// Whether this replica holds the shared refresh lease right now (during a token call).
     lease_holder: Box<dyn Fn() -> bool + Send + Sync>,
     /// Bounds 401-triggered refreshes, so an upstream that answers 401 for other reasons
@@ -135,7 +136,6 @@ impl Credential {
         store_kind: &'static str,
         wait_timeout: Duration,
         snapshot: Snapshot,
-        commands: mpsc::Sender<Command>,
         lease_holder: Box<dyn Fn() -> bool + Send + Sync>,
     ) -> Credential {
         Credential {
@@ -146,7 +146,7 @@ impl Credential {
             wait_timeout,
             snapshot: watch::Sender::new(snapshot),
             wake: Notify::new(),
-            commands,
+            commands: Mutex::default(),
             lease_holder,
             reject_budget: Mutex::new(RejectBudget::new()),
         }
@@ -302,15 +302,51 @@ impl Credential {
     ) -> Result<T, String> {
         let (reply, answer) = oneshot::channel();
         let gone = || "the credential is being replaced or stopped; try again".to_string();
-        self.commands
-            .send(command(reply))
-            .await
-            .map_err(|_| gone())?;
+        {
+            let mut commands = self.commands.lock().unwrap_or_else(|e| e.into_inner());
+            if commands.closed {
+                return Err(gone());
+            }
+            if commands.queue.len() >= Commands::MAX_QUEUED {
+                return Err("too many requests for this credential in progress; try again".into());
+            }
+            commands.queue.push_back(command(reply));
+        }
+        self.wake.notify_one();
         match tokio::time::timeout(self.wait_timeout * 2, answer).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(_)) => Err(gone()),
             Err(_) => Err("timed out waiting for the token endpoint".into()),
         }
+    }
+}
+
+/// Commands waiting for the refresher, which takes them when it wakes. A plain queue, not
+/// a channel: a channel allocates a block of slots for every credential, and commands are
+/// rare (admin actions), while credentials may number ten thousand.
+#[derive(Default)]
+struct Commands {
+    queue: VecDeque<Command>,
+    /// The refresher is gone: queued commands were dropped (their askers hear so).
+    closed: bool,
+}
+
+impl Commands {
+    const MAX_QUEUED: usize = 16;
+}
+
+impl Credential {
+    /// The next command for the refresher, if any.
+    pub(super) fn next_command(&self) -> Option<Command> {
+        let mut commands = self.commands.lock().unwrap_or_else(|e| e.into_inner());
+        commands.queue.pop_front()
+    }
+
+    /// The refresher is gone for good: fail what is queued and whatever is asked later.
+    pub(super) fn close_commands(&self) {
+        let mut commands = self.commands.lock().unwrap_or_else(|e| e.into_inner());
+        commands.closed = true;
+        commands.queue.clear();
     }
 }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use http::header::HeaderValue;
 use secrecy::{ExposeSecret, SecretString};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -34,7 +34,7 @@ const FILE_POLL: Duration = Duration::from_secs(2);
 /// What the read side asks of the writer.
 pub enum Command {
     Install {
-        /// Boxed: a command queue preallocates room for 32 commands per credential.
+        /// Boxed: keeps every command small.
         set: Box<TokenSet>,
         reply: oneshot::Sender<Result<(), String>>,
     },
@@ -72,9 +72,9 @@ struct Writer {
     /// A fetched token set whose verification could not finish (JWKS unreachable, or a new
     /// `kid` not yet refetchable): verified again on the next attempt instead of fetching
     /// (and rotating) anew.
-    unverified: Option<TokenSet>,
+    unverified: Option<Box<TokenSet>>,
     /// A set whose commit failed; committed again (`save_retry_at`) until it lands.
-    unsaved: Option<Stored>,
+    unsaved: Option<Box<Stored>>,
     /// The newest set this writer holds (to write back to a shared store that lost it).
     held: Option<TokenSet>,
     save_failures: u32,
@@ -86,12 +86,13 @@ pub struct Refresher {
     cred: Arc<Credential>,
     grant: Grant,
     store: Arc<dyn StateStore>,
-    verifier: Option<Verifier>,
+    /// Boxed: most credentials verify nothing, and a verifier is large.
+    verifier: Option<Box<Verifier>>,
     header_prefix: String,
     refresh_before: Duration,
     metrics: Arc<Metrics>,
-    /// The writer state and the command queue; held by the running task.
-    inner: tokio::sync::Mutex<(Writer, mpsc::Receiver<Command>)>,
+    /// The writer state; held by the running task.
+    inner: tokio::sync::Mutex<Writer>,
 }
 
 /// Build a credential from its config: the read side and the refresher that owns its
@@ -104,7 +105,9 @@ pub async fn build(
 ) -> Result<(Arc<Credential>, Arc<Refresher>), String> {
     let named = |e: String| format!("credentials.{}: {e}", config.name);
     let grant = Grant::from_config(config).map_err(named)?;
-    let verifier = Verifier::for_credential(config).map_err(named)?;
+    let verifier = Verifier::for_credential(config)
+        .map_err(named)?
+        .map(Box::new);
     let now = SystemTime::now();
     let loaded = match store.load().await {
         Ok(loaded) => loaded,
@@ -162,7 +165,6 @@ pub async fn build(
             .or(start.carried_refresh_token)
             .or_else(|| config.refresh_token().cloned()),
     };
-    let (commands, queue) = mpsc::channel(16);
     let persisted = (store.kind() != "memory").then_some(true);
     let cred = Arc::new(
         Credential::new(
@@ -171,7 +173,6 @@ pub async fn build(
             store.kind(),
             config.timeout + Duration::from_secs(1),
             Snapshot::empty(persisted),
-            commands,
             {
                 let store = store.clone();
                 Box::new(move || store.holds_lease())
@@ -199,14 +200,13 @@ pub async fn build(
         header_prefix: config.header_prefix.clone(),
         refresh_before: config.refresh_before,
         metrics,
-        inner: tokio::sync::Mutex::new((writer, queue)),
+        inner: tokio::sync::Mutex::new(writer),
     };
     // A saved access token still valid is used at once (a restart costs no refresh),
     // unless tokens must be verified: then the refresher fetches and verifies a new one.
     if let Some(set) = initial.filter(|_| refresher.verifier.is_none()) {
         if set.expires_at.is_none_or(|at| at > now) {
-            let mut inner = refresher.inner.lock().await;
-            let w = &mut inner.0;
+            let mut w = refresher.inner.lock().await;
             w.generation = w.generation.max(1);
             if let Ok(active) = refresher.activate(w.generation, &set) {
                 cred.snapshot.send_modify(|s| {
@@ -219,6 +219,13 @@ pub async fn build(
     Ok((cred, Arc::new(refresher)))
 }
 
+impl Drop for Refresher {
+    /// Whoever waits on a command this refresher will never carry out hears so at once.
+    fn drop(&mut self) {
+        self.cred.close_commands();
+    }
+}
+
 impl Refresher {
     pub fn credential(&self) -> &Arc<Credential> {
         &self.cred
@@ -226,7 +233,7 @@ impl Refresher {
 
     /// The refresh token held now (the task must be stopped, or between actions).
     pub async fn refresh_token(&self) -> Option<SecretString> {
-        self.inner.lock().await.0.refresh_token.clone()
+        self.inner.lock().await.refresh_token.clone()
     }
 
     fn polls_file(&self) -> bool {
@@ -239,7 +246,7 @@ impl Refresher {
     /// thousand credentials mostly are — holds only its small loop state.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut guard = self.inner.lock().await;
-        let (w, queue) = &mut *guard;
+        let w = &mut *guard;
         let mut others = self.store.watch();
         let mut watch_closed = false;
         loop {
@@ -259,19 +266,25 @@ impl Refresher {
                 }
                 Action::Wait(until) => until,
             };
+            if shutdown.is_cancelled() {
+                return;
+            }
+            // Commands queued while busy (each one also left a wake-up permit behind).
+            if let Some(command) = self.cred.next_command() {
+                Box::pin(self.handle(w, command)).await;
+                continue;
+            }
             let sleep = async {
                 match wait_until {
                     Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
             };
-            let command = tokio::select! {
+            tokio::select! {
                 _ = shutdown.cancelled() => return,
-                command = queue.recv() => match command {
-                    Some(c) => Some(c),
-                    None => return,
-                },
-                _ = self.cred.wake.notified() => None,
+                // A request needs a token, a 401 arrived, or a command was queued: the
+                // loop decides what to do again.
+                _ = self.cred.wake.notified() => {}
                 changed = others.changed(), if !watch_closed => {
                     let seen = *others.borrow_and_update();
                     match changed {
@@ -285,12 +298,8 @@ impl Refresher {
                         // listening rather than spin on a closed channel.
                         Err(_) => watch_closed = true,
                     }
-                    None
                 }
-                _ = sleep => None,
-            };
-            if let Some(command) = command {
-                Box::pin(self.handle(w, command)).await;
+                _ = sleep => {}
             }
         }
     }
@@ -351,6 +360,7 @@ impl Refresher {
             .unverified
             .take()
             .filter(|set| set.expires_at.is_none_or(|at| at > SystemTime::now()));
+        let held = held.map(|set| *set);
         let outcome = match held {
             // Already committed when it was fetched: only the verification is retried.
             Some(set) => self.verify_and_publish(w, set, w.generation).await,
@@ -600,7 +610,7 @@ impl Refresher {
             match verifier.verify(set.access_token.expose_secret()).await {
                 Ok(()) => {}
                 Err(e @ VerifyError::Jwks(_)) => {
-                    w.unverified = Some(set);
+                    w.unverified = Some(Box::new(set));
                     return Err(GrantError::Transient {
                         message: e.to_string(),
                         retry_after: None,
@@ -751,7 +761,7 @@ impl Refresher {
                 tracing::error!(credential = %self.cred.name, error = %failure, "could not save tokens to the state store; retrying; a restart now would need a new login");
                 w.save_failures += 1;
                 w.save_retry_at = Some(Instant::now() + schedule::backoff(w.save_failures));
-                w.unsaved = Some(stored);
+                w.unsaved = Some(Box::new(stored));
                 self.cred.snapshot.send_modify(|s| {
                     s.persisted = Some(false);
                     s.last_error = Some(format!(
@@ -765,7 +775,7 @@ impl Refresher {
     /// Commit the set whose commit failed, again.
     async fn save_again(&self, w: &mut Writer) {
         if let Some(stored) = w.unsaved.clone() {
-            self.commit(w, stored).await;
+            self.commit(w, *stored).await;
         }
     }
 

@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 pub struct TokenStore {
     credentials: DashMap<Arc<str>, Arc<Credential>>,
     /// The config each credential was built from (fingerprints decide what a reload changes).
-    configs: Mutex<HashMap<Arc<str>, CredentialConfig>>,
+    configs: Mutex<HashMap<Arc<str>, Built>>,
     /// Each credential's refresher task and the token that stops it.
     refreshers: Mutex<HashMap<Arc<str>, Running>>,
     /// Refreshers built but not started yet (`spawn_refreshers` starts them).
@@ -87,7 +87,7 @@ impl TokenStore {
         for c in config.credentials.values() {
             let refresher = store.build(c, Start::default()).await?;
             let cred = refresher.credential().clone();
-            lock(&store.configs).insert(cred.name.clone(), c.clone());
+            lock(&store.configs).insert(cred.name.clone(), Built::of(c));
             store.credentials.insert(cred.name.clone(), cred);
             lock(&store.pending).push(refresher);
         }
@@ -152,16 +152,16 @@ impl TokenStore {
             report.removed.push(name.to_string());
         }
         for (name, config) in new {
-            let old_config = lock(&self.configs).get(name.as_str()).cloned();
+            let old_config = lock(&self.configs).get(name.as_str()).copied();
+            let built = Built::of(config);
             let (start, previous) = match &old_config {
-                Some(old) if old.fingerprint() == config.fingerprint() => {
+                Some(old) if old.fingerprint == built.fingerprint => {
                     report.kept.push(name.clone());
                     continue;
                 }
                 Some(old) => {
                     let previous = self.stop_refresher(name).await;
-                    let same_start = same_secret(old.refresh_token(), config.refresh_token())
-                        && same_secret(old.initial_tokens(), config.initial_tokens());
+                    let same_start = old.start == built.start;
                     let carried = match (same_start, &previous) {
                         (true, Some(previous)) => previous.refresh_token().await,
                         _ => None,
@@ -178,7 +178,7 @@ impl TokenStore {
                 Ok(refresher) => {
                     let cred = refresher.credential().clone();
                     let key = cred.name.clone();
-                    lock(&self.configs).insert(key.clone(), config.clone());
+                    lock(&self.configs).insert(key.clone(), built);
                     self.credentials.insert(key, cred);
                     self.spawn_refresher(refresher);
                     match old_config {
@@ -258,6 +258,27 @@ impl TokenStore {
     }
 }
 
-fn same_secret(a: Option<&secrecy::SecretString>, b: Option<&secrecy::SecretString>) -> bool {
-    a.map(|s| s.expose_secret()) == b.map(|s| s.expose_secret())
+/// What a reload must remember of the config a credential was built from. Not the config
+/// itself: with ten thousand credentials, keeping every config would cost more memory than
+/// the credentials do.
+#[derive(Clone, Copy)]
+struct Built {
+    /// [`CredentialConfig::fingerprint`]: equal means unchanged.
+    fingerprint: u64,
+    /// A digest of where the credential starts from (the configured refresh token and
+    /// initial tokens): when it changes, the operator handed over new ones and they win.
+    start: u64,
+}
+
+impl Built {
+    fn of(c: &CredentialConfig) -> Built {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        c.refresh_token().map(|s| s.expose_secret()).hash(&mut h);
+        c.initial_tokens().map(|s| s.expose_secret()).hash(&mut h);
+        Built {
+            fingerprint: c.fingerprint(),
+            start: h.finish(),
+        }
+    }
 }

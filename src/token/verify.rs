@@ -8,16 +8,13 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::Uri;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::Client;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
 use crate::config::CredentialConfig;
 use crate::error::error_chain;
-use crate::upstream::Connector;
 
 const MIN_REFETCH: Duration = Duration::from_secs(10);
 const MAX_JWKS: usize = 256 * 1024;
@@ -85,7 +82,7 @@ pub fn verify_with_keys(token: &str, keys: &[Jwk], policy: &Policy) -> Result<()
 
 pub struct Verifier {
     config: VerifierConfig,
-    client: Client<Connector, Full<Bytes>>,
+    client: std::sync::Arc<crate::upstream::TokenClient>,
     cache: tokio::sync::Mutex<Cache>,
 }
 
@@ -165,11 +162,10 @@ impl Verifier {
     async fn fetch(&self) -> Result<Vec<Jwk>, VerifyError> {
         let err = |m: String| VerifyError::Jwks(m);
         let exchange = async {
-            let resp = self
-                .client
-                .get(self.config.jwks_url.clone())
-                .await
-                .map_err(|e| err(error_chain(&e)))?;
+            let mut req = http::Request::new(Full::default());
+            *req.uri_mut() = self.config.jwks_url.clone();
+            let (_slot, resp) = self.client.request(req).await;
+            let resp = resp.map_err(|e| err(error_chain(&e)))?;
             if !resp.status().is_success() {
                 return Err(err(format!(
                     "JWKS endpoint answered {}",

@@ -12,7 +12,6 @@ use http::header::{
 };
 use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::Client;
 use secrecy::{ExposeSecret, SecretString};
 
 use super::GrantError;
@@ -22,7 +21,7 @@ use crate::redact::Redactor;
 use crate::token::response::{
     ensure_not_expired, parse_token_response_as, ResponseError, TokenSet,
 };
-use crate::upstream::{self, Connector};
+use crate::upstream;
 
 /// Token responses larger than this are refused (a token endpoint is not a file server).
 pub const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
@@ -38,8 +37,8 @@ pub struct Endpoint {
     params: Vec<(String, String)>,
     headers: Vec<(HeaderName, HeaderValue)>,
     timeout: Duration,
-    client: Client<Connector, Full<Bytes>>,
-    assertion: Option<AssertionConfig>,
+    client: std::sync::Arc<upstream::TokenClient>,
+    assertion: Option<Box<AssertionConfig>>,
     /// `dpop = true`: a proof with every call; tokens must come back DPoP-bound.
     dpop: Option<std::sync::Arc<crate::dpop::Dpop>>,
 }
@@ -255,7 +254,8 @@ impl Endpoint {
             retry_after: None,
         };
         let exchange = async {
-            let resp = self.client.request(req).await.map_err(|e| {
+            let (_slot, resp) = self.client.request(req).await;
+            let resp = resp.map_err(|e| {
                 transient(format!("token endpoint unreachable: {}", error_chain(&e)))
             })?;
             let status = resp.status();

@@ -144,20 +144,16 @@ pub trait StateStore: Send + Sync + 'static {
 }
 
 /// The bookkeeping of a single-holder store: its committed generation (for the
-/// compare-and-set) and a watch nobody else ever sends on.
+/// compare-and-set). Nobody else writes to it, so its watch never fires.
+#[derive(Default)]
 pub(crate) struct LocalHolder {
     generation: Mutex<u64>,
-    others: watch::Sender<u64>,
 }
 
-impl Default for LocalHolder {
-    fn default() -> Self {
-        LocalHolder {
-            generation: Mutex::new(0),
-            others: watch::Sender::new(0),
-        }
-    }
-}
+/// The one watch every single-holder store hands out: nothing is ever sent on it. Shared,
+/// so that ten thousand credentials do not each keep a channel that never speaks.
+static NOBODY_ELSE: std::sync::LazyLock<watch::Sender<u64>> =
+    std::sync::LazyLock::new(|| watch::Sender::new(0));
 
 impl LocalHolder {
     fn current(&self) -> u64 {
@@ -186,7 +182,7 @@ impl LocalHolder {
     }
 
     pub(crate) fn watch(&self) -> watch::Receiver<u64> {
-        self.others.subscribe()
+        NOBODY_ELSE.subscribe()
     }
 }
 
