@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -28,50 +29,97 @@ pub struct ConnLimits {
     pub max_header_size: usize,
 }
 
+/// The auto-detecting server (HTTP/1.1 or h2, by what arrives), for intercepted tunnels.
 pub(crate) fn builder(limits: ConnLimits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
-        // hyper's minimum buffer is 8 KiB; a head that does not fit is answered with 431.
-        .max_buf_size(limits.max_header_size.max(8192));
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(max_buf_size(limits));
     b.http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_size).unwrap_or(u32::MAX));
+        .max_header_list_size(max_header_list_size(limits));
     b
 }
 
-/// The same HTTP/1.1 settings, for connections that cannot be h2c (see [`sniff`]).
-fn http1_builder(limits: ConnLimits) -> hyper::server::conn::http1::Builder {
-    let mut b = hyper::server::conn::http1::Builder::new();
+fn http1_builder(limits: ConnLimits) -> http1::Builder {
+    let mut b = http1::Builder::new();
     b.timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(limits.max_header_size.max(8192));
+        .max_buf_size(max_buf_size(limits));
     b
+}
+
+fn http2_builder(limits: ConnLimits) -> http2::Builder<TokioExecutor> {
+    let mut b = http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .max_header_list_size(max_header_list_size(limits));
+    b
+}
+
+/// hyper's minimum buffer is 8 KiB; an HTTP/1.1 head that does not fit gets 431.
+fn max_buf_size(limits: ConnLimits) -> usize {
+    limits.max_header_size.max(8192)
+}
+
+fn max_header_list_size(limits: ConnLimits) -> u32 {
+    u32::try_from(limits.max_header_size).unwrap_or(u32::MAX)
 }
 
 /// A request head must arrive within this (hyper's own default, made explicit).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// What a new connection's first bytes say it speaks.
+/// What h2c with prior knowledge starts with (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What a new connection speaks, by its first bytes.
+#[derive(Debug, PartialEq)]
 enum Protocol {
-    /// Cannot be HTTP/2's preface (`PRI * HTTP/2.0...`): served as HTTP/1.1 alone.
     Http1,
-    /// Starts like the preface (or like PUT/POST/PATCH): the auto-detecting server decides.
-    Either,
+    /// h2c with prior knowledge.
+    Http2,
 }
 
-/// Peek (without consuming) at the first two bytes. Nearly every connection is told apart
-/// at once, and an HTTP/1.1-only connection then carries neither HTTP/2 machinery nor the
-/// detector's buffered prefix for its whole life: 19.3 -> 13.0 KiB per idle keep-alive
-/// connection (benches/scale.rs). Until its first byte arrives a connection holds no HTTP
-/// state at all. `None`: the peer closed, or sent nothing within the header timeout.
+/// Which protocol `first` (the bytes received so far) is, if they tell yet.
+fn protocol_of(first: &[u8]) -> Option<Protocol> {
+    let n = first.len().min(H2_PREFACE.len());
+    if first[..n] != H2_PREFACE[..n] {
+        Some(Protocol::Http1)
+    } else if n == H2_PREFACE.len() {
+        Some(Protocol::Http2)
+    } else {
+        None
+    }
+}
+
+/// Peek (without consuming) at a new connection's first bytes, and serve it with hyper's
+/// HTTP/1.1 or h2 server alone, rather than hyper-util's auto-detecting one: that one
+/// keeps the detector's buffered prefix and room for the other protocol's state for the
+/// connection's whole life (19.3 -> 13.5 KiB per idle keep-alive connection, measured by
+/// benches/scale.rs). Until its first byte arrives a connection holds no HTTP state at
+/// all. Nearly every HTTP/1.1 request differs from the preface in its first two bytes; an
+/// h2c client sends the whole preface at once. A peer that sends a piece of it and stalls
+/// is looked at again every 20 ms until the header timeout. `None`: the peer closed, or
+/// did not say within the header timeout.
 async fn sniff(stream: &tokio::net::TcpStream) -> Option<Protocol> {
-    let mut first = [0u8; 2];
-    match tokio::time::timeout(HEADER_READ_TIMEOUT, stream.peek(&mut first)).await {
-        Ok(Ok(0)) | Ok(Err(_)) | Err(_) => None,
-        Ok(Ok(n)) if first[..n] == b"PR"[..n] => Some(Protocol::Either),
-        Ok(Ok(_)) => Some(Protocol::Http1),
+    let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
+    let mut first = [0u8; 24];
+    loop {
+        let n = tokio::time::timeout_at(deadline, stream.peek(&mut first))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        if let Some(protocol) = protocol_of(&first[..n]) {
+            return Some(protocol);
+        }
+        // Peeking again at once would return the same bytes: wait a little instead.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
     }
 }
 
@@ -88,11 +136,11 @@ pub async fn serve<F, Fut>(
 {
     // Shared, not cloned into each connection's task: every byte a task holds is paid by
     // every idle keep-alive connection.
-    let builders = Arc::new((builder(limits), http1_builder(limits)));
+    let builders = Arc::new((http1_builder(limits), http2_builder(limits)));
     // hyper-util's GracefulShutdown drains the connections it watches, and waits for every
-    // watcher handed out. It cannot watch an HTTP/1.1-only connection (hyper-util has no
-    // impl for its upgradeable type): those hold a watcher to be waited for, and are told
-    // to finish by `draining`.
+    // watcher handed out. It cannot watch an HTTP/1.1 connection with upgrades (hyper-util
+    // has no impl for that type): those hold a watcher to be waited for, and are told to
+    // finish by `draining`, as are connections still being sniffed.
     let graceful = GracefulShutdown::new();
     let draining = CancellationToken::new();
     loop {
@@ -130,7 +178,7 @@ pub async fn serve<F, Fut>(
                 Some(Protocol::Http1) => {
                     let _counted = watcher;
                     let conn = builders
-                        .1
+                        .0
                         .serve_connection(TokioIo::new(stream), service)
                         .with_upgrades();
                     let mut conn = std::pin::pin!(conn);
@@ -141,13 +189,9 @@ pub async fn serve<F, Fut>(
                             conn.await
                         }
                     }
-                    .map_err(Into::into)
                 }
-                Some(Protocol::Either) => {
-                    let conn = builders
-                        .0
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .into_owned();
+                Some(Protocol::Http2) => {
+                    let conn = builders.1.serve_connection(TokioIo::new(stream), service);
                     watcher.watch(conn).await
                 }
             };
@@ -166,5 +210,28 @@ pub async fn serve<F, Fut>(
             ?grace,
             "shutdown grace elapsed with requests still in flight"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_bytes_tell_the_protocol() {
+        assert_eq!(protocol_of(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(protocol_of(b"PUT"), Some(Protocol::Http1));
+        assert_eq!(protocol_of(b"PRI * HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(
+            protocol_of(b"\x16\x03\x01"),
+            Some(Protocol::Http1),
+            "TLS: hyper says 400"
+        );
+        assert_eq!(protocol_of(b"P"), None);
+        assert_eq!(protocol_of(b"PRI * HTTP/2.0\r\n"), None);
+        assert_eq!(protocol_of(H2_PREFACE), Some(Protocol::Http2));
+        let mut more = H2_PREFACE.to_vec();
+        more.extend_from_slice(&[0, 0, 0, 4]);
+        assert_eq!(protocol_of(&more), Some(Protocol::Http2));
     }
 }

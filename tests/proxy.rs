@@ -66,6 +66,63 @@ async fn headers_are_rewritten_for_the_upstream() {
     app.stop().await;
 }
 
+/// The protocol is told from the first bytes: an h2c preface that arrives in pieces is still
+/// h2, and HTTP/1.1 requests whose method starts like the preface (`PUT`, `PRI` with
+/// HTTP/1.1) are still HTTP/1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_protocol_is_told_from_the_first_bytes_even_in_pieces() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (world, app) = world_and_proxy("").await;
+    let mut h2 = tokio::net::TcpStream::connect(app.proxy_addr)
+        .await
+        .unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    h2.write_all(b"\r\nSM\r\n\r\n").await.unwrap();
+    // An empty SETTINGS frame, as every h2 client sends next.
+    h2.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    let mut frame = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(5), h2.read_exact(&mut frame))
+        .await
+        .expect("the server answers")
+        .unwrap();
+    assert_eq!(
+        frame[3], 4,
+        "the server's first frame is its SETTINGS: {frame:?}"
+    );
+
+    for (request, want) in [
+        (
+            &b"PUT /v1/put HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\nhi"[..],
+            "HTTP/1.1 200",
+        ),
+        (
+            &b"PRI /v1/pri HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"[..],
+            "HTTP/1.1 ",
+        ),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(app.proxy_addr)
+            .await
+            .unwrap();
+        s.write_all(&request[..3]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.write_all(&request[3..]).await.unwrap();
+        let mut head = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut head))
+            .await
+            .expect("an HTTP/1.1 answer")
+            .unwrap();
+        let head = String::from_utf8_lossy(&head[..n]);
+        assert!(head.starts_with(want), "{head}");
+    }
+    assert!(world
+        .api
+        .seen()
+        .iter()
+        .any(|r| r.uri == "/v1/put" && &r.body[..] == b"hi"));
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_from_the_app_works() {
     let (world, app) = world_and_proxy("").await;
