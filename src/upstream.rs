@@ -80,8 +80,8 @@ pub struct TokenClient {
 }
 
 impl TokenClient {
-    /// Send `req` once a call slot is free (see [`TOKEN_CALLS_IN_FLIGHT`]); the slot is
-    /// held until the response body has been read (`Permit` is dropped by the caller).
+    /// Send `req` once a call slot is free (see [`TOKEN_CALLS_IN_FLIGHT`]). The slot comes
+    /// back with the response: the caller holds it until it has read the body.
     pub async fn request(
         &self,
         req: http::Request<http_body_util::Full<bytes::Bytes>>,
