@@ -53,24 +53,20 @@ fn main() {
                 loop {
                     let (s, _) = l.accept().await.unwrap();
                     s.set_nodelay(true).unwrap();
-                    match mode.as_str() {
-                        "hyper-conn" => {
-                            tokio::spawn(async move {
-                                let _ = conn_hyper_conn(s, up).await;
-                            });
-                        }
-                        "hyper-client" => {
-                            let client = CLIENT.with(|c| c.clone());
-                            tokio::spawn(async move {
-                                let _ = conn_hyper(s, client, up).await;
-                            });
-                        }
-                        _ => {
-                            tokio::spawn(async move {
-                                let _ = conn(s, up).await;
-                            });
-                        }
-                    }
+                    let pooled = (mode == "hyper-client").then(|| CLIENT.with(|c| c.clone()));
+                    let pinned = mode == "hyper-conn";
+                    tokio::spawn(async move {
+                        let _ = match (pooled, pinned) {
+                            (Some(client), _) => {
+                                conn_hyper(s, HyperUpstream::Pooled(client, up)).await
+                            }
+                            (None, true) => match HyperUpstream::pinned(up).await {
+                                Ok(upstream) => conn_hyper(s, upstream).await,
+                                Err(e) => Err(e),
+                            },
+                            (None, false) => conn(s, up).await,
+                        };
+                    });
                 }
             });
         }));
@@ -172,82 +168,50 @@ thread_local! {
     static CLIENT: Client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
 }
 
-/// Same server side, upstream through hyper-util's legacy client (per-worker pool).
-async fn conn_hyper(mut app: TcpStream, client: Client, up: SocketAddr) -> std::io::Result<()> {
-    use http_body_util::BodyExt;
-    let mut inb = Vec::with_capacity(8192);
-    let mut out = Vec::with_capacity(8192);
-    loop {
-        let (req, head_len) = loop {
-            let mut headers = [httparse::EMPTY_HEADER; 64];
-            let mut req = httparse::Request::new(&mut headers);
-            if let httparse::Status::Complete(n) = req
-                .parse(&inb)
-                .map_err(|_| std::io::ErrorKind::InvalidData)?
-            {
-                let mut b = http::Request::builder()
-                    .method(req.method.unwrap())
-                    .uri(format!("http://{up}{}", req.path.unwrap()));
-                for h in req.headers.iter() {
-                    if h.name.eq_ignore_ascii_case("authorization")
-                        || h.name.eq_ignore_ascii_case("connection")
-                    {
-                        continue;
-                    }
-                    b = b.header(h.name, h.value);
-                }
-                b = b.header("authorization", "Bearer bench-access-token");
-                break (b.body(http_body_util::Empty::new()).unwrap(), n);
-            }
-            if inb.capacity() - inb.len() < 1024 {
-                inb.reserve(8192);
-            }
-            let n = app.read_buf(&mut inb).await?;
-            if n == 0 {
-                return Ok(());
-            }
+/// The upstream side of the two hyper modes.
+enum HyperUpstream {
+    /// hyper-util's legacy client (per-worker pool); requests carry absolute URIs.
+    Pooled(Client, SocketAddr),
+    /// hyper's low-level client connection, pinned per app connection (its own task drives
+    /// the connection; requests go over its dispatch channel).
+    Pinned(hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>),
+}
+
+impl HyperUpstream {
+    async fn pinned(up: SocketAddr) -> std::io::Result<HyperUpstream> {
+        let upstream = TcpStream::connect(up).await?;
+        upstream.set_nodelay(true)?;
+        let (send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(upstream))
+                .await
+                .map_err(|_| std::io::ErrorKind::Other)?;
+        tokio::spawn(conn);
+        Ok(HyperUpstream::Pinned(send))
+    }
+
+    async fn send(
+        &mut self,
+        req: http::Request<http_body_util::Empty<bytes::Bytes>>,
+    ) -> std::io::Result<http::Response<hyper::body::Incoming>> {
+        let sent = match self {
+            HyperUpstream::Pooled(client, _) => client.request(req).await.ok(),
+            HyperUpstream::Pinned(send) => match send.ready().await {
+                Ok(()) => send.send_request(req).await.ok(),
+                Err(_) => None,
+            },
         };
-        inb.drain(..head_len);
-        let resp = client
-            .request(req)
-            .await
-            .map_err(|_| std::io::ErrorKind::Other)?;
-        let (parts, body) = resp.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map_err(|_| std::io::ErrorKind::Other)?
-            .to_bytes();
-        out.clear();
-        out.extend_from_slice(format!("HTTP/1.1 {}\r\n", parts.status.as_u16()).as_bytes());
-        for (k, v) in parts.headers.iter() {
-            if k == "content-length" || k == "connection" {
-                continue;
-            }
-            out.extend_from_slice(k.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(v.as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
-        out.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
-        out.extend_from_slice(&body);
-        app.write_all(&out).await?;
+        sent.ok_or_else(|| std::io::ErrorKind::Other.into())
     }
 }
 
-/// Same server side, upstream through hyper's low-level client connection, pinned per app
-/// connection (its own task drives the connection; requests go over its dispatch channel).
-async fn conn_hyper_conn(mut app: TcpStream, up: SocketAddr) -> std::io::Result<()> {
+/// Same server side, upstream through hyper (see [`HyperUpstream`]); the response is
+/// collected and written with a Content-Length.
+async fn conn_hyper(mut app: TcpStream, mut upstream: HyperUpstream) -> std::io::Result<()> {
     use http_body_util::BodyExt;
-    let upstream = TcpStream::connect(up).await?;
-    upstream.set_nodelay(true)?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake::<
-        _,
-        http_body_util::Empty<bytes::Bytes>,
-    >(hyper_util::rt::TokioIo::new(upstream))
-    .await
-    .map_err(|_| std::io::ErrorKind::Other)?;
-    tokio::spawn(conn);
+    let authority = match &upstream {
+        HyperUpstream::Pooled(_, up) => format!("http://{up}"),
+        HyperUpstream::Pinned(_) => String::new(),
+    };
     let mut inb = Vec::with_capacity(8192);
     let mut out = Vec::with_capacity(8192);
     loop {
@@ -260,7 +224,7 @@ async fn conn_hyper_conn(mut app: TcpStream, up: SocketAddr) -> std::io::Result<
             {
                 let mut b = http::Request::builder()
                     .method(req.method.unwrap())
-                    .uri(req.path.unwrap());
+                    .uri(format!("{authority}{}", req.path.unwrap()));
                 for h in req.headers.iter() {
                     if h.name.eq_ignore_ascii_case("authorization")
                         || h.name.eq_ignore_ascii_case("connection")
@@ -281,12 +245,7 @@ async fn conn_hyper_conn(mut app: TcpStream, up: SocketAddr) -> std::io::Result<
             }
         };
         inb.drain(..head_len);
-        send.ready().await.map_err(|_| std::io::ErrorKind::Other)?;
-        let resp = send
-            .send_request(req)
-            .await
-            .map_err(|_| std::io::ErrorKind::Other)?;
-        let (parts, body) = resp.into_parts();
+        let (parts, body) = upstream.send(req).await?.into_parts();
         let body = body
             .collect()
             .await
