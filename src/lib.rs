@@ -17,6 +17,7 @@ pub mod dpop;
 pub mod egress;
 pub mod error;
 pub mod files;
+pub mod h1;
 pub mod idle;
 pub mod intercept;
 pub mod jwk;

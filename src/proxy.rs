@@ -1,13 +1,16 @@
 //! The request path: pick a route, attach the token, forward (streaming), replay once on 401.
 
 use std::borrow::Cow;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, UPGRADE};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body::Body;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::Client;
@@ -16,6 +19,7 @@ use hyper_util::rt::TokioIo;
 use crate::access::{requested_host, AccessPolicy};
 use crate::body::{self, ProxyBody, ReplayBuffer, TeeBody};
 use crate::error::{error_chain, ProxyError};
+use crate::h1;
 use crate::idle::{is_idle_timeout, IdleBody};
 use crate::intercept::{Interceptor, Target};
 use crate::metrics::Metrics;
@@ -23,7 +27,7 @@ use crate::routes::{
     normalize_path, requested_upgrade, rewrite_request_headers, strip_hop_by_hop, Route, RouteTable,
 };
 use crate::token::{ActiveToken, Credential, TokenStore};
-use crate::upstream::Connector;
+use crate::upstream::{BoxError, Connector};
 
 /// Cheap to clone: one per connection.
 #[derive(Clone)]
@@ -436,13 +440,93 @@ fn header_of<'a>(
     }
 }
 
-/// Send upstream; the response head must arrive within the route's timeout.
+/// A response body from either upstream client.
+enum UpstreamBody {
+    Hyper(Incoming),
+    Own(h1::ResponseBody),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            UpstreamBody::Own(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Hyper(b) => b.is_end_stream(),
+            UpstreamBody::Own(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Hyper(b) => b.size_hint(),
+            UpstreamBody::Own(b) => b.size_hint(),
+        }
+    }
+}
+
+/// Send upstream; the response head must arrive within the route's timeout. A plain-HTTP
+/// upstream gets a request with a small, sized body from our own HTTP/1.1 client (`h1`);
+/// the rest goes through hyper's.
 async fn send(
     route: &Route,
     req: Request<ProxyBody>,
     trace: &mut Trace,
-) -> Result<Response<Incoming>, ProxyError> {
-    send_with(route.client(), route, req, trace).await
+) -> Result<Response<UpstreamBody>, ProxyError> {
+    if let Some(pool) = route.h1_pool() {
+        let small = req.body().size_hint().exact();
+        if small.is_some_and(|n| n <= h1::BUFFERED_BODY_LIMIT) {
+            return send_h1(pool, route, req, trace).await;
+        }
+    }
+    let response = send_with(route.client(), route, req, trace).await?;
+    Ok(response.map(UpstreamBody::Hyper))
+}
+
+/// Why our own client's exchange failed: the app's body, or the upstream.
+enum H1Failure {
+    AppBody(BoxError),
+    Upstream(h1::Error),
+}
+
+async fn send_h1(
+    pool: &Arc<h1::Pool>,
+    route: &Route,
+    req: Request<ProxyBody>,
+    trace: &mut Trace,
+) -> Result<Response<UpstreamBody>, ProxyError> {
+    let started = Instant::now();
+    let (parts, body) = req.into_parts();
+    let exchange = async {
+        let body = body.collect().await.map_err(H1Failure::AppBody)?.to_bytes();
+        h1::send(pool, &parts, body)
+            .await
+            .map_err(H1Failure::Upstream)
+    };
+    let result = tokio::time::timeout(route.timeout, exchange).await;
+    trace.upstream += started.elapsed();
+    match result {
+        Err(_) => Err(ProxyError::UpstreamTimeout(route.timeout)),
+        Ok(Err(H1Failure::AppBody(e))) if is_idle_timeout(&*e) => {
+            Err(ProxyError::RequestTimeout(route.idle_timeout))
+        }
+        Ok(Err(H1Failure::AppBody(e))) => Err(ProxyError::BadRequest(format!(
+            "the request body could not be read: {}",
+            error_chain(&*e)
+        ))),
+        Ok(Err(H1Failure::Upstream(e))) => Err(ProxyError::UpstreamUnreachable(error_chain(&e))),
+        Ok(Ok(response)) => Ok(response.map(UpstreamBody::Own)),
+    }
 }
 
 async fn send_with(
@@ -492,7 +576,7 @@ fn splice(
     route: &Route,
 ) -> Response<ProxyBody> {
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-        return finish(response, route);
+        return finish(response.map(UpstreamBody::Hyper), route);
     }
     let upstream_side = hyper::upgrade::on(&mut response);
     tokio::spawn(async move {
@@ -511,7 +595,7 @@ fn splice(
 
 /// The upstream's response, streamed back with hop-by-hop headers removed; an upstream
 /// that stops sending mid-body is cut off after the route's `idle_timeout`.
-fn finish(response: Response<Incoming>, route: &Route) -> Response<ProxyBody> {
+fn finish(response: Response<UpstreamBody>, route: &Route) -> Response<ProxyBody> {
     let (mut parts, incoming) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Response::from_parts(

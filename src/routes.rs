@@ -30,6 +30,9 @@ pub struct Route {
     clients: Box<[Client<Connector, ProxyBody>]>,
     /// HTTP/1.1 only, for protocol upgrades (WebSocket), which h2 does not carry.
     pub upgrade_client: Client<Connector, ProxyBody>,
+    /// For a plain `http://` upstream without an egress proxy: our own HTTP/1.1 client's
+    /// connection pools, one per worker thread like `clients` (see `h1`).
+    h1_pools: Option<Box<[Arc<crate::h1::Pool>]>>,
     /// This route's request metrics, resolved on its first request.
     metrics: std::sync::OnceLock<Arc<crate::metrics::RouteMetrics>>,
 }
@@ -47,11 +50,25 @@ impl Route {
         &self.clients[crate::workers::current() % self.clients.len()]
     }
 
+    /// This thread's pool for our own HTTP/1.1 client, when the route's upstream allows it.
+    pub fn h1_pool(&self) -> Option<&Arc<crate::h1::Pool>> {
+        let pools = self.h1_pools.as_ref()?;
+        Some(&pools[crate::workers::current() % pools.len()])
+    }
+
     pub fn from_config(c: &RouteConfig, workers: usize) -> Result<Route, String> {
         let timeouts = upstream::Timeouts {
             connect: c.connect_timeout,
             write_stall: c.idle_timeout,
         };
+        let plain_http = c.upstream.scheme == http::uri::Scheme::HTTP && c.egress.is_none();
+        let h1_pools = plain_http.then(|| {
+            (0..=workers)
+                .map(|_| {
+                    crate::h1::Pool::new(&c.upstream.authority, c.connect_timeout, c.idle_timeout)
+                })
+                .collect()
+        });
         Ok(Route {
             name: Arc::from(c.name.as_str()),
             prefix: c.prefix.clone(),
@@ -79,6 +96,7 @@ impl Route {
                 timeouts,
             )
             .map_err(|e| format!("routes.{}: {e}", c.name))?,
+            h1_pools,
             idle_timeout: c.idle_timeout,
             metrics: std::sync::OnceLock::new(),
         })

@@ -1,0 +1,172 @@
+//! Our own HTTP/1.1 client for plain-HTTP upstreams, run in the request's own task.
+//!
+//! hyper's client drives each upstream connection from a task of its own: a request goes
+//! there through a channel, and the response body comes back through another. On this
+//! hop that machinery was most of the CPU that token-proxy spent beyond nginx
+//! (`benches/floor`, README "Performance"). Here the request's task writes the request,
+//! reads the response head, and the app connection's task reads the body straight off the
+//! socket as it sends it on; the connection then goes back to a per-worker pool.
+//!
+//! Used for `http://` upstreams without an egress proxy, for requests whose body is
+//! already whole or small enough to read first ([`BUFFERED_BODY_LIMIT`]). Everything else
+//! (TLS and h2 upstreams, egress proxies, streamed uploads, protocol upgrades) goes
+//! through hyper's client as before.
+
+mod body;
+mod pool;
+pub mod wire;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Response};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub use body::{BodyError, ResponseBody};
+use pool::Conn;
+pub use pool::Pool;
+use wire::{Head, WireError};
+
+/// A request body of at most this size (known from its length) is read whole before the
+/// request is sent, as nginx does; larger or unsized bodies stream through hyper's client.
+pub const BUFFERED_BODY_LIMIT: u64 = 64 * 1024;
+/// How much is read from an upstream connection at a time.
+pub const READ_SIZE: usize = 16 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Connect(String),
+    #[error("the upstream closed the connection before sending a response")]
+    Closed,
+    #[error("writing the request stalled for {0:?} (idle_timeout)")]
+    WriteStalled(Duration),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("connection error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Why one exchange failed, and whether the request may be sent again on a new connection.
+struct Failure {
+    error: Error,
+    /// Not one byte of the request reached the socket.
+    nothing_sent: bool,
+    /// The upstream went away before a byte of its response: a pooled connection it had
+    /// closed while idle, as far as we can tell.
+    no_response: bool,
+}
+
+/// Send `parts` with `body` on a pooled (or new) connection to the pool's upstream and
+/// read the response head. A reused connection that turns out to be closed is replaced by
+/// a new one once: always when nothing was sent, else only for idempotent methods (as Go's
+/// `net/http` does).
+pub async fn send(
+    pool: &Arc<Pool>,
+    parts: &http::request::Parts,
+    body: Bytes,
+) -> Result<Response<ResponseBody>, Error> {
+    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let mut request = Vec::with_capacity(512 + body.len());
+    wire::encode_request(
+        &mut request,
+        &parts.method,
+        target,
+        &pool.host_header,
+        &parts.headers,
+        &body,
+    );
+    let (mut conn, mut reused) = match pool.checkout() {
+        Some(conn) => (conn, true),
+        None => (pool.connect().await.map_err(Error::Connect)?, false),
+    };
+    loop {
+        match exchange(&mut conn, &request, &parts.method, pool.write_stall).await {
+            Ok(head) => return Ok(respond(head, conn, pool)),
+            Err(f)
+                if reused
+                    && f.no_response
+                    && (f.nothing_sent || wire::is_idempotent(&parts.method)) =>
+            {
+                tracing::debug!(error = %f.error, "pooled upstream connection was closed; sending on a new one");
+                conn = pool.connect().await.map_err(Error::Connect)?;
+                reused = false;
+            }
+            Err(f) => return Err(f.error),
+        }
+    }
+}
+
+fn respond(head: Head, conn: Conn, pool: &Arc<Pool>) -> Response<ResponseBody> {
+    let body = ResponseBody::new(conn, pool.clone(), head.framing, head.keep_alive);
+    let mut response = Response::new(body);
+    *response.status_mut() = head.status;
+    *response.version_mut() = head.version;
+    *response.headers_mut() = head.headers;
+    response
+}
+
+/// Write the whole request, then read up to the final response head (interim 1xx
+/// responses are read and dropped, as hyper's client does).
+async fn exchange(
+    conn: &mut Conn,
+    request: &[u8],
+    method: &Method,
+    write_stall: Duration,
+) -> Result<Head, Failure> {
+    let mut sent = 0;
+    while sent < request.len() {
+        let failure = |error| Failure {
+            error,
+            nothing_sent: sent == 0,
+            no_response: true,
+        };
+        match tokio::time::timeout(write_stall, conn.io.write(&request[sent..])).await {
+            Ok(Ok(0)) => return Err(failure(Error::Closed)),
+            Ok(Ok(n)) => sent += n,
+            Ok(Err(e)) => return Err(failure(Error::Io(e))),
+            Err(_) => {
+                return Err(Failure {
+                    error: Error::WriteStalled(write_stall),
+                    nothing_sent: false,
+                    no_response: false,
+                })
+            }
+        }
+    }
+    let mut got_any = false;
+    loop {
+        if !conn.buf.is_empty() {
+            let fail = |e: WireError| Failure {
+                error: e.into(),
+                nothing_sent: false,
+                no_response: false,
+            };
+            if let Some(head) = wire::parse_response(&mut conn.buf, method).map_err(fail)? {
+                if head.status == http::StatusCode::SWITCHING_PROTOCOLS {
+                    return Err(fail(WireError(
+                        "101 Switching Protocols to a request that asked for no upgrade",
+                    )));
+                }
+                if head.status.is_informational() {
+                    continue;
+                }
+                return Ok(head);
+            }
+        }
+        if conn.buf.capacity() - conn.buf.len() < READ_SIZE / 4 {
+            conn.buf.reserve(READ_SIZE);
+        }
+        let failure = |error| Failure {
+            error,
+            nothing_sent: false,
+            no_response: !got_any,
+        };
+        match conn.io.read_buf(&mut conn.buf).await {
+            Ok(0) => return Err(failure(Error::Closed)),
+            Ok(_) => got_any = true,
+            Err(e) => return Err(failure(Error::Io(e))),
+        }
+    }
+}
