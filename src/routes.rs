@@ -298,20 +298,23 @@ fn dot_segment(seg: &str) -> Option<Dots> {
     }
 }
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    HeaderName::from_static("keep-alive"),
-];
-
-/// Not standard, but sent by old clients and just as hop-by-hop.
-const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), and the
+/// non-standard `Proxy-Connection` old clients send. Compared as strings: header names
+/// are lower case, and this runs for every header of every message.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "keep-alive"
+            | "proxy-connection"
+    )
+}
 
 /// Remove hop-by-hop headers, including any the `Connection` header names. A message that
 /// came with `Transfer-Encoding` also loses `Content-Length` (RFC 9112 §6.3: a sender must
@@ -319,26 +322,29 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none of these: one pass over the names says so, instead of a
     // hashed removal per listed name.
-    if !headers
-        .keys()
-        .any(|k| HOP_BY_HOP.contains(k) || *k == PROXY_CONNECTION)
-    {
+    if !headers.keys().any(is_hop_by_hop) {
         return;
     }
     if headers.contains_key(header::TRANSFER_ENCODING) {
         headers.remove(header::CONTENT_LENGTH);
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+    // Only the names present are removed (usually just `Connection: keep-alive`).
+    let mut doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| is_hop_by_hop(k))
+        .cloned()
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    doomed.extend(
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok()),
+    );
+    for name in doomed {
         headers.remove(name);
     }
-    headers.remove(PROXY_CONNECTION);
 }
 
 /// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` + `Upgrade`).
