@@ -206,6 +206,10 @@ async fn keep_alive_connections_are_reused_and_requests_arrive_as_sent() {
     assert_eq!(seen.len(), 21);
     // One request at a time: one upstream connection carries them all.
     assert_eq!(up.connections(), 1, "{seen:?}");
+    assert!(seen
+        .iter()
+        .enumerate()
+        .all(|(i, s)| s.conn == 0 && s.nth == i));
     let first = &seen[0];
     assert_eq!(first.method, "POST");
     assert_eq!(first.target, "/base/items/0?q=a%20b");
@@ -320,6 +324,7 @@ async fn a_request_lost_to_a_closing_connection_is_resent_only_if_idempotent() {
         .filter(|s| s.target == "/base/b")
         .collect();
     assert_eq!(gets.len(), 2, "one lost, one answered");
+    assert_ne!(gets[0].conn, gets[1].conn, "resent on a new connection");
     // POST: it reached the upstream once; sending it again could do it twice. 502.
     let post = send_with(&client, Method::POST, &url(&app, "/c"), &[], "pay").await;
     assert_eq!(post.status, 502, "{}", post.text());
