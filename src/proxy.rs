@@ -508,7 +508,10 @@ async fn send_h1(
     let started = Instant::now();
     let (parts, body) = req.into_parts();
     let exchange = async {
-        let body = body.collect().await.map_err(H1Failure::AppBody)?.to_bytes();
+        let body = match body.is_end_stream() {
+            true => Bytes::new(),
+            false => body.collect().await.map_err(H1Failure::AppBody)?.to_bytes(),
+        };
         h1::send(pool, &parts, body)
             .await
             .map_err(H1Failure::Upstream)

@@ -120,26 +120,36 @@ pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Head
         .and_then(|c| StatusCode::from_u16(c).ok())
         .ok_or(WireError("invalid status code"))?;
     // Names are checked (and copied, unless well known) now; values are sliced out of the
-    // head once it is taken off the buffer.
+    // head once it is taken off the buffer. Hop-by-hop fields are read for framing and
+    // keep-alive here and never enter the map: the app must not get them anyway.
     let base = buf.as_ptr() as usize;
     let mut fields = Vec::with_capacity(parsed.headers.len());
+    let mut wire = WireFields::default();
     for h in parsed.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| WireError("invalid header name"))?;
+        if wire.take(&name, h.value)? {
+            continue;
+        }
         let start = h.value.as_ptr() as usize - base;
         fields.push((name, start..start + h.value.len()));
     }
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(fields.len());
     for (name, range) in fields {
+        if wire.named.contains(&name) {
+            continue; // listed in Connection: hop-by-hop too
+        }
         let value = HeaderValue::from_maybe_shared(head.slice(range))
             .map_err(|_| WireError("invalid header value"))?;
         headers.append(name, value);
     }
-    let framing = framing(method, status, version, &headers)?;
-    let keep_alive = version == Version::HTTP_11
-        && framing != Framing::UntilClose
-        && !has_token(&headers, &header::CONNECTION, "close");
+    let framing = framing(method, status, version, &wire)?;
+    if wire.chunked.is_some() {
+        // RFC 9112 §6.3: a length next to a transfer coding is ignored, and not forwarded.
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    let keep_alive = version == Version::HTTP_11 && framing != Framing::UntilClose && !wire.close;
     Ok(Some(Head {
         status,
         version,
@@ -149,41 +159,59 @@ pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Head
     }))
 }
 
-fn framing(
-    method: &Method,
-    status: StatusCode,
-    version: Version,
-    headers: &HeaderMap,
-) -> Result<Framing, WireError> {
-    if *method == Method::HEAD
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
-        return Ok(Framing::Empty);
-    }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        if version != Version::HTTP_11 {
-            return Err(WireError("transfer-encoding in an HTTP/1.0 response"));
+/// What the hop-by-hop and framing fields of a response head say.
+#[derive(Default)]
+struct WireFields {
+    /// `Transfer-Encoding` was present; `true` when its last coding is chunked.
+    chunked: Option<bool>,
+    /// `Content-Length`, when present (every value must agree).
+    length: Option<u64>,
+    /// `Connection: close`.
+    close: bool,
+    /// Other fields `Connection` names: hop-by-hop for this message.
+    named: Vec<HeaderName>,
+}
+
+impl WireFields {
+    /// Note a framing or hop-by-hop field. `true`: it stays out of the forwarded headers.
+    fn take(&mut self, name: &HeaderName, value: &[u8]) -> Result<bool, WireError> {
+        match name.as_str() {
+            "content-length" => {
+                self.add_length(value)?;
+                Ok(false)
+            }
+            "transfer-encoding" => {
+                let text = std::str::from_utf8(value).unwrap_or("");
+                let last = text.rsplit(',').next().unwrap_or("").trim();
+                self.chunked = Some(last.eq_ignore_ascii_case("chunked"));
+                Ok(true)
+            }
+            "connection" => {
+                let text = std::str::from_utf8(value).unwrap_or("");
+                for token in text.split(',').map(str::trim) {
+                    if token.eq_ignore_ascii_case("close") {
+                        self.close = true;
+                    } else if !token.eq_ignore_ascii_case("keep-alive") {
+                        if let Ok(named) = HeaderName::from_bytes(token.as_bytes()) {
+                            self.named.push(named);
+                        }
+                    }
+                }
+                Ok(true)
+            }
+            "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "proxy-connection" => Ok(true),
+            _ => Ok(false),
         }
-        // Chunked must be the last coding; otherwise the body runs to the close.
-        let last = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .map(str::trim);
-        return Ok(match last {
-            Some(c) if c.eq_ignore_ascii_case("chunked") => Framing::Chunked,
-            _ => Framing::UntilClose,
-        });
     }
-    let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        let text = value
-            .to_str()
-            .map_err(|_| WireError("invalid content-length"))?;
+
+    fn add_length(&mut self, value: &[u8]) -> Result<(), WireError> {
+        let text = std::str::from_utf8(value).map_err(|_| WireError("invalid content-length"))?;
         for part in text.split(',') {
             let part = part.trim();
             if part.is_empty() || part.len() > 19 || !part.bytes().all(|b| b.is_ascii_digit()) {
@@ -192,27 +220,44 @@ fn framing(
             let n: u64 = part
                 .parse()
                 .map_err(|_| WireError("invalid content-length"))?;
-            if length.is_some_and(|l| l != n) {
+            if self.length.is_some_and(|l| l != n) {
                 return Err(WireError("conflicting content-length values"));
             }
-            length = Some(n);
+            self.length = Some(n);
         }
+        Ok(())
     }
-    Ok(match length {
+}
+
+fn framing(
+    method: &Method,
+    status: StatusCode,
+    version: Version,
+    wire: &WireFields,
+) -> Result<Framing, WireError> {
+    if *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok(Framing::Empty);
+    }
+    if let Some(chunked) = wire.chunked {
+        if version != Version::HTTP_11 {
+            return Err(WireError("transfer-encoding in an HTTP/1.0 response"));
+        }
+        // Chunked must be the last coding; otherwise the body runs to the close.
+        return Ok(if chunked {
+            Framing::Chunked
+        } else {
+            Framing::UntilClose
+        });
+    }
+    Ok(match wire.length {
         Some(0) => Framing::Empty,
         Some(n) => Framing::Length(n),
         None => Framing::UntilClose,
     })
-}
-
-/// Whether a comma-separated header lists `token` (case-insensitively).
-fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 /// What the chunked decoder made of the bytes it had.
@@ -486,6 +531,22 @@ mod tests {
         ));
         assert!(!ka("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n"));
         assert!(!ka("HTTP/1.1 200 OK\r\n\r\n"));
+    }
+
+    #[test]
+    fn hop_by_hop_fields_are_read_and_left_out() {
+        let h = head(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nKeep-Alive: timeout=5\r\n\
+             X-Hop: 1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\nTrailer: X-Sum\r\n\
+             X-End: 2\r\n\r\n",
+            Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        let names: Vec<_> = h.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-end"]);
+        assert_eq!(h.framing, Framing::Chunked);
+        assert!(h.keep_alive);
     }
 
     fn decode_all(
