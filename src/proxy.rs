@@ -220,26 +220,31 @@ impl Proxy {
         }
 
         // Only requests that can be replayed (after a 401, or a DPoP nonce challenge) keep
-        // a copy of what they sent.
-        let replay = match &credential {
-            Some(c) if route.retry_on_401 || c.dpop.is_some() => Some(ReplayCopy {
-                buffer: ReplayBuffer::new(route.max_retry_body, &incoming.size_hint()),
-                method: parts.method.clone(),
-                uri: parts.uri.clone(),
-                headers: parts.headers.clone(),
-            }),
-            _ => None,
-        };
-        let body = match &replay {
+        // what they sent. A request our own HTTP/1.1 client sends is whole already, and
+        // comes back from `send` as it went; any other keeps a copy as it streams.
+        let replays = credential
+            .as_ref()
+            .is_some_and(|c| route.retry_on_401 || c.dpop.is_some());
+        let copy = (replays && !goes_whole(&route, &incoming)).then(|| ReplayCopy {
+            buffer: ReplayBuffer::new(route.max_retry_body, &incoming.size_hint()),
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            headers: parts.headers.clone(),
+        });
+        let body = match &copy {
             Some(copy) => body::boxed(IdleBody::new(
                 TeeBody::new(incoming, copy.buffer.clone()),
                 route.idle_timeout,
             )),
             None => body::boxed(IdleBody::new(incoming, route.idle_timeout)),
         };
-        let mut response = send(&route, Request::from_parts(parts, body), trace).await?;
-
-        let (Some(credential), Some(mut lease), Some(copy)) = (credential, lease, replay) else {
+        let (mut response, kept) = send(&route, Request::from_parts(parts, body), trace).await?;
+        let mut resend = match (copy, kept) {
+            (Some(copy), _) => Resend::Copy(copy),
+            (None, Some((parts, body))) if replays => Resend::Kept(parts, body),
+            _ => return Ok(finish(response, &route)),
+        };
+        let (Some(credential), Some(mut lease)) = (credential, lease) else {
             return Ok(finish(response, &route));
         };
         // At most one retry for a DPoP nonce challenge (RFC 9449 §9: with the nonce the
@@ -250,7 +255,7 @@ impl Proxy {
             let new_nonce = credential
                 .dpop
                 .as_ref()
-                .is_some_and(|d| d.remember_nonce(&copy.uri, response.headers()));
+                .is_some_and(|d| d.remember_nonce(resend.uri(), response.headers()));
             let nonce_challenge = unauthorized
                 && new_nonce
                 && !nonce_retried
@@ -268,17 +273,22 @@ impl Proxy {
                 return Ok(finish(response, &route));
             }
             // Replay only a body we hold whole.
-            let Some(bytes) = copy.replayable() else {
+            if !resend.replayable() {
                 tracing::info!(route = %route.name, "401 not replayed: body too large or still streaming");
                 return Ok(finish(response, &route));
-            };
+            }
             drop(response);
             if !nonce_challenge {
                 lease = self::lease(&credential).await?;
             }
             trace.replayed = true;
             self.inner.metrics.retry(&route.name);
-            response = send(&route, copy.rebuild(bytes, &credential, &lease), trace).await?;
+            let request = resend.request(&credential, &lease);
+            let (again, kept) = send(&route, request, trace).await?;
+            response = again;
+            if let (Resend::Kept(..), Some((parts, body))) = (&resend, kept) {
+                resend = Resend::Kept(parts, body);
+            }
         }
     }
 }
@@ -382,6 +392,56 @@ impl ReplayCopy {
     }
 }
 
+/// What a request that may be replayed keeps of itself.
+enum Resend {
+    /// A copy taken as the request streamed through hyper's client.
+    Copy(ReplayCopy),
+    /// The request itself, as our own HTTP/1.1 client sent it: nothing was copied.
+    Kept(http::request::Parts, Bytes),
+}
+
+impl Resend {
+    fn uri(&self) -> &Uri {
+        match self {
+            Resend::Copy(copy) => &copy.uri,
+            Resend::Kept(parts, _) => &parts.uri,
+        }
+    }
+
+    /// Whether the whole body is held (not too large, not still streaming).
+    fn replayable(&self) -> bool {
+        match self {
+            Resend::Copy(copy) => copy.replayable().is_some(),
+            Resend::Kept(..) => true,
+        }
+    }
+
+    /// The request again, with `token` attached (and a new DPoP proof). A kept request is
+    /// moved out: `send` hands it back.
+    fn request(&mut self, credential: &Credential, token: &ActiveToken) -> Request<ProxyBody> {
+        match self {
+            Resend::Copy(copy) => {
+                let bytes = copy.replayable().unwrap_or_default();
+                copy.rebuild(bytes, credential, token)
+            }
+            Resend::Kept(parts, body) => {
+                let mut parts = std::mem::replace(parts, Request::new(()).into_parts().0);
+                parts
+                    .headers
+                    .insert(credential.header.clone(), token.header_value.clone());
+                add_dpop_proof(
+                    credential,
+                    token,
+                    &parts.method,
+                    &parts.uri,
+                    &mut parts.headers,
+                );
+                Request::from_parts(parts, body::full(std::mem::take(body)))
+            }
+        }
+    }
+}
+
 /// Absolute-form over HTTP/1 means the app uses us as HTTP_PROXY. (HTTP/2 requests always
 /// carry an authority; they are reverse-mode requests.)
 fn is_forward_mode<B>(req: &Request<B>) -> bool {
@@ -475,22 +535,31 @@ impl Body for UpstreamBody {
     }
 }
 
-/// Send upstream; the response head must arrive within the route's timeout. A plain-HTTP
-/// upstream gets a request with a small, sized body from our own HTTP/1.1 client (`h1`);
-/// the rest goes through hyper's.
+/// Whether a request with this body goes to `route` through our own HTTP/1.1 client (a
+/// plain-HTTP upstream, and a body small enough to read whole), not hyper's.
+fn goes_whole<B: Body>(route: &Route, body: &B) -> bool {
+    route.h1_pool().is_some()
+        && body
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= h1::BUFFERED_BODY_LIMIT)
+}
+
+/// A request as our own HTTP/1.1 client sent it, handed back for a replay.
+type Kept = Option<(http::request::Parts, Bytes)>;
+
+/// Send upstream; the response head must arrive within the route's timeout. See
+/// [`goes_whole`] for which client sends it.
 async fn send(
     route: &Route,
     req: Request<ProxyBody>,
     trace: &mut Trace,
-) -> Result<Response<UpstreamBody>, ProxyError> {
-    if let Some(pool) = route.h1_pool() {
-        let small = req.body().size_hint().exact();
-        if small.is_some_and(|n| n <= h1::BUFFERED_BODY_LIMIT) {
-            return send_h1(pool, route, req, trace).await;
-        }
+) -> Result<(Response<UpstreamBody>, Kept), ProxyError> {
+    if let (Some(pool), true) = (route.h1_pool(), goes_whole(route, req.body())) {
+        return send_h1(pool, route, req, trace).await;
     }
     let response = send_with(route.client(), route, req, trace).await?;
-    Ok(response.map(UpstreamBody::Hyper))
+    Ok((response.map(UpstreamBody::Hyper), None))
 }
 
 /// Why our own client's exchange failed: the app's body, or the upstream.
@@ -504,7 +573,7 @@ async fn send_h1(
     route: &Route,
     req: Request<ProxyBody>,
     trace: &mut Trace,
-) -> Result<Response<UpstreamBody>, ProxyError> {
+) -> Result<(Response<UpstreamBody>, Kept), ProxyError> {
     let started = Instant::now();
     let (parts, body) = req.into_parts();
     let exchange = async {
@@ -512,9 +581,10 @@ async fn send_h1(
             true => Bytes::new(),
             false => body.collect().await.map_err(H1Failure::AppBody)?.to_bytes(),
         };
-        h1::send(pool, &parts, body)
+        let response = h1::send(pool, &parts, body.clone())
             .await
-            .map_err(H1Failure::Upstream)
+            .map_err(H1Failure::Upstream)?;
+        Ok((response, body))
     };
     let result = tokio::time::timeout(route.timeout, exchange).await;
     trace.upstream += started.elapsed();
@@ -528,7 +598,7 @@ async fn send_h1(
             error_chain(&*e)
         ))),
         Ok(Err(H1Failure::Upstream(e))) => Err(ProxyError::UpstreamUnreachable(error_chain(&e))),
-        Ok(Ok(response)) => Ok(response.map(UpstreamBody::Own)),
+        Ok(Ok((response, body))) => Ok((response.map(UpstreamBody::Own), Some((parts, body)))),
     }
 }
 

@@ -20,6 +20,8 @@ pub struct ResponseBody {
     framing: State,
     /// The connection may carry another request once the body is read.
     keep_alive: bool,
+    /// A failure held back for one poll (see [`ResponseBody::fail`]).
+    failed: Option<BodyError>,
 }
 
 enum State {
@@ -52,6 +54,7 @@ impl ResponseBody {
             pool,
             framing: state,
             keep_alive,
+            failed: None,
         };
         if matches!(body.framing, State::Length(0)) {
             body.complete();
@@ -68,6 +71,21 @@ impl ResponseBody {
         }
     }
 
+    /// End the body with `error`, but only on the next poll: hyper's server sends what it
+    /// has buffered (the head, the data so far) when a body is pending, and would drop it
+    /// if the error came at once. The app then sees the response start and break off, as
+    /// it happened, rather than a connection that closed with no response at all.
+    fn fail(
+        &mut self,
+        cx: &mut Context<'_>,
+        error: BodyError,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.conn = None; // closed, never reused
+        self.failed = Some(error);
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
     /// Read more from the connection; `false` at EOF.
     fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<Result<bool, BodyError>> {
         let conn = self.conn.as_mut().expect("filled only while incomplete");
@@ -77,13 +95,7 @@ impl ResponseBody {
             cx,
             &mut conn.buf
         ));
-        match read {
-            Ok(n) => Poll::Ready(Ok(n > 0)),
-            Err(e) => {
-                self.conn = None; // closed, not reused
-                Poll::Ready(Err(e.into()))
-            }
-        }
+        Poll::Ready(read.map(|n| n > 0).map_err(BodyError::from))
     }
 }
 
@@ -96,6 +108,9 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
+        if let Some(error) = this.failed.take() {
+            return Poll::Ready(Some(Err(error)));
+        }
         loop {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
@@ -112,9 +127,10 @@ impl Body for ResponseBody {
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
                     let want = (*left).min(usize::MAX as u64) as usize;
-                    if !ready!(this.poll_fill(cx, want))? {
-                        this.conn = None;
-                        return Poll::Ready(Some(Err(BodyError::Truncated)));
+                    match ready!(this.poll_fill(cx, want)) {
+                        Ok(true) => {}
+                        Ok(false) => return this.fail(cx, BodyError::Truncated),
+                        Err(e) => return this.fail(cx, e),
                     }
                 }
                 State::Chunked(decoder) => match decoder.decode(&mut conn.buf) {
@@ -127,25 +143,25 @@ impl Body for ResponseBody {
                         this.complete();
                         return Poll::Ready(None);
                     }
-                    Ok(Decoded::NeedMore) => {
-                        if !ready!(this.poll_fill(cx, super::READ_SIZE))? {
-                            this.conn = None;
-                            return Poll::Ready(Some(Err(BodyError::Truncated)));
-                        }
-                    }
-                    Err(e) => {
-                        this.conn = None;
-                        return Poll::Ready(Some(Err(e.into())));
-                    }
+                    Ok(Decoded::NeedMore) => match ready!(this.poll_fill(cx, super::READ_SIZE)) {
+                        Ok(true) => {}
+                        Ok(false) => return this.fail(cx, BodyError::Truncated),
+                        Err(e) => return this.fail(cx, e),
+                    },
+                    Err(e) => return this.fail(cx, e.into()),
                 },
                 State::UntilClose => {
                     if !conn.buf.is_empty() {
                         let data = conn.buf.split().freeze();
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
-                    if !ready!(this.poll_fill(cx, super::READ_SIZE))? {
-                        this.conn = None;
-                        return Poll::Ready(None);
+                    match ready!(this.poll_fill(cx, super::READ_SIZE)) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            this.conn = None;
+                            return Poll::Ready(None);
+                        }
+                        Err(e) => return this.fail(cx, e),
                     }
                 }
             }
@@ -153,11 +169,12 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.conn.is_none()
+        self.conn.is_none() && self.failed.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
         match (&self.conn, &self.framing) {
+            (None, _) if self.failed.is_some() => SizeHint::default(),
             (None, _) => SizeHint::with_exact(0),
             (Some(_), State::Length(n)) => SizeHint::with_exact(*n),
             _ => SizeHint::default(),
