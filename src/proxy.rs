@@ -273,7 +273,7 @@ impl Proxy {
                 return Ok(finish(response, &route));
             }
             // Replay only a body we hold whole.
-            if !resend.replayable() {
+            if !resend.replayable(route.max_retry_body) {
                 tracing::info!(route = %route.name, "401 not replayed: body too large or still streaming");
                 return Ok(finish(response, &route));
             }
@@ -408,11 +408,12 @@ impl Resend {
         }
     }
 
-    /// Whether the whole body is held (not too large, not still streaming).
-    fn replayable(&self) -> bool {
+    /// Whether the whole body is held, and within the route's `max_retry_body` (the copy
+    /// gives up past it as it streams; a kept body is whole, and checked here).
+    fn replayable(&self, max_retry_body: usize) -> bool {
         match self {
             Resend::Copy(copy) => copy.replayable().is_some(),
-            Resend::Kept(..) => true,
+            Resend::Kept(_, body) => body.len() <= max_retry_body,
         }
     }
 
