@@ -363,22 +363,60 @@ pub fn requested_upgrade(version: http::Version, headers: &HeaderMap) -> Option<
 }
 
 /// Prepare request headers for the upstream: hop-by-hop and `Host` removed (the client
-/// sets `Host` from the upstream URI), and the app's own copy of our header replaced by ours.
+/// sets `Host` from the upstream URI), several `Cookie` fields joined into one, and the
+/// app's own copy of our header replaced by ours.
 pub fn rewrite_request_headers(
     headers: &mut HeaderMap,
     token: Option<(&HeaderName, &HeaderValue)>,
 ) {
     strip_hop_by_hop(headers);
     headers.remove(header::HOST);
+    join_cookies(headers);
     if let Some((name, value)) = token {
         // `insert` drops every value the app sent under that name.
         headers.insert(name.clone(), value.clone());
     }
 }
 
+/// HTTP/2 carries each cookie pair in its own `Cookie` field; on HTTP/1.1 they must be one
+/// field, joined with "; " (RFC 9113 §8.2.3). Every upstream request goes out as HTTP/1.1
+/// or may (h2 upstreams accept the joined form too).
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut cookies = headers.get_all(header::COOKIE).iter();
+    if cookies.nth(1).is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for (i, value) in headers.get_all(header::COOKIE).iter().enumerate() {
+        if i > 0 {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(value.as_bytes());
+    }
+    if let Ok(mut value) = HeaderValue::from_bytes(&joined) {
+        value.set_sensitive(true);
+        headers.insert(header::COOKIE, value);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cookie_fields_are_joined_for_http_1_1() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        h.append(header::COOKIE, HeaderValue::from_static("c=3"));
+        rewrite_request_headers(&mut h, None);
+        let all: Vec<_> = h.get_all(header::COOKIE).iter().collect();
+        assert_eq!(all, ["a=1; b=2; c=3"]);
+        let mut one = HeaderMap::new();
+        one.insert(header::COOKIE, HeaderValue::from_static("a=1; b=2"));
+        rewrite_request_headers(&mut one, None);
+        assert_eq!(one[header::COOKIE], "a=1; b=2");
+    }
 
     fn table(toml: &str) -> RouteTable {
         let config = Config::parse(toml, &|_| None).unwrap();

@@ -435,3 +435,26 @@ async fn a_silent_upstream_is_504_and_a_large_upload_still_streams() {
     assert_eq!(upload.body.len(), big.len());
     assert_eq!(upload.header("content-length"), Some("307200"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_apps_cookie_fields_arrive_as_one_http_1_1_field() {
+    let up = Scripted::start(|_| Answer::Send(vec![OK])).await;
+    let app = proxy_to(&up).await;
+    let r = send_with(
+        &h2c_client(),
+        Method::GET,
+        &url(&app, "/c"),
+        &[("cookie", "a=1"), ("cookie", "b=2")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let seen = up.seen();
+    let cookies: Vec<_> = seen[0]
+        .headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("cookie"))
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(cookies, ["a=1; b=2"], "RFC 9113 §8.2.3");
+}
