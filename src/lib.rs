@@ -165,6 +165,7 @@ impl App {
         store.spawn_refreshers();
         let limits = ConnLimits {
             max_header_size: config.server.max_header_size,
+            header_timeout: config.server.keepalive_timeout,
         };
         let grace = config.server.shutdown_grace;
         let draining = CancellationToken::new();
@@ -292,6 +293,7 @@ impl AppHandle {
         if s.listen != self.server.listen
             || s.admin_listen != self.server.admin_listen
             || s.max_header_size != self.server.max_header_size
+            || s.keepalive_timeout != self.server.keepalive_timeout
             || s.shutdown_grace != self.server.shutdown_grace
             || s.shutdown_delay != self.server.shutdown_delay
             || s.log_query != self.server.log_query

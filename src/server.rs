@@ -27,6 +27,9 @@ pub struct PeerAddr(pub std::net::SocketAddr);
 pub struct ConnLimits {
     /// Request heads larger than this get 431 (HTTP/1) or a stream error (h2).
     pub max_header_size: usize,
+    /// An HTTP/1.1 connection must send a complete request head within this, the first
+    /// one and each one after an idle keep-alive wait (`server.keepalive_timeout`).
+    pub header_timeout: Duration,
 }
 
 /// The auto-detecting server (HTTP/1.1 or h2, by what arrives), for intercepted tunnels.
@@ -34,7 +37,7 @@ pub(crate) fn builder(limits: ConnLimits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(limits.header_timeout)
         .max_buf_size(max_buf_size(limits));
     b.http2()
         .timer(TokioTimer::new())
@@ -45,7 +48,7 @@ pub(crate) fn builder(limits: ConnLimits) -> auto::Builder<TokioExecutor> {
 fn http1_builder(limits: ConnLimits) -> http1::Builder {
     let mut b = http1::Builder::new();
     b.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(limits.header_timeout)
         .max_buf_size(max_buf_size(limits));
     b
 }
@@ -65,9 +68,6 @@ fn max_buf_size(limits: ConnLimits) -> usize {
 fn max_header_list_size(limits: ConnLimits) -> u32 {
     u32::try_from(limits.max_header_size).unwrap_or(u32::MAX)
 }
-
-/// A request head must arrive within this (hyper's own default, made explicit).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What h2c with prior knowledge starts with (RFC 9113 §3.4).
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -101,8 +101,8 @@ fn protocol_of(first: &[u8]) -> Option<Protocol> {
 /// h2c client sends the whole preface at once. A peer that sends a piece of it and stalls
 /// is looked at again every 20 ms until the header timeout. `None`: the peer closed, or
 /// did not say within the header timeout.
-async fn sniff(stream: &tokio::net::TcpStream) -> Option<Protocol> {
-    let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
+async fn sniff(stream: &tokio::net::TcpStream, header_timeout: Duration) -> Option<Protocol> {
+    let deadline = tokio::time::Instant::now() + header_timeout;
     let mut first = [0u8; 24];
     loop {
         let n = tokio::time::timeout_at(deadline, stream.peek(&mut first))
@@ -171,7 +171,7 @@ pub async fn serve<F, Fut>(
         tokio::spawn(async move {
             let protocol = tokio::select! {
                 _ = draining.cancelled() => return,
-                protocol = sniff(&stream) => protocol,
+                protocol = sniff(&stream, limits.header_timeout) => protocol,
             };
             let served = match protocol {
                 None => return,

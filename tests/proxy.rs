@@ -359,3 +359,43 @@ async fn a_port_already_in_use_is_refused_not_shared() {
     assert!(e.to_string().contains("cannot listen"), "{e}");
     first.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_close_after_keepalive_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let world = World::new(Duration::from_secs(300)).await;
+    let toml = world.config_rt("", "").replace(
+        "shutdown_grace = \"5s\"",
+        "shutdown_grace = \"5s\"\nkeepalive_timeout = \"2s\"",
+    );
+    let app = start(&toml).await;
+    let mut conn = tokio::net::TcpStream::connect(app.proxy_addr)
+        .await
+        .unwrap();
+    let request = b"GET /x HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    let mut buf = vec![0u8; 16 * 1024];
+    // Idle for less than the timeout between requests: the connection is kept.
+    for _ in 0..3 {
+        conn.write_all(request).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
+    // Then silent past it: the proxy closes the connection.
+    let started = std::time::Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+        .await
+        .expect("closed by the proxy, not left open")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "{:?}", String::from_utf8_lossy(&buf[..n]));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(world.api.seen().len(), 3);
+    app.stop().await;
+}

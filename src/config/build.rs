@@ -46,6 +46,11 @@ pub(super) fn build(
             raw.server.max_header_size,
             64 * 1024,
         )?,
+        keepalive_timeout: opt_duration(
+            "server.keepalive_timeout",
+            raw.server.keepalive_timeout,
+            Duration::from_secs(30),
+        )?,
         workers: 1,
     };
     let workers = match env("TOKEN_PROXY_WORKERS") {
@@ -64,6 +69,9 @@ pub(super) fn build(
         workers: workers as usize,
         ..server
     };
+    if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&server.keepalive_timeout) {
+        return err("server.keepalive_timeout: must be between 1s and 1h");
+    }
     if server.max_header_size < 1024 {
         return err("server.max_header_size: must be at least 1KiB");
     }

@@ -13,6 +13,7 @@ const VARS: &[(&str, &str, &str, Kind)] = &[
     ("TOKEN_PROXY_SHUTDOWN_GRACE", "server", "shutdown_grace", Kind::Str),
     ("TOKEN_PROXY_SHUTDOWN_DELAY", "server", "shutdown_delay", Kind::Str),
     ("TOKEN_PROXY_MAX_HEADER_SIZE", "server", "max_header_size", Kind::Str),
+    ("TOKEN_PROXY_KEEPALIVE_TIMEOUT", "server", "keepalive_timeout", Kind::Str),
     ("TOKEN_PROXY_LOG_QUERY", "server", "log_query", Kind::Bool),
     ("TOKEN_PROXY_ALLOWED_HOSTS", "server", "allowed_hosts", Kind::List),
     ("TOKEN_PROXY_ALLOWED_ORIGINS", "server", "allowed_origins", Kind::List),

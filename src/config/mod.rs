@@ -145,6 +145,9 @@ pub struct ServerConfig {
     /// After SIGTERM, keep accepting for this long (readiness already 503) before draining.
     pub shutdown_delay: Duration,
     pub max_header_size: usize,
+    /// An app's HTTP/1.1 connection is closed when no complete request head arrives for
+    /// this long: idle between requests, or slow to send one.
+    pub keepalive_timeout: Duration,
     /// Log request paths with their query string (off: queries often carry secrets).
     pub log_query: bool,
     /// `allowed_hosts` and `allowed_origins`: who besides local apps may use the listeners.
@@ -558,6 +561,7 @@ mod tests {
         let c = parse(MIN).unwrap();
         assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.server.max_header_size, 65536);
+        assert_eq!(c.server.keepalive_timeout, Duration::from_secs(30));
         assert_eq!(c.routes[0].upstream.base_path, "/v1");
         assert_eq!(c.routes[0].max_retry_body, 1 << 20);
         assert_eq!(
@@ -583,6 +587,14 @@ mod tests {
                 "server.max_header_size",
             ),
             (format!("[server]\nworkers = 0\n{MIN}"), "server.workers"),
+            (
+                format!("[server]\nkeepalive_timeout = \"0s\"\n{MIN}"),
+                "server.keepalive_timeout",
+            ),
+            (
+                format!("[server]\nkeepalive_timeout = \"soon\"\n{MIN}"),
+                "server.keepalive_timeout",
+            ),
             (format!("[server]\nworkers = \"two\"\n{MIN}"), "workers"),
             (
                 MIN.replace("credential = \"main\"", "credential = \"other\""),

@@ -48,6 +48,7 @@ pub(super) struct RawServer {
     pub(super) shutdown_grace: Option<String>,
     pub(super) shutdown_delay: Option<String>,
     pub(super) max_header_size: Option<String>,
+    pub(super) keepalive_timeout: Option<String>,
     pub(super) log_query: Option<bool>,
     pub(super) allowed_hosts: Option<Vec<String>>,
     pub(super) allowed_origins: Option<Vec<String>>,
