@@ -188,7 +188,7 @@ impl App {
             config.server.access.clone(),
             intercept.clone(),
         );
-        let handler = move |req| {
+        let handler = move |req, _peer| {
             let proxy = proxy.clone();
             async move { proxy.handle(req).await }
         };
@@ -225,7 +225,8 @@ impl App {
                 draining: draining.clone(),
                 access: config.server.access.clone(),
             };
-            let handler = move |req| {
+            let handler = move |mut req: hyper::Request<hyper::body::Incoming>, peer| {
+                req.extensions_mut().insert(server::PeerAddr(peer));
                 let admin = admin.clone();
                 async move { admin.handle(req).await }
             };

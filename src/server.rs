@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::body::ProxyBody;
 
-/// The client's address, set on every request (the admin API trusts loopback only).
+/// The client's address, set on every admin request (the admin API trusts loopback only).
 #[derive(Clone, Copy, Debug)]
 pub struct PeerAddr(pub std::net::SocketAddr);
 
@@ -123,7 +123,8 @@ async fn sniff(stream: &tokio::net::TcpStream, header_timeout: Duration) -> Opti
     }
 }
 
-/// Serve `listener` until `shutdown` is cancelled, then drain for at most `grace`.
+/// Serve `listener` until `shutdown` is cancelled, then drain for at most `grace`. The
+/// handler gets each request with the address of the client that sent it.
 pub async fn serve<F, Fut>(
     listener: TcpListener,
     handler: F,
@@ -131,7 +132,7 @@ pub async fn serve<F, Fut>(
     shutdown: CancellationToken,
     grace: Duration,
 ) where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Request<Incoming>, std::net::SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     // Shared, not cloned into each connection's task: every byte a task holds is paid by
@@ -158,12 +159,11 @@ pub async fn serve<F, Fut>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-            req.extensions_mut().insert(PeerAddr(peer));
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             // Boxed: hyper keeps room for one in-flight service future per connection for
             // the connection's whole life, so an unboxed (large) request future would cost
             // its full size on every idle keep-alive connection.
-            let fut = Box::pin(handler(req));
+            let fut = Box::pin(handler(req, peer));
             async move { Ok::<_, Infallible>(fut.await) }
         });
         let (builders, watcher, draining) =
