@@ -121,7 +121,12 @@ impl Route {
                 path = path.strip_prefix(p.as_str()).unwrap_or(path);
             }
         }
-        let mut pq = String::with_capacity(self.upstream.base_path.len() + path.len() + 32);
+        // Exactly the length needed: the string becomes the URI's bytes without a copy, and
+        // without the extra allocation a spare capacity would cost.
+        let slash = usize::from(!path.starts_with('/'));
+        let query = original.query().map_or(0, |q| q.len() + 1);
+        let mut pq =
+            String::with_capacity(self.upstream.base_path.len() + slash + path.len() + query);
         pq.push_str(&self.upstream.base_path);
         if !path.starts_with('/') {
             pq.push('/');
