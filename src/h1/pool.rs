@@ -171,3 +171,60 @@ async fn reap(pool: Weak<Pool>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool_for(authority: &str) -> Arc<Pool> {
+        let authority: Authority = authority.parse().unwrap();
+        Pool::new(&authority, Duration::from_secs(5), Duration::from_secs(5))
+    }
+
+    #[test]
+    fn the_host_header_carries_the_port_only_when_not_80() {
+        assert_eq!(pool_for("api.local").host_header, "api.local");
+        assert_eq!(pool_for("api.local:80").host_header, "api.local");
+        assert_eq!(pool_for("api.local:8080").host_header, "api.local:8080");
+        let v6 = pool_for("[::1]:8080");
+        assert_eq!(v6.host_header, "[::1]:8080");
+        assert_eq!((v6.host.as_str(), v6.port), ("::1", 8080));
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_reused_until_they_expire_or_the_upstream_closes_them() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let pool = pool_for(&listener.local_addr().unwrap().to_string());
+
+        let conn = pool.connect().await.unwrap();
+        let (upstream_side, _) = listener.accept().unwrap();
+        pool.checkin(conn);
+        let again = pool.checkout().expect("a fresh idle connection is reused");
+        assert!(pool.checkout().is_none(), "and handed out once");
+
+        // Closed by the upstream while idle: noticed, not reused.
+        pool.checkin(again);
+        drop(upstream_side);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(pool.checkout().is_none());
+
+        // Idle past IDLE_TIMEOUT: closed, not reused.
+        let conn = pool.connect().await.unwrap();
+        let (_upstream_side, _) = listener.accept().unwrap();
+        pool.checkin(conn);
+        tokio::time::pause();
+        tokio::time::advance(IDLE_TIMEOUT + Duration::from_secs(1)).await;
+        assert!(pool.checkout().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_connection_with_unread_bytes_is_never_pooled() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let pool = pool_for(&listener.local_addr().unwrap().to_string());
+        let mut conn = pool.connect().await.unwrap();
+        let (_upstream_side, _) = listener.accept().unwrap();
+        conn.buf.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        pool.checkin(conn);
+        assert!(pool.checkout().is_none());
+    }
+}
