@@ -1,16 +1,14 @@
 //! The request path: pick a route, attach the token, forward (streaming), replay once on 401.
 
 use std::borrow::Cow;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, UPGRADE};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
+use http_body::Body;
+use http_body_util::{BodyExt, Either};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::Client;
@@ -273,17 +271,17 @@ impl Proxy {
                 return Ok(finish(response, &route));
             }
             // Replay only a body we hold whole.
-            if !resend.replayable(route.max_retry_body) {
+            let Some(body) = resend.body(route.max_retry_body) else {
                 tracing::info!(route = %route.name, "401 not replayed: body too large or still streaming");
                 return Ok(finish(response, &route));
-            }
+            };
             drop(response);
             if !nonce_challenge {
                 lease = self::lease(&credential).await?;
             }
             trace.replayed = true;
             self.inner.metrics.retry(&route.name);
-            let request = resend.request(&credential, &lease);
+            let request = resend.request(body, &credential, &lease);
             let (again, kept) = send(&route, request, trace).await?;
             response = again;
             if let (Resend::Kept(..), Some((parts, body))) = (&resend, kept) {
@@ -408,24 +406,26 @@ impl Resend {
         }
     }
 
-    /// Whether the whole body is held, and within the route's `max_retry_body` (the copy
+    /// The whole body, if it is held and within the route's `max_retry_body` (the copy
     /// gives up past it as it streams; a kept body is whole, and checked here).
-    fn replayable(&self, max_retry_body: usize) -> bool {
+    fn body(&self, max_retry_body: usize) -> Option<Bytes> {
         match self {
-            Resend::Copy(copy) => copy.replayable().is_some(),
-            Resend::Kept(_, body) => body.len() <= max_retry_body,
+            Resend::Copy(copy) => copy.replayable(),
+            Resend::Kept(_, body) => (body.len() <= max_retry_body).then(|| body.clone()),
         }
     }
 
-    /// The request again, with `token` attached (and a new DPoP proof). A kept request is
-    /// moved out: `send` hands it back.
-    fn request(&mut self, credential: &Credential, token: &ActiveToken) -> Request<ProxyBody> {
+    /// The request again with `body`, `token` attached (and a new DPoP proof). A kept
+    /// request is moved out: `send` hands it back.
+    fn request(
+        &mut self,
+        body: Bytes,
+        credential: &Credential,
+        token: &ActiveToken,
+    ) -> Request<ProxyBody> {
         match self {
-            Resend::Copy(copy) => {
-                let bytes = copy.replayable().unwrap_or_default();
-                copy.rebuild(bytes, credential, token)
-            }
-            Resend::Kept(parts, body) => {
+            Resend::Copy(copy) => copy.rebuild(body, credential, token),
+            Resend::Kept(parts, _) => {
                 let mut parts = std::mem::replace(parts, Request::new(()).into_parts().0);
                 parts
                     .headers
@@ -437,7 +437,7 @@ impl Resend {
                     &parts.uri,
                     &mut parts.headers,
                 );
-                Request::from_parts(parts, body::full(std::mem::take(body)))
+                Request::from_parts(parts, body::full(body))
             }
         }
     }
@@ -501,40 +501,8 @@ fn header_of<'a>(
     }
 }
 
-/// A response body from either upstream client.
-enum UpstreamBody {
-    Hyper(Incoming),
-    Own(h1::ResponseBody),
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            UpstreamBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            UpstreamBody::Own(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::Hyper(b) => b.is_end_stream(),
-            UpstreamBody::Own(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamBody::Hyper(b) => b.size_hint(),
-            UpstreamBody::Own(b) => b.size_hint(),
-        }
-    }
-}
+/// A response body from either upstream client: hyper's, or ours (`h1`).
+type UpstreamBody = Either<Incoming, h1::ResponseBody>;
 
 /// Whether a request with this body goes to `route` through our own HTTP/1.1 client (a
 /// plain-HTTP upstream, and a body small enough to read whole), not hyper's.
@@ -560,7 +528,7 @@ async fn send(
         return send_h1(pool, route, req, trace).await;
     }
     let response = send_with(route.client(), route, req, trace).await?;
-    Ok((response.map(UpstreamBody::Hyper), None))
+    Ok((response.map(Either::Left), None))
 }
 
 /// Why our own client's exchange failed: the app's body, or the upstream.
@@ -582,7 +550,7 @@ async fn send_h1(
             true => Bytes::new(),
             false => body.collect().await.map_err(H1Failure::AppBody)?.to_bytes(),
         };
-        let response = h1::send(pool, &parts, body.clone())
+        let response = h1::send(pool, &parts, &body)
             .await
             .map_err(H1Failure::Upstream)?;
         Ok((response, body))
@@ -599,7 +567,7 @@ async fn send_h1(
             error_chain(&*e)
         ))),
         Ok(Err(H1Failure::Upstream(e))) => Err(ProxyError::UpstreamUnreachable(error_chain(&e))),
-        Ok(Ok((response, body))) => Ok((response.map(UpstreamBody::Own), Some((parts, body)))),
+        Ok(Ok((response, body))) => Ok((response.map(Either::Right), Some((parts, body)))),
     }
 }
 
@@ -650,7 +618,7 @@ fn splice(
     route: &Route,
 ) -> Response<ProxyBody> {
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-        return finish(response.map(UpstreamBody::Hyper), route);
+        return finish(response.map(Either::Left), route);
     }
     let upstream_side = hyper::upgrade::on(&mut response);
     tokio::spawn(async move {

@@ -306,7 +306,7 @@ fn dot_segment(seg: &str) -> Option<Dots> {
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), and the
 /// non-standard `Proxy-Connection` old clients send. Compared as strings: header names
 /// are lower case, and this runs for every header of every message.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
         "connection"

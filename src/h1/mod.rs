@@ -19,7 +19,6 @@ pub mod wire;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Method, Response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -65,7 +64,7 @@ struct Failure {
 pub async fn send(
     pool: &Arc<Pool>,
     parts: &http::request::Parts,
-    body: Bytes,
+    body: &[u8],
 ) -> Result<Response<ResponseBody>, Error> {
     let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     let mut request = Vec::with_capacity(512 + body.len());
@@ -75,7 +74,7 @@ pub async fn send(
         target,
         &pool.host_header,
         &parts.headers,
-        &body,
+        body,
     );
     let (mut conn, mut reused) = match pool.checkout() {
         Some(conn) => (conn, true),

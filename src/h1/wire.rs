@@ -199,14 +199,7 @@ impl WireFields {
                 }
                 Ok(true)
             }
-            "keep-alive"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "upgrade"
-            | "proxy-connection" => Ok(true),
-            _ => Ok(false),
+            _ => Ok(crate::routes::is_hop_by_hop(name)),
         }
     }
 
