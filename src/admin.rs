@@ -19,12 +19,11 @@ use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::access::{is_loopback, requested_host, AccessPolicy};
-use crate::body::{self, ProxyBody};
+use crate::body::{self, AppBody, ProxyBody};
 use crate::metrics::Metrics;
 use crate::server::PeerAddr;
 use crate::token::{Credential, TokenStore};
@@ -43,7 +42,7 @@ pub struct Admin {
 }
 
 impl Admin {
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    pub async fn handle(&self, req: Request<AppBody>) -> Response<ProxyBody> {
         let path = req.uri().path().trim_end_matches('/').to_string();
         if let Err(message) = self.admit(&req) {
             return json_response(
@@ -149,7 +148,7 @@ impl Admin {
     /// IP literal, localhost or an `allowed_hosts` name (a DNS-rebound name is refused).
     /// Token changes are for this host only (the app's pod, the operator's shell): a
     /// loopback client, addressing us by a local name, outside any web page.
-    fn admit(&self, req: &Request<Incoming>) -> Result<(), String> {
+    fn admit(&self, req: &Request<AppBody>) -> Result<(), String> {
         let host = requested_host(req.uri(), req.headers());
         self.access.check_host(host).map_err(|r| r.0)?;
         if is_read(req.method()) {

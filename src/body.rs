@@ -12,6 +12,10 @@ use http_body_util::{BodyExt, Full};
 
 use crate::upstream::BoxError;
 
+/// The body of every request the proxy and admin listeners receive: streamed by hyper's
+/// server, or read whole by our own HTTP/1.1 server (`h1::app`).
+pub type AppBody = http_body_util::Either<hyper::body::Incoming, Full<Bytes>>;
+
 /// The body type of every request and response the proxy produces.
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
 

@@ -225,7 +225,7 @@ impl App {
                 draining: draining.clone(),
                 access: config.server.access.clone(),
             };
-            let handler = move |mut req: hyper::Request<hyper::body::Incoming>, peer| {
+            let handler = move |mut req: hyper::Request<crate::body::AppBody>, peer| {
                 req.extensions_mut().insert(server::PeerAddr(peer));
                 let admin = admin.clone();
                 async move { admin.handle(req).await }

@@ -15,7 +15,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioIo;
 
 use crate::access::{requested_host, AccessPolicy};
-use crate::body::{self, ProxyBody, ReplayBuffer, TeeBody};
+use crate::body::{self, AppBody, ProxyBody, ReplayBuffer, TeeBody};
 use crate::error::{error_chain, ProxyError};
 use crate::h1;
 use crate::idle::{is_idle_timeout, IdleBody};
@@ -80,7 +80,7 @@ impl Proxy {
     }
 
     /// Serve one request from the app. Never fails: errors become JSON responses.
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    pub async fn handle(&self, req: Request<AppBody>) -> Response<ProxyBody> {
         let started = Instant::now();
         // What the request log line needs, kept only when it will be written.
         let logged = tracing::enabled!(tracing::Level::INFO)
@@ -133,7 +133,7 @@ impl Proxy {
 
     async fn forward(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<AppBody>,
         trace: &mut Trace,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let routes = self
@@ -310,7 +310,7 @@ impl Proxy {
     /// as that host — only for a host a route names (403 otherwise: never a blind tunnel).
     fn connect(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<AppBody>,
         routes: &RouteTable,
         trace: &mut Trace,
     ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -466,7 +466,7 @@ fn admit<B>(access: &AccessPolicy, req: &Request<B>, intercepted: bool) -> Resul
 
 fn select_route<'a>(
     routes: &'a RouteTable,
-    req: &Request<Incoming>,
+    req: &Request<AppBody>,
     path: &str,
     intercepted: Option<&Target>,
 ) -> Result<&'a Arc<Route>, ProxyError> {

@@ -16,7 +16,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::body::ProxyBody;
+use crate::body::{AppBody, ProxyBody};
+use crate::h1;
 
 /// The client's address, set on every admin request (the admin API trusts loopback only).
 #[derive(Clone, Copy, Debug)]
@@ -132,7 +133,7 @@ pub async fn serve<F, Fut>(
     shutdown: CancellationToken,
     grace: Duration,
 ) where
-    F: Fn(Request<Incoming>, std::net::SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Request<AppBody>, std::net::SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     // Shared, not cloned into each connection's task: every byte a task holds is paid by
@@ -159,11 +160,12 @@ pub async fn serve<F, Fut>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
+        let hyper_handler = handler.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             // Boxed: hyper keeps room for one in-flight service future per connection for
             // the connection's whole life, so an unboxed (large) request future would cost
             // its full size on every idle keep-alive connection.
-            let fut = Box::pin(handler(req, peer));
+            let fut = Box::pin(hyper_handler(req.map(AppBody::Left), peer));
             async move { Ok::<_, Infallible>(fut.await) }
         });
         let (builders, watcher, draining) =
@@ -177,9 +179,21 @@ pub async fn serve<F, Fut>(
                 None => return,
                 Some(Protocol::Http1) => {
                     let _counted = watcher;
+                    // Plain requests are served by our own HTTP/1.1 server; from the first
+                    // one that is not (an upgrade, Expect, a streamed or chunked upload,
+                    // HTTP/1.0, anything malformed), hyper's server takes the connection.
+                    let plain = h1::app::serve(stream, |req| handler(req, peer), limits, &draining);
+                    let rewound = match plain.await {
+                        Ok(Some(rewound)) => rewound,
+                        Ok(None) => return,
+                        Err(e) => {
+                            tracing::debug!(%peer, error = %e, "connection ended with an error");
+                            return;
+                        }
+                    };
                     let conn = builders
                         .0
-                        .serve_connection(TokioIo::new(stream), service)
+                        .serve_connection(TokioIo::new(rewound), service)
                         .with_upgrades();
                     let mut conn = std::pin::pin!(conn);
                     tokio::select! {

@@ -12,8 +12,11 @@
 //! (TLS and h2 upstreams, egress proxies, streamed uploads, protocol upgrades) goes
 //! through hyper's client as before.
 
+pub mod app;
+pub mod app_wire;
 mod body;
 mod pool;
+mod rewind;
 pub mod wire;
 
 use std::sync::Arc;
@@ -25,6 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 pub use body::{BodyError, ResponseBody};
 use pool::Conn;
 pub use pool::Pool;
+pub use rewind::Rewind;
 use wire::{Head, WireError};
 
 /// A request body of at most this size (known from its length) is read whole before the

@@ -183,7 +183,7 @@ impl Interceptor {
     /// every request inside served by `serve` (forward-mode, for that target).
     pub async fn tunnel<S, Fut>(self: Arc<Self>, on_upgrade: OnUpgrade, target: Target, serve: S)
     where
-        S: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        S: Fn(Request<crate::body::AppBody>) -> Fut + Clone + Send + Sync + 'static,
         Fut: std::future::Future<Output = http::Response<crate::body::ProxyBody>> + Send + 'static,
     {
         let upgraded = match on_upgrade.await {
@@ -211,7 +211,7 @@ impl Interceptor {
             }
         };
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let fut = Box::pin(serve(req));
+            let fut = Box::pin(serve(req.map(crate::body::AppBody::Left)));
             async move { Ok::<_, Infallible>(fut.await) }
         });
         let builder = crate::server::builder(self.limits);
