@@ -1,7 +1,9 @@
-//! Our own HTTP/1.1 client (plain-HTTP upstreams): driven from outside against a scripted
-//! upstream that writes exactly the bytes each test needs — keep-alive reuse, every body
-//! framing, interim responses, upstreams that close pooled connections, and malformed
-//! responses (502, and the proxy keeps serving).
+//! Our own HTTP/1.1 code, driven from outside. The client (plain-HTTP upstreams), against a
+//! scripted upstream that writes exactly the bytes each test needs: keep-alive reuse, every
+//! body framing, interim responses, upstreams that close pooled connections, and malformed
+//! responses (502, and the proxy keeps serving). The server (the app's side), from a raw
+//! app connection: pipelining, bodies arriving after their heads, `Connection: close`,
+//! HEAD, chunked responses, and requests handed to hyper's server mid-connection.
 
 mod support;
 
@@ -457,4 +459,302 @@ async fn an_h2_apps_cookie_fields_arrive_as_one_http_1_1_field() {
         .map(|(_, v)| v.as_str())
         .collect();
     assert_eq!(cookies, ["a=1; b=2"], "RFC 9113 §8.2.3");
+}
+
+/// An app connection speaking raw HTTP/1.1 to the proxy.
+struct AppConn {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+/// One response as the app read it (a chunked body decoded).
+#[derive(Debug)]
+struct AppResponse {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    chunked: bool,
+}
+
+impl AppResponse {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl AppConn {
+    async fn open(app: &token_proxy::AppHandle) -> AppConn {
+        AppConn {
+            stream: tokio::net::TcpStream::connect(app.proxy_addr)
+                .await
+                .unwrap(),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    async fn fill(&mut self) {
+        let mut chunk = [0u8; 8192];
+        let n = tokio::time::timeout(Duration::from_secs(5), self.stream.read(&mut chunk))
+            .await
+            .expect("the proxy answers within 5 s")
+            .unwrap();
+        assert!(
+            n > 0,
+            "the proxy closed the connection mid-response: {:?}",
+            String::from_utf8_lossy(&self.buf)
+        );
+        self.buf.extend_from_slice(&chunk[..n]);
+    }
+
+    /// Read one response (`head_request`: it has no body, whatever its length says).
+    async fn response(&mut self, head_request: bool) -> AppResponse {
+        let (status, headers, used) = loop {
+            let mut slots = [httparse::EMPTY_HEADER; 64];
+            let mut resp = httparse::Response::new(&mut slots);
+            if let httparse::Status::Complete(n) = resp.parse(&self.buf).unwrap() {
+                let headers: Vec<(String, String)> = resp
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_string(),
+                            String::from_utf8_lossy(h.value).into_owned(),
+                        )
+                    })
+                    .collect();
+                break (resp.code.unwrap(), headers, n);
+            }
+            self.fill().await;
+        };
+        self.buf.drain(..used);
+        let mut response = AppResponse {
+            status,
+            headers,
+            body: Vec::new(),
+            chunked: false,
+        };
+        if head_request || status == 100 || status == 204 || status == 304 {
+            return response;
+        }
+        if let Some(len) = response.header("content-length") {
+            let len: usize = len.parse().unwrap();
+            while self.buf.len() < len {
+                self.fill().await;
+            }
+            response.body = self.buf.drain(..len).collect();
+            return response;
+        }
+        assert_eq!(
+            response.header("transfer-encoding"),
+            Some("chunked"),
+            "{response:?}"
+        );
+        response.chunked = true;
+        loop {
+            let line_end = loop {
+                if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                    break i;
+                }
+                self.fill().await;
+            };
+            let size =
+                usize::from_str_radix(std::str::from_utf8(&self.buf[..line_end]).unwrap(), 16)
+                    .unwrap();
+            self.buf.drain(..line_end + 2);
+            while self.buf.len() < size + 2 {
+                self.fill().await;
+            }
+            if size == 0 {
+                assert_eq!(&self.buf[..2], b"\r\n", "no trailers were asked for");
+                self.buf.drain(..2);
+                return response;
+            }
+            response.body.extend(self.buf.drain(..size));
+            assert_eq!(self.buf.drain(..2).collect::<Vec<_>>(), b"\r\n");
+        }
+    }
+
+    /// The proxy closes the connection (within 5 s), having sent nothing more.
+    async fn closed(&mut self) -> bool {
+        let mut chunk = [0u8; 64];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), self.stream.read(&mut chunk)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        ) && self.buf.is_empty()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order_on_one_connection() {
+    let up = Scripted::start(|s| {
+        Answer::Send(vec![match s.target.as_str() {
+            "/base/a" => b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na",
+            _ => b"HTTP/1.1 201 Created\r\nContent-Length: 1\r\n\r\nb",
+        }])
+    })
+    .await;
+    let app = proxy_to(&up).await;
+    let mut conn = AppConn::open(&app).await;
+    conn.send(b"GET /a HTTP/1.1\r\nhost: localhost\r\n\r\nPOST /b HTTP/1.1\r\nhost: localhost\r\ncontent-length: 3\r\n\r\nxyzGET /a HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await;
+    let (a, b, c) = (
+        conn.response(false).await,
+        conn.response(false).await,
+        conn.response(false).await,
+    );
+    assert_eq!((a.status, a.body.as_slice()), (200, &b"a"[..]));
+    assert_eq!((b.status, b.body.as_slice()), (201, &b"b"[..]));
+    assert_eq!((c.status, c.body.as_slice()), (200, &b"a"[..]));
+    let date = a
+        .header("date")
+        .expect("a Date field, as hyper's server wrote");
+    assert!(httpdate::parse_http_date(date).is_ok(), "{date}");
+    let seen = up.seen();
+    let targets: Vec<_> = seen.iter().map(|s| s.target.as_str()).collect();
+    assert_eq!(targets, ["/base/a", "/base/b", "/base/a"]);
+    assert_eq!(seen[1].body, b"xyz");
+    // Still open for more.
+    conn.send(b"GET /a HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await;
+    assert_eq!(conn.response(false).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_our_server_does_not_take_is_served_by_hyper_on_the_same_connection() {
+    let up = Scripted::start(|_| Answer::Send(vec![OK])).await;
+    let app = proxy_to(&up).await;
+    let mut conn = AppConn::open(&app).await;
+    conn.send(b"GET /plain HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await;
+    assert_eq!(conn.response(false).await.body, b"ok");
+    // Expect: 100-continue is hyper's to answer; the body follows the interim response.
+    conn.send(b"POST /expect HTTP/1.1\r\nhost: localhost\r\nexpect: 100-continue\r\ncontent-length: 3\r\n\r\n")
+        .await;
+    assert_eq!(conn.response(false).await.status, 100);
+    conn.send(b"abc").await;
+    let r = conn.response(false).await;
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"ok"[..]));
+    // The connection goes on (now with hyper), in HTTP/1.0 too.
+    conn.send(b"GET /after HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await;
+    assert_eq!(conn.response(false).await.status, 200);
+    conn.send(b"GET /old HTTP/1.0\r\nhost: localhost\r\nconnection: keep-alive\r\n\r\n")
+        .await;
+    assert_eq!(conn.response(false).await.status, 200);
+    let seen = up.seen();
+    let targets: Vec<_> = seen.iter().map(|s| s.target.as_str()).collect();
+    assert_eq!(
+        targets,
+        ["/base/plain", "/base/expect", "/base/after", "/base/old"]
+    );
+    assert_eq!(seen[1].body, b"abc");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_sent_after_its_head_arrives_whole_however_late() {
+    let up = Scripted::start(|_| Answer::Send(vec![OK])).await;
+    let app = proxy_to(&up).await;
+    let mut conn = AppConn::open(&app).await;
+    // Soon after (our server waits for it), then 1.5 s after (past its wait: hyper streams
+    // it), then split across three writes.
+    for (pause, path) in [(200, "/soon"), (1500, "/late")] {
+        conn.send(
+            format!("PUT {path} HTTP/1.1\r\nhost: localhost\r\ncontent-length: 5\r\n\r\n")
+                .as_bytes(),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        conn.send(b"hello").await;
+        assert_eq!(conn.response(false).await.status, 200);
+    }
+    let mut conn = AppConn::open(&app).await;
+    conn.send(b"POST /split HTTP/1.1\r\nhost: local").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    conn.send(b"host\r\ncontent-length: 6\r\n\r\nhel").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    conn.send(b"lo!").await;
+    assert_eq!(conn.response(false).await.status, 200);
+    let seen = up.seen();
+    let bodies: Vec<_> = seen
+        .iter()
+        .map(|s| (s.target.as_str(), s.body.as_slice()))
+        .collect();
+    assert_eq!(
+        bodies,
+        [
+            ("/base/soon", &b"hello"[..]),
+            ("/base/late", b"hello"),
+            ("/base/split", b"hello!")
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_close_is_answered_and_then_the_connection_closes() {
+    let up = Scripted::start(|_| Answer::Send(vec![OK])).await;
+    let app = proxy_to(&up).await;
+    let mut conn = AppConn::open(&app).await;
+    conn.send(b"GET /bye HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .await;
+    let r = conn.response(false).await;
+    assert_eq!((r.status, r.header("connection")), (200, Some("close")));
+    assert!(conn.closed().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_gets_the_length_without_a_body_and_the_connection_goes_on() {
+    let up = Scripted::start(|s| {
+        Answer::Send(vec![match s.method.as_str() {
+            "HEAD" => b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n",
+            _ => b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789",
+        }])
+    })
+    .await;
+    let app = proxy_to(&up).await;
+    let mut conn = AppConn::open(&app).await;
+    conn.send(b"HEAD /h HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await;
+    let head = conn.response(true).await;
+    assert_eq!(
+        (head.status, head.header("content-length")),
+        (200, Some("10"))
+    );
+    // Had the proxy sent a body, it would be read here as the next response's head.
+    conn.send(b"GET /g HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await;
+    assert_eq!(conn.response(false).await.body, b"0123456789");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_of_unknown_length_reaches_the_app_chunked() {
+    let up = Scripted::start(|s| match s.target.as_str() {
+        "/base/chunked" => Answer::Send(vec![
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+            b"6\r\n world\r\n0\r\n\r\n",
+        ]),
+        _ => Answer::SendThenClose(b"HTTP/1.1 200 OK\r\n\r\nuntil the upstream closes"),
+    })
+    .await;
+    let app = proxy_to(&up).await;
+    let mut conn = AppConn::open(&app).await;
+    for (path, body) in [
+        ("/chunked", &b"hello world"[..]),
+        ("/close", b"until the upstream closes"),
+    ] {
+        conn.send(format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").as_bytes())
+            .await;
+        let r = conn.response(false).await;
+        assert_eq!(
+            (r.status, r.chunked, r.body.as_slice()),
+            (200, true, body),
+            "{path}"
+        );
+    }
 }
