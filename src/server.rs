@@ -191,22 +191,13 @@ pub async fn serve<F, Fut>(
                             return;
                         }
                     };
-                    let conn = builders
-                        .0
-                        .serve_connection(TokioIo::new(rewound), service)
-                        .with_upgrades();
-                    let mut conn = std::pin::pin!(conn);
-                    tokio::select! {
-                        served = conn.as_mut() => served,
-                        _ = draining.cancelled() => {
-                            conn.as_mut().graceful_shutdown();
-                            conn.await
-                        }
-                    }
+                    // Boxed, as the h2 server below: rare, and large, they would otherwise
+                    // be paid for by every connection's task.
+                    Box::pin(hyper_http1(&builders.0, rewound, service, &draining)).await
                 }
                 Some(Protocol::Http2) => {
                     let conn = builders.1.serve_connection(TokioIo::new(stream), service);
-                    watcher.watch(conn).await
+                    Box::pin(watcher.watch(conn)).await
                 }
             };
             if let Err(e) = served {
@@ -224,6 +215,32 @@ pub async fn serve<F, Fut>(
             ?grace,
             "shutdown grace elapsed with requests still in flight"
         );
+    }
+}
+
+/// hyper's HTTP/1.1 server on a connection our own server handed over, until it ends or
+/// `draining` asks it to finish its request in flight and close.
+async fn hyper_http1<S>(
+    builder: &http1::Builder,
+    rewound: h1::Rewind,
+    service: S,
+    draining: &CancellationToken,
+) -> Result<(), hyper::Error>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = ProxyBody>,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = builder
+        .serve_connection(TokioIo::new(rewound), service)
+        .with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        served = conn.as_mut() => served,
+        _ = draining.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
     }
 }
 

@@ -172,12 +172,12 @@ pub fn encode_response_head(
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    let no_length = status == StatusCode::NO_CONTENT || status.is_informational();
     for (name, value) in headers {
-        let framing_field = *name == header::TRANSFER_ENCODING
-            || (*name == header::CONTENT_LENGTH && (no_length || declared.is_none()));
-        if framing_field || *name == header::CONNECTION {
-            continue; // ours to write
+        let ours = *name == header::CONTENT_LENGTH
+            || *name == header::TRANSFER_ENCODING
+            || *name == header::CONNECTION;
+        if ours {
+            continue; // framing and connection fields are written below, once
         }
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
@@ -189,13 +189,19 @@ pub fn encode_response_head(
         with_date(|date| out.extend_from_slice(date));
         out.extend_from_slice(b"\r\n");
     }
-    match framing {
-        Framing::Length(n) if declared.is_none() => {
-            use std::io::Write;
-            let _ = write!(out, "content-length: {n}\r\n");
-        }
-        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-        _ => {}
+    // A response to HEAD, and a 304, may state the length the body would have had.
+    let no_length = status == StatusCode::NO_CONTENT || status.is_informational();
+    let length = match framing {
+        Framing::Length(n) => Some(n),
+        Framing::None if !no_length => declared,
+        _ => None,
+    };
+    if let Some(n) = length {
+        use std::io::Write;
+        let _ = write!(out, "content-length: {n}\r\n");
+    }
+    if framing == Framing::Chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     if close {
         out.extend_from_slice(b"connection: close\r\n");
@@ -359,7 +365,7 @@ mod tests {
         assert_eq!(
             head(200, &[("content-length", "7")], None, false, true),
             (
-                "HTTP/1.1 200 OK\r\ncontent-length: 7\r\ndate: D\r\nconnection: close\r\n\r\n"
+                "HTTP/1.1 200 OK\r\ndate: D\r\ncontent-length: 7\r\nconnection: close\r\n\r\n"
                     .into(),
                 Framing::Length(7)
             )
@@ -381,7 +387,7 @@ mod tests {
         assert_eq!(
             head(200, &[("content-length", "9")], Some(0), true, false),
             (
-                "HTTP/1.1 200 OK\r\ncontent-length: 9\r\ndate: D\r\n\r\n".into(),
+                "HTTP/1.1 200 OK\r\ndate: D\r\ncontent-length: 9\r\n\r\n".into(),
                 Framing::None
             )
         );
@@ -393,6 +399,18 @@ mod tests {
             )
         );
         assert_eq!(head(304, &[], Some(0), false, false).1, Framing::None);
+        // Repeated lengths (an upstream may send the same one twice) are written once.
+        assert_eq!(
+            head(
+                200,
+                &[("content-length", "2"), ("content-length", "2")],
+                Some(2),
+                false,
+                false
+            )
+            .0,
+            "HTTP/1.1 200 OK\r\ndate: D\r\ncontent-length: 2\r\n\r\n"
+        );
     }
 
     #[test]
