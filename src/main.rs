@@ -8,6 +8,10 @@ use clap::{Parser, Subcommand};
 use token_proxy::config::{fingerprint_files, Config, ConfigSource};
 use token_proxy::{App, StartError};
 
+/// mimalloc instead of glibc's malloc: see README "Performance".
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "token-proxy",
