@@ -1,4 +1,5 @@
-//! Our own HTTP/1.1 client for plain-HTTP upstreams, run in the request's own task.
+//! Our own HTTP/1.1 code: a client for plain-HTTP upstreams and a server for the app's
+//! plain requests, each run in the task that needs it.
 //!
 //! hyper's client drives each upstream connection from a task of its own: a request goes
 //! there through a channel, and the response body comes back through another. On this
@@ -7,10 +8,11 @@
 //! reads the response head, and the app connection's task reads the body straight off the
 //! socket as it sends it on; the connection then goes back to a per-worker pool.
 //!
-//! Used for `http://` upstreams without an egress proxy, for requests whose body is
-//! already whole or small enough to read first ([`BUFFERED_BODY_LIMIT`]). Everything else
-//! (TLS and h2 upstreams, egress proxies, streamed uploads, protocol upgrades) goes
-//! through hyper's client as before.
+//! The client is used for `http://` upstreams without an egress proxy, for requests whose
+//! body is already whole or small enough to read first ([`BUFFERED_BODY_LIMIT`]). Everything
+//! else (TLS and h2 upstreams, egress proxies, streamed uploads, protocol upgrades) goes
+//! through hyper's client as before. The server side ([`app`]) serves plain requests and
+//! hands a connection to hyper's server at the first request that is not plain.
 
 pub mod app;
 pub mod app_wire;
