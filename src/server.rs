@@ -1,5 +1,6 @@
 //! The accept loop shared by the proxy and admin listeners: HTTP/1.1 and h2c (detected from
-//! the first bytes), a cap on request-head size, and graceful shutdown (stop accepting, let
+//! the first bytes; plain HTTP/1.1 requests served by our own server, `h1::app`, the rest by
+//! hyper's), a cap on request-head size, and graceful shutdown (stop accepting, let
 //! in-flight requests finish within the grace period).
 
 use std::convert::Infallible;
