@@ -5,8 +5,10 @@
 //! fields we gave it and one framing.
 #![no_main]
 
+#[path = "../common.rs"]
+mod common;
+
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
 use libfuzzer_sys::fuzz_target;
 use token_proxy::h1::app_wire::{classify, encode_response_head, take_request, Framing, Parsed};
@@ -22,20 +24,21 @@ fuzz_target!(|data: &[u8]| {
 
 fn request(data: &[u8], cut: usize) {
     match classify(data) {
-        Parsed::Plain { len, body_len } => {
-            assert!(len <= data.len() && body_len <= 64 * 1024);
+        Parsed::Plain(plain) => {
+            let len = plain.len;
+            assert!(len <= data.len() && plain.body_len <= 64 * 1024);
             let k = cut % len;
             assert!(
                 matches!(classify(&data[..k]), Parsed::Partial),
                 "a {k}-byte prefix of a {len}-byte head"
             );
-            let Some(head) = take_request(Bytes::copy_from_slice(&data[..len]), body_len) else {
+            let Some(request) = take_request(&Bytes::copy_from_slice(&data[..len]), plain) else {
                 return;
             };
             let mut slots = [httparse::EMPTY_HEADER; 100];
             let mut oracle = httparse::Request::new(&mut slots);
             assert_eq!(oracle.parse(&data[..len]), Ok(httparse::Status::Complete(len)));
-            let headers = head.request.headers();
+            let headers = request.headers();
             assert_eq!(headers.len(), oracle.headers.len());
             for h in oracle.headers.iter() {
                 assert!(headers
@@ -50,17 +53,7 @@ fn request(data: &[u8], cut: usize) {
 
 /// Header fields from `name: value` lines (those `http` accepts), a status and a length.
 fn response_head(data: &[u8], mode: u8) {
-    let mut headers = HeaderMap::new();
-    for line in data.split(|&b| b == b'\n') {
-        let Some(colon) = line.iter().position(|&b| b == b':') else { continue };
-        let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(&line[..colon]),
-            HeaderValue::from_bytes(line[colon + 1..].trim_ascii()),
-        ) else {
-            continue;
-        };
-        headers.append(name, value);
-    }
+    let headers = common::headers_from_lines(data);
     if headers.len() > 500 {
         return; // more fields than the parser below has room for
     }

@@ -2,22 +2,15 @@
 //! header (nor one `Connection` named) is left, and exactly our token is attached.
 #![no_main]
 
-use http::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION};
+#[path = "../common.rs"]
+mod common;
+
+use http::header::{HeaderName, HeaderValue, AUTHORIZATION};
 use libfuzzer_sys::fuzz_target;
 use token_proxy::routes::{requested_upgrade, rewrite_request_headers, strip_hop_by_hop};
 
 fuzz_target!(|data: &[u8]| {
-    let mut headers = HeaderMap::new();
-    for line in data.split(|&b| b == b'\n') {
-        let Some(colon) = line.iter().position(|&b| b == b':') else { continue };
-        let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(&line[..colon]),
-            HeaderValue::from_bytes(line[colon + 1..].trim_ascii()),
-        ) else {
-            continue;
-        };
-        headers.append(name, value);
-    }
+    let mut headers = common::headers_from_lines(data);
     let _ = requested_upgrade(http::Version::HTTP_11, &headers);
     let named: Vec<String> = headers
         .get_all(http::header::CONNECTION)

@@ -58,10 +58,10 @@ where
     let mut buf = BytesMut::new();
     loop {
         let deadline = Instant::now() + limits.header_timeout;
-        let (len, body_len) = loop {
+        let plain = loop {
             if !buf.is_empty() {
                 match app_wire::classify(&buf) {
-                    Parsed::Plain { len, body_len } => break (len, body_len),
+                    Parsed::Plain(plain) => break plain,
                     Parsed::Partial if buf.len() <= head_limit => {}
                     _ => return Ok(Some(Rewind::new(buf.freeze(), stream))),
                 }
@@ -77,6 +77,7 @@ where
             }
         };
         // A small body is read whole before the request is handled, as nginx does.
+        let (len, body_len) = (plain.len, plain.body_len);
         let whole = len + body_len;
         if buf.len() < whole {
             let deadline = Instant::now() + BODY_WAIT;
@@ -90,22 +91,22 @@ where
                 }
             }
         }
+        let (close, trailers) = (plain.close, plain.trailers);
         let head = buf.split_to(len).freeze();
-        let Some(parsed) = app_wire::take_request(head.clone(), body_len) else {
-            // A name, value or target `http` refuses: hyper answers it.
+        let Some(request) = app_wire::take_request(&head, plain) else {
+            // A value or target `http` refuses: hyper answers it.
             let mut prefix = BytesMut::from(&head[..]);
             prefix.extend_from_slice(&buf);
             return Ok(Some(Rewind::new(prefix.freeze(), stream)));
         };
         let body = buf.split_to(body_len).freeze();
-        let (parts, ()) = parsed.request.into_parts();
-        let head_request = parts.method == Method::HEAD;
-        let request = Request::from_parts(parts, Either::Right(Full::new(body)));
+        let head_request = request.method() == Method::HEAD;
+        let request = request.map(|()| Either::Right(Full::new(body)));
         // Boxed: the connection's future would otherwise hold room for a whole request's
         // future while it idles.
         let response = Box::pin(handler(request)).await;
-        let close = parsed.close || draining.is_cancelled() || closes(response.headers());
-        write_response(&mut stream, response, head_request, close, parsed.trailers).await?;
+        let close = close || draining.is_cancelled() || closes(response.headers());
+        write_response(&mut stream, response, head_request, close, trailers).await?;
         if close {
             let _ = stream.shutdown().await;
             return Ok(None);
@@ -134,11 +135,10 @@ async fn read_some(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> 
 
 /// The response says the connection ends with it.
 fn closes(headers: &HeaderMap) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-    })
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| app_wire::has_token(v.as_bytes(), "close"))
 }
 
 /// Write `response`: its head and the first body bytes ready with it in one write, then

@@ -9,6 +9,7 @@
 //! upgrades, streamed uploads) are exactly what they always were.
 
 use std::cell::RefCell;
+use std::ops::Range;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -20,16 +21,21 @@ use super::BUFFERED_BODY_LIMIT;
 /// hyper's server allows 100 header fields; a request with more is left to it (431).
 const MAX_REQUEST_HEADERS: usize = 100;
 
-/// A plain request's head, taken off the buffer.
+/// A plain request's head as [`classify`] read it: names checked, values and target as
+/// positions in the buffer, so that [`take_request`] need not parse it again.
 #[derive(Debug)]
-pub struct RequestHead {
-    pub request: Request<()>,
+pub struct PlainHead {
+    /// The head's length in the buffer.
+    pub len: usize,
     /// `Content-Length` (0 without one).
     pub body_len: usize,
     /// The app asked to close the connection after this exchange.
     pub close: bool,
     /// The app accepts trailers (`TE: trailers`).
     pub trailers: bool,
+    method: Method,
+    target: Range<usize>,
+    fields: Vec<(HeaderName, Range<usize>)>,
 }
 
 /// What the front of the buffer holds.
@@ -37,8 +43,8 @@ pub struct RequestHead {
 pub enum Parsed {
     /// An incomplete head: read more (the caller bounds how much).
     Partial,
-    /// A plain request whose head is `len` bytes long (see [`take_request`]).
-    Plain { len: usize, body_len: usize },
+    /// A plain request (see [`take_request`]).
+    Plain(PlainHead),
     /// Anything else: hyper's server takes the connection over.
     Other,
 }
@@ -53,30 +59,50 @@ pub fn classify(buf: &[u8]) -> Parsed {
         Ok(httparse::Status::Partial) => return Parsed::Partial,
         Err(_) => return Parsed::Other,
     };
-    if req.version != Some(1) || req.method == Some("CONNECT") {
+    let (Some(method), Some(path)) = (req.method, req.path) else {
         return Parsed::Other;
-    }
+    };
+    let method = match Method::from_bytes(method.as_bytes()) {
+        Ok(m) if m != Method::CONNECT && req.version == Some(1) => m,
+        _ => return Parsed::Other,
+    };
+    let base = buf.as_ptr() as usize;
+    let at = |s: &[u8]| s.as_ptr() as usize - base..s.as_ptr() as usize - base + s.len();
     let mut body_len = None;
+    let (mut close, mut trailers) = (false, false);
+    let mut fields = Vec::with_capacity(req.headers.len());
     for h in req.headers.iter() {
-        let name = h.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"content-length") {
+        let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
+            return Parsed::Other;
+        };
+        if name == header::CONTENT_LENGTH {
             match (body_len, parse_length(h.value)) {
                 (None, Some(n)) => body_len = Some(n),
                 _ => return Parsed::Other, // repeated or invalid: hyper answers it
             }
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
-            || name.eq_ignore_ascii_case(b"upgrade")
-            || name.eq_ignore_ascii_case(b"expect")
+        } else if name == header::TRANSFER_ENCODING
+            || name == header::UPGRADE
+            || name == header::EXPECT
         {
             return Parsed::Other;
+        } else if name == header::CONNECTION {
+            close |= has_token(h.value, "close");
+        } else if name == header::TE {
+            trailers |= has_token(h.value, "trailers");
         }
+        fields.push((name, at(h.value)));
     }
     match body_len.unwrap_or(0) {
         n if n > BUFFERED_BODY_LIMIT => Parsed::Other,
-        n => Parsed::Plain {
+        n => Parsed::Plain(PlainHead {
             len,
             body_len: n as usize,
-        },
+            close,
+            trailers,
+            method,
+            target: at(path.as_bytes()),
+            fields,
+        }),
     }
 }
 
@@ -88,48 +114,26 @@ fn parse_length(value: &[u8]) -> Option<u64> {
     std::str::from_utf8(value).ok()?.parse().ok()
 }
 
-/// The plain request whose head [`classify`] found, as `head` (split off the read
-/// buffer): the target and header values share its bytes. `None`: a name, value or target
-/// `http` refuses, which hyper's server is then left to answer.
-pub fn take_request(head: Bytes, body_len: usize) -> Option<RequestHead> {
-    let mut slots = [std::mem::MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_REQUEST_HEADERS];
-    let mut req = httparse::Request::new(&mut []);
-    let config = httparse::ParserConfig::default();
-    config
-        .parse_request_with_uninit_headers(&mut req, &head, &mut slots)
-        .ok()?;
-    let base = head.as_ptr() as usize;
-    let slice =
-        |s: &[u8]| head.slice(s.as_ptr() as usize - base..s.as_ptr() as usize - base + s.len());
-    let method = Method::from_bytes(req.method?.as_bytes()).ok()?;
-    let uri = Uri::from_maybe_shared(slice(req.path?.as_bytes())).ok()?;
-    let mut headers = HeaderMap::with_capacity(req.headers.len());
-    let (mut close, mut trailers) = (false, false);
-    for h in req.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
-        if name == header::CONNECTION {
-            close |= has_token(h.value, "close");
-        } else if name == header::TE {
-            trailers |= has_token(h.value, "trailers");
-        }
-        let value = HeaderValue::from_maybe_shared(slice(h.value)).ok()?;
+/// The request whose head [`classify`] read, from `head` (those bytes, split off the read
+/// buffer): the target and header values share them. `None`: a value or target `http`
+/// refuses, which hyper's server is then left to answer.
+pub fn take_request(head: &Bytes, plain: PlainHead) -> Option<Request<()>> {
+    let uri = Uri::from_maybe_shared(head.slice(plain.target)).ok()?;
+    let mut headers = HeaderMap::with_capacity(plain.fields.len());
+    for (name, value) in plain.fields {
+        let value = HeaderValue::from_maybe_shared(head.slice(value)).ok()?;
         headers.append(name, value);
     }
     let mut request = Request::new(());
-    *request.method_mut() = method;
+    *request.method_mut() = plain.method;
     *request.uri_mut() = uri;
     *request.version_mut() = Version::HTTP_11;
     *request.headers_mut() = headers;
-    Some(RequestHead {
-        request,
-        body_len,
-        close,
-        trailers,
-    })
+    Some(request)
 }
 
 /// Whether a comma-separated field value lists `token` (case-insensitive).
-fn has_token(value: &[u8], token: &str) -> bool {
+pub fn has_token(value: &[u8], token: &str) -> bool {
     value
         .split(|&b| b == b',')
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
@@ -252,7 +256,7 @@ mod tests {
 
     fn plain(raw: &[u8]) -> (usize, usize) {
         match classify(raw) {
-            Parsed::Plain { len, body_len } => (len, body_len),
+            Parsed::Plain(head) => (head.len, head.body_len),
             other => panic!("{other:?} for {:?}", String::from_utf8_lossy(raw)),
         }
     }
@@ -303,26 +307,26 @@ mod tests {
         let mut buf = BytesMut::from(
             &b"GET http://up/p?q HTTP/1.1\r\nHost: up\r\nX-A: 1\r\nx-a: 2\r\nConnection: keep-alive, close\r\nTE: trailers\r\n\r\nGET /next"[..],
         );
-        let Parsed::Plain { len, body_len } = classify(&buf) else {
+        let Parsed::Plain(plain) = classify(&buf) else {
             panic!()
         };
-        let head = take_request(buf.split_to(len).freeze(), body_len).unwrap();
+        let (close, trailers) = (plain.close, plain.trailers);
+        let req = take_request(&buf.split_to(plain.len).freeze(), plain).unwrap();
         assert_eq!(&buf[..], b"GET /next");
-        let req = head.request;
         assert_eq!(req.method(), Method::GET);
         assert_eq!(req.uri().host(), Some("up"));
         assert_eq!(req.uri().path_and_query().unwrap().as_str(), "/p?q");
         let a: Vec<_> = req.headers().get_all("x-a").iter().collect();
         assert_eq!(a, ["1", "2"]);
         assert_eq!(req.headers()["host"], "up");
-        assert!(head.close && head.trailers);
+        assert!(close && trailers);
     }
 
     #[test]
     fn a_target_http_refuses_is_left_to_hyper() {
         let mut buf = BytesMut::from(&b"GET /a\x7f HTTP/1.1\r\n\r\n"[..]);
-        if let Parsed::Plain { len, body_len } = classify(&buf) {
-            assert!(take_request(buf.split_to(len).freeze(), body_len).is_none());
+        if let Parsed::Plain(plain) = classify(&buf) {
+            assert!(take_request(&buf.split_to(plain.len).freeze(), plain).is_none());
         }
     }
 
