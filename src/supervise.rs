@@ -1,11 +1,10 @@
 //! No task dies silently. A panic in a task the process cannot do without (a listener's
-//! accept loop) is logged at `error` and ends the process with a non-zero exit; a panic in
-//! a credential's refresher is logged at `error` and the refresher is restarted, so a
-//! credential never goes quietly stale.
+//! accept loop) is logged at `error` and ends the process with a non-zero exit. (A panic in
+//! a credential's refresher is logged and the refresher stepped again: see
+//! `token::scheduler`.)
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -49,7 +48,7 @@ fn panic_message(e: tokio::task::JoinError) -> String {
     }
 }
 
-fn payload_message(payload: Box<dyn std::any::Any + Send>) -> String {
+pub(crate) fn payload_message(payload: Box<dyn std::any::Any + Send>) -> String {
     payload
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
@@ -74,78 +73,10 @@ where
     })
 }
 
-/// Run the task `make` builds until `cancel` fires; if it panics, log it and build it
-/// again after `restart_after`. Returns when the task ends normally or `cancel` fires.
-/// The panic is caught in place rather than by spawning the task and watching its handle:
-/// one task per credential instead of two (ten thousand credentials, ten thousand tasks).
-pub async fn restarting<M, F>(
-    what: String,
-    cancel: CancellationToken,
-    restart_after: Duration,
-    mut make: M,
-) where
-    M: FnMut() -> F,
-    F: Future<Output = ()> + Send + 'static,
-{
-    use futures_util::FutureExt;
-    loop {
-        match std::panic::AssertUnwindSafe(make()).catch_unwind().await {
-            Ok(()) => return,
-            Err(payload) => {
-                let message = payload_message(payload);
-                tracing::error!(task = %what, panic = %message, "task panicked; restarting it");
-            }
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(restart_after) => {}
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU32, Ordering};
-
-    #[tokio::test(start_paused = true)]
-    async fn a_panicking_task_is_restarted_until_it_ends() {
-        let runs = Arc::new(AtomicU32::new(0));
-        let counter = runs.clone();
-        restarting(
-            "test".into(),
-            CancellationToken::new(),
-            Duration::from_secs(1),
-            move || {
-                let n = counter.fetch_add(1, Ordering::SeqCst);
-                async move {
-                    if n < 2 {
-                        panic!("boom {n}");
-                    }
-                }
-            },
-        )
-        .await;
-        assert_eq!(
-            runs.load(Ordering::SeqCst),
-            3,
-            "two panics, then a clean run"
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn cancellation_stops_restarts() {
-        let cancel = CancellationToken::new();
-        cancel.cancel();
-        let runs = Arc::new(AtomicU32::new(0));
-        let counter = runs.clone();
-        restarting("test".into(), cancel, Duration::from_secs(1), move || {
-            counter.fetch_add(1, Ordering::SeqCst);
-            async { panic!("always") }
-        })
-        .await;
-        assert_eq!(runs.load(Ordering::SeqCst), 1);
-    }
+    use std::time::Duration;
 
     #[tokio::test]
     async fn an_essential_panic_trips_fatal() {

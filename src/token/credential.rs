@@ -14,10 +14,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use http::header::{HeaderName, HeaderValue};
 use secrecy::SecretString;
-use tokio::sync::{oneshot, watch, Notify};
+use tokio::sync::{oneshot, watch};
 
 use super::refresher::Command;
 use super::response::parse_handed_over_as;
+use super::scheduler::Wake;
 
 /// A token ready to attach, with what the refresher needs to schedule the next one.
 #[derive(Debug)]
@@ -118,8 +119,8 @@ pub struct Credential {
     pub(super) wait_timeout: Duration,
     /// Written by the refresher only (and `reject`'s mark).
     pub(super) snapshot: watch::Sender<Snapshot>,
-    /// Wakes the refresher: a request needs a token, or a 401 arrived.
-    pub(super) wake: Notify,
+    /// Wakes the refresher: a request needs a token, a 401 arrived, or a command waits.
+    pub(super) wake: Wake,
     /// Installs, sign-outs and forced refreshes, for the refresher to carry out.
     commands: Mutex<Commands>,
     /// Whether this replica holds the shared refresh lease right now (during a token call).
@@ -137,6 +138,7 @@ impl Credential {
         wait_timeout: Duration,
         snapshot: Snapshot,
         lease_holder: Box<dyn Fn() -> bool + Send + Sync>,
+        wake: Wake,
     ) -> Credential {
         Credential {
             name: Arc::from(name),
@@ -145,7 +147,7 @@ impl Credential {
             store_kind,
             wait_timeout,
             snapshot: watch::Sender::new(snapshot),
-            wake: Notify::new(),
+            wake,
             commands: Mutex::default(),
             lease_holder,
             reject_budget: Mutex::new(RejectBudget::new()),
@@ -218,7 +220,7 @@ impl Credential {
                     _ => {}
                 }
             }
-            self.wake.notify_one();
+            self.wake.wake();
             match tokio::time::timeout_at(deadline, rx.changed()).await {
                 Ok(Ok(())) => continue,
                 _ => {
@@ -255,7 +257,7 @@ impl Credential {
             true
         });
         if newer_coming {
-            self.wake.notify_one();
+            self.wake.wake();
         }
         newer_coming
     }
@@ -312,7 +314,7 @@ impl Credential {
             }
             commands.queue.push_back(command(reply));
         }
-        self.wake.notify_one();
+        self.wake.wake();
         match tokio::time::timeout(self.wait_timeout * 2, answer).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(_)) => Err(gone()),

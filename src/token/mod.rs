@@ -1,12 +1,14 @@
 //! Tokens: how they are obtained (`grant`), parsed (`response`), verified (`verify`), held
 //! for requests (`credential`, the read side), written (`refresher`, the one writer, with
-//! its pure `schedule`), stored (`state`, the storage seam) and looked up (`store`).
+//! its pure `schedule`, stepped by the one `scheduler` task), stored (`state`, the storage
+//! seam) and looked up (`store`).
 
 pub mod credential;
 pub mod grant;
 pub mod refresher;
 pub mod response;
 pub mod schedule;
+pub mod scheduler;
 pub mod state;
 pub mod store;
 pub mod verify;

@@ -1,4 +1,4 @@
-//! One credential, write side: the task that owns every token write.
+//! One credential, write side: the one writer of its tokens.
 //!
 //! Only the refresher fetches (that is the single flight), verifies, commits to the state
 //! store and publishes; requests and 401s only *wake* it, and admin actions reach it as
@@ -7,23 +7,25 @@
 //! refreshes ahead of expiry, backs off with jitter on transient failures, and parks in
 //! `needs_reauth` on a refusal until a token is installed or an admin forces a refresh.
 //!
-//! Its state lives behind a mutex in the (shared) `Refresher`, not in the task: a task that
-//! panics is restarted (see `supervise`) and carries on with the refresh token it held.
+//! It is not a task of its own: the [`scheduler`](super::scheduler) steps it when it is due
+//! or woken. Its state lives behind a mutex in the (shared) `Refresher`, so a step that
+//! panics is retried with the refresh token it held.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::header::HeaderValue;
 use secrecy::{ExposeSecret, SecretString};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use super::credential::{ActiveToken, Credential, Phase, Snapshot};
 use super::grant::{Grant, GrantError};
 use super::response::{parse_handed_over_as, TokenSet};
 use super::schedule::{self, Action};
-use super::state::{Acquire, Commit, Loaded, StateStore, Stored};
+use super::scheduler::{Stepper, Wake};
+use super::state::{Acquire, BoxFuture, Commit, Loaded, StateStore, Stored};
 use super::verify::{Verifier, VerifyError};
 use crate::config::CredentialConfig;
 use crate::metrics::Metrics;
@@ -80,6 +82,8 @@ struct Writer {
     save_failures: u32,
     save_retry_at: Option<Instant>,
     next_file_poll: Instant,
+    /// Generations committed by other holders (a shared store).
+    others: watch::Receiver<u64>,
 }
 
 pub struct Refresher {
@@ -91,8 +95,10 @@ pub struct Refresher {
     header_prefix: String,
     refresh_before: Duration,
     metrics: Arc<Metrics>,
-    /// The writer state; held by the running task.
+    /// The writer state; held by the step in flight.
     inner: tokio::sync::Mutex<Writer>,
+    /// Stopped: steps do nothing (the credential was replaced or removed).
+    stopped: AtomicBool,
 }
 
 /// Build a credential from its config: the read side and the refresher that owns its
@@ -102,6 +108,7 @@ pub async fn build(
     metrics: Arc<Metrics>,
     start: Start,
     store: Arc<dyn StateStore>,
+    wake: Wake,
 ) -> Result<(Arc<Credential>, Arc<Refresher>), String> {
     let named = |e: String| format!("credentials.{}: {e}", config.name);
     let grant = Grant::from_config(config).map_err(named)?;
@@ -177,6 +184,7 @@ pub async fn build(
                 let store = store.clone();
                 Box::new(move || store.holds_lease())
             },
+            wake,
         )
         .with_dpop(config.dpop.clone()),
     );
@@ -191,6 +199,7 @@ pub async fn build(
         save_failures: 0,
         save_retry_at: None,
         next_file_poll: Instant::now() + FILE_POLL,
+        others: store.watch(),
     };
     let refresher = Refresher {
         cred: cred.clone(),
@@ -201,6 +210,7 @@ pub async fn build(
         refresh_before: config.refresh_before,
         metrics,
         inner: tokio::sync::Mutex::new(writer),
+        stopped: AtomicBool::new(false),
     };
     // A saved access token still valid is used at once (a restart costs no refresh),
     // unless tokens must be verified: then the refresher fetches and verifies a new one.
@@ -217,6 +227,20 @@ pub async fn build(
         }
     }
     Ok((cred, Arc::new(refresher)))
+}
+
+impl Stepper for Refresher {
+    fn step(&self) -> BoxFuture<'_, Option<Instant>> {
+        Box::pin(Refresher::step(self))
+    }
+
+    fn wake_handle(&self) -> &Wake {
+        &self.cred.wake
+    }
+
+    fn name(&self) -> &str {
+        &self.cred.name
+    }
 }
 
 impl Drop for Refresher {
@@ -240,68 +264,56 @@ impl Refresher {
         self.grant.polls_file()
     }
 
-    /// The refresher loop; returns when `shutdown` is cancelled. A refresh in flight is
-    /// finished (and committed) first: only waits are interrupted.
-    /// The work (token calls, store writes) is boxed, so a waiting refresher — what ten
-    /// thousand credentials mostly are — holds only its small loop state.
-    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+    /// Do what is due now, then say when to be stepped again (`None`: only when woken).
+    /// The scheduler runs one step at a time per refresher; a stopped refresher does
+    /// nothing. A step holds the writer state throughout, so `stop` (which takes it) waits
+    /// for the step in flight: a refresh in progress is finished and committed first.
+    pub async fn step(&self) -> Option<Instant> {
         let mut guard = self.inner.lock().await;
         let w = &mut *guard;
-        let mut others = self.store.watch();
-        let mut watch_closed = false;
+        if self.stopped.load(Ordering::Acquire) {
+            return None;
+        }
+        // Another holder committed (a shared store): follow it. A store that answers again
+        // after an outage also says so here, so a backoff that waited for it ends.
+        if w.others.has_changed().unwrap_or(false) {
+            let seen = *w.others.borrow_and_update();
+            if seen != w.committed {
+                self.follow_store(w).await;
+            }
+            self.retry_now_if_waiting_for_the_store(w);
+        }
         loop {
-            let wait_until = match schedule::next(&self.schedule_state(w), Instant::now()) {
-                Action::SaveAgain => {
-                    Box::pin(self.save_again(w)).await;
-                    continue;
-                }
-                Action::Fetch => {
-                    Box::pin(self.attempt(w, false)).await;
-                    continue;
-                }
+            match schedule::next(&self.schedule_state(w), Instant::now()) {
+                Action::SaveAgain => self.save_again(w).await,
+                Action::Fetch => self.attempt(w, false).await,
                 Action::PollFile => {
                     w.next_file_poll = Instant::now() + FILE_POLL;
-                    Box::pin(self.attempt(w, true)).await;
-                    continue;
+                    self.attempt(w, true).await;
                 }
-                Action::Wait(until) => until,
-            };
-            if shutdown.is_cancelled() {
-                return;
-            }
-            // Commands queued while busy (each one also left a wake-up permit behind).
-            if let Some(command) = self.cred.next_command() {
-                Box::pin(self.handle(w, command)).await;
-                continue;
-            }
-            let sleep = async {
-                match wait_until {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                // A request needs a token, a 401 arrived, or a command was queued: the
-                // loop decides what to do again.
-                _ = self.cred.wake.notified() => {}
-                changed = others.changed(), if !watch_closed => {
-                    let seen = *others.borrow_and_update();
-                    match changed {
-                        Ok(()) => {
-                            if seen != w.committed {
-                                Box::pin(self.follow_store(w)).await;
-                            }
-                            self.retry_now_if_waiting_for_the_store(w);
-                        }
-                        // The store stopped watching (it never does while it lives): stop
-                        // listening rather than spin on a closed channel.
-                        Err(_) => watch_closed = true,
+                Action::Wait(until) => {
+                    if self.stopped.load(Ordering::Acquire) {
+                        return None;
+                    }
+                    match self.cred.next_command() {
+                        Some(command) => self.handle(w, command).await,
+                        None => return until,
                     }
                 }
-                _ = sleep => {}
             }
         }
+    }
+
+    /// Stop for good (or until `resume`): once this returns, no step is in flight and none
+    /// will act.
+    pub async fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        drop(self.inner.lock().await);
+    }
+
+    /// Undo `stop` (a replacement could not be built: the old credential carries on).
+    pub fn resume(&self) {
+        self.stopped.store(false, Ordering::Release);
     }
 
     /// The decision's inputs, wall-clock times turned into tokio instants.

@@ -9,11 +9,11 @@ use std::time::SystemTime;
 
 use dashmap::DashMap;
 use secrecy::ExposeSecret;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::credential::Credential;
 use super::refresher::{self, Refresher, Start};
+use super::scheduler::Scheduler;
 use super::state::{
     check_state_dir, FileStateStore, MemoryStateStore, RedisSettings, RedisShared, StateStore,
     WriteAheadStore,
@@ -25,19 +25,25 @@ pub struct TokenStore {
     credentials: DashMap<Arc<str>, Arc<Credential>>,
     /// The config each credential was built from (fingerprints decide what a reload changes).
     configs: Mutex<HashMap<Arc<str>, Built>>,
-    /// Each credential's refresher task and the token that stops it.
+    /// Each credential's refresher (scheduled by `scheduler`).
     refreshers: Mutex<HashMap<Arc<str>, Running>>,
     /// Refreshers built but not started yet (`spawn_refreshers` starts them).
-    pending: Mutex<Vec<Arc<Refresher>>>,
+    pending: Mutex<Vec<Running>>,
+    /// The one task that steps every refresher when it is due or woken.
+    scheduler: Scheduler,
     metrics: Arc<Metrics>,
-    /// Parent of every refresher's cancellation token.
+    /// Parent of every shared store's watcher.
     shutdown: CancellationToken,
     /// The `[shared]` Redis client, when replicas share token state.
     redis: Option<RedisShared>,
 }
 
-/// A credential's refresher, its running task and the token that stops it.
-type Running = (Arc<Refresher>, CancellationToken, JoinHandle<()>);
+/// A credential's refresher, and for a shared store the token that stops its watcher
+/// (cancelled when the credential is removed or replaced, not when it is only paused).
+struct Running {
+    refresher: Arc<Refresher>,
+    watcher: Option<CancellationToken>,
+}
 
 /// What a reload did to the credentials.
 #[derive(Debug, Default)]
@@ -67,6 +73,7 @@ impl TokenStore {
             configs: Mutex::new(HashMap::new()),
             refreshers: Mutex::new(HashMap::new()),
             pending: Mutex::new(Vec::new()),
+            scheduler: Scheduler::spawn(shutdown.clone()),
             metrics: metrics.clone(),
             redis: match &config.shared {
                 Some(shared) => Some(RedisShared::new(
@@ -85,11 +92,11 @@ impl TokenStore {
             shutdown,
         };
         for c in config.credentials.values() {
-            let refresher = store.build(c, Start::default()).await?;
-            let cred = refresher.credential().clone();
+            let running = store.build(c, Start::default()).await?;
+            let cred = running.refresher.credential().clone();
             lock(&store.configs).insert(cred.name.clone(), Built::of(c));
             store.credentials.insert(cred.name.clone(), cred);
-            lock(&store.pending).push(refresher);
+            lock(&store.pending).push(running);
         }
         Ok(store)
     }
@@ -105,39 +112,36 @@ impl TokenStore {
         v
     }
 
-    /// Start one refresher task per credential.
+    /// Start scheduling every credential's refresher.
     pub fn spawn_refreshers(&self) {
         let pending = std::mem::take(&mut *lock(&self.pending));
-        for refresher in pending {
-            self.spawn_refresher(refresher);
+        for running in pending {
+            self.start_refresher(running);
         }
     }
 
-    /// A refresher that panics is logged and restarted: a credential never goes stale
-    /// silently.
-    fn spawn_refresher(&self, refresher: Arc<Refresher>) {
-        let cancel = self.shutdown.child_token();
-        let name = refresher.credential().name.clone();
-        let (stop, running) = (cancel.clone(), refresher.clone());
-        let task = tokio::spawn(crate::supervise::restarting(
-            format!("refresher for credential {name}"),
-            cancel.clone(),
-            std::time::Duration::from_secs(1),
-            move || running.clone().run(stop.clone()),
-        ));
-        lock(&self.refreshers).insert(name, (refresher, cancel, task));
+    fn start_refresher(&self, running: Running) {
+        running.refresher.resume();
+        self.scheduler.start(running.refresher.clone());
+        let name = running.refresher.credential().name.clone();
+        lock(&self.refreshers).insert(name, running);
     }
 
-    /// Stop a credential's refresher and wait until it has exited. A refresh in flight is
-    /// finished (and its rotated token committed) first: only waits are interrupted.
-    async fn stop_refresher(&self, name: &str) -> Option<Arc<Refresher>> {
-        let entry = lock(&self.refreshers).remove(name);
-        let (refresher, cancel, task) = entry?;
-        cancel.cancel();
-        if let Err(e) = task.await {
-            tracing::error!(credential = name, error = %e, "refresher supervisor failed");
+    /// Stop a credential's refresher and wait until no step of it is in flight. A refresh
+    /// in flight is finished (and its rotated token committed) first: only waits are
+    /// interrupted. Its shared store's watcher keeps running (see `retire`).
+    async fn stop_refresher(&self, name: &str) -> Option<Running> {
+        let running = lock(&self.refreshers).remove(name)?;
+        self.scheduler.stop(&*running.refresher);
+        running.refresher.stop().await;
+        Some(running)
+    }
+
+    /// A stopped refresher is gone for good: stop its shared store's watcher too.
+    fn retire(running: Running) {
+        if let Some(watcher) = running.watcher {
+            watcher.cancel();
         }
-        Some(refresher)
     }
 
     /// Apply a new set of credential configs: unchanged ones keep their tokens, changed ones
@@ -146,7 +150,9 @@ impl TokenStore {
         let mut report = ReloadReport::default();
         let old_names: Vec<Arc<str>> = lock(&self.configs).keys().cloned().collect();
         for name in old_names.iter().filter(|n| !new.contains_key(&***n)) {
-            let _ = self.stop_refresher(name).await;
+            if let Some(running) = self.stop_refresher(name).await {
+                Self::retire(running);
+            }
             self.credentials.remove(name);
             lock(&self.configs).remove(name);
             report.removed.push(name.to_string());
@@ -163,7 +169,7 @@ impl TokenStore {
                     let previous = self.stop_refresher(name).await;
                     let same_start = old.start == built.start;
                     let carried = match (same_start, &previous) {
-                        (true, Some(previous)) => previous.refresh_token().await,
+                        (true, Some(previous)) => previous.refresher.refresh_token().await,
                         _ => None,
                     };
                     let start = Start {
@@ -175,12 +181,15 @@ impl TokenStore {
                 None => (Start::default(), None),
             };
             match self.build(config, start).await {
-                Ok(refresher) => {
-                    let cred = refresher.credential().clone();
+                Ok(running) => {
+                    let cred = running.refresher.credential().clone();
                     let key = cred.name.clone();
                     lock(&self.configs).insert(key.clone(), built);
                     self.credentials.insert(key, cred);
-                    self.spawn_refresher(refresher);
+                    self.start_refresher(running);
+                    if let Some(previous) = previous {
+                        Self::retire(previous);
+                    }
                     match old_config {
                         Some(_) => report.replaced.push(name.clone()),
                         None => report.added.push(name.clone()),
@@ -188,7 +197,7 @@ impl TokenStore {
                 }
                 Err(e) => {
                     if let Some(previous) = previous {
-                        self.spawn_refresher(previous);
+                        self.start_refresher(previous);
                     }
                     report.failed.push((name.clone(), e));
                 }
@@ -200,11 +209,11 @@ impl TokenStore {
     /// Build a credential with the state store its config asks for: Redis when it is
     /// shared, the file store with a `state_file` (its directory checked first), else
     /// memory. The store is made here and handed in: the credential never picks its own.
-    async fn build(
-        &self,
-        config: &CredentialConfig,
-        start: Start,
-    ) -> Result<Arc<Refresher>, String> {
+    async fn build(&self, config: &CredentialConfig, start: Start) -> Result<Running, String> {
+        let watcher = match (&self.redis, config.shared) {
+            (Some(_), true) => Some(self.shutdown.child_token()),
+            _ => None,
+        };
         let state: Arc<dyn StateStore> = match (&self.redis, config.shared, &config.state_file) {
             (Some(redis), true, state_file) => {
                 let endpoint = config.endpoint();
@@ -216,7 +225,7 @@ impl TokenStore {
                     endpoint
                         .and_then(|e| e.client_id.as_deref())
                         .unwrap_or_default(),
-                    self.shutdown.child_token(),
+                    watcher.clone().unwrap_or_default(),
                 );
                 match state_file {
                     // The file is the write-ahead copy of what goes to Redis.
@@ -243,8 +252,13 @@ impl TokenStore {
             dpop.persist()
                 .map_err(|e| format!("credentials.{}.{e}", config.name))?;
         }
-        let (_, refresher) = refresher::build(config, self.metrics.clone(), start, state).await?;
-        Ok(refresher)
+        let wake = self.scheduler.wake_handle();
+        let (cred, refresher) =
+            refresher::build(config, self.metrics.clone(), start, state.clone(), wake).await?;
+        if let Some(watcher) = &watcher {
+            tokio::spawn(wake_on_commits(cred, state, watcher.clone()));
+        }
+        Ok(Running { refresher, watcher })
     }
 
     /// Names of credentials that hold no usable token right now.
@@ -255,6 +269,26 @@ impl TokenStore {
             .filter(|c| c.snapshot().usable_token(now).is_none())
             .map(|c| c.name.clone())
             .collect()
+    }
+}
+
+/// A shared store's commits by other holders wake the credential's refresher (which then
+/// follows them), until `stop` is cancelled.
+async fn wake_on_commits(
+    cred: Arc<Credential>,
+    state: Arc<dyn StateStore>,
+    stop: CancellationToken,
+) {
+    let mut others = state.watch();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = others.changed() => match changed {
+                Ok(()) => cred.wake.wake(),
+                // The store stopped watching: nothing more will come.
+                Err(_) => return,
+            },
+        }
     }
 }
 
