@@ -4,10 +4,10 @@
 //!   (keep-alive, idle). Reports the proxy's resident memory before and after (from /proc).
 //! - **Credentials**: 10,000 `refresh_token` credentials with staggered expiries (the mock
 //!   provider issues lifetimes of 1 h + i s), each fetched once at start. Reports resident
-//!   memory per credential (against a 1-credential baseline) and the CPU the process uses
-//!   while all 10,000 wait for their refresh time: scheduling is one timer per credential
-//!   in tokio's timer wheel (O(1) insert and expiry), with no per-credential polling, so an
-//!   idle process stays idle.
+//!   memory per credential (against a 1-credential baseline), the peak, and the CPU the
+//!   process uses while all 10,000 wait for their refresh time: one scheduler task keeps
+//!   one timer per credential in a timer wheel (O(1) to arm and fire), with no
+//!   per-credential polling, so an idle process stays idle.
 //!
 //!   cargo bench --bench scale [-- connections credentials]
 //!
@@ -247,14 +247,15 @@ async fn many_credentials(n: usize) {
     let many = Proxy::start(&config(n));
     let many_rss = tokio::task::block_in_place(|| settle(&many, 1 + n as u64));
     let loaded_in = started.elapsed();
+    let many_peak = many.status_kib("VmHWM:") as f64 / 1024.0;
     // Idle: every credential waits for its own refresh time.
     let cpu_before = many.cpu_seconds();
     tokio::time::sleep(Duration::from_secs(10)).await;
     let idle_cpu = many.cpu_seconds() - cpu_before;
     println!(
         "credentials: {n} refresh_token credentials fetched and scheduled in {:.1} s; \
-         RSS {one_rss:.1} MiB with 1, {many_rss:.1} MiB with {n} ({:.2} KiB per credential); \
-         CPU while all wait for their refresh: {:.2} s over 10 s",
+         RSS {one_rss:.1} MiB with 1, {many_rss:.1} MiB with {n} ({:.2} KiB per credential, \
+         peak {many_peak:.1} MiB); CPU while all wait for their refresh: {:.2} s over 10 s",
         loaded_in.as_secs_f64(),
         (many_rss - one_rss) * 1024.0 / n as f64,
         idle_cpu

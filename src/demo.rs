@@ -82,12 +82,13 @@ async fn run_inner() -> Result<bool, String> {
 
     // Print each refresh as it happens.
     let credential = app.store.get("demo").ok_or("credential missing")?;
-    let mut changes = credential.subscribe();
+    let mut seen = credential.version();
     let started = Instant::now();
     let watcher = tokio::spawn(async move {
         let mut last_gen = 0;
-        while changes.changed().await.is_ok() {
-            let snap = changes.borrow_and_update().clone();
+        loop {
+            seen = credential.changed_since(seen).await;
+            let snap = credential.snapshot();
             let generation = snap.token.as_ref().map_or(0, |t| t.generation);
             if generation != last_gen {
                 last_gen = generation;

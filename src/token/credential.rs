@@ -1,8 +1,8 @@
 //! One credential, read side: the current token for requests, its status for admin, and
 //! the requests a person or a 401 can make of the writer.
 //!
-//! Readers never wait on a writer: the current token lives in a `tokio::sync::watch`
-//! channel, so the hot path is one borrow and an `Arc` clone. Every token *write* (fetch,
+//! Readers never wait on a writer: the current token is [`Published`], so the hot path is
+//! one read lock and an `Arc` clone. Every token *write* (fetch,
 //! verify, persist, publish; installs and sign-outs) belongs to the credential's
 //! [`Refresher`](super::refresher::Refresher); this side only sends it commands. The one
 //! mark a reader makes is `reject`: "the upstream refused generation N", which the
@@ -14,8 +14,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use http::header::{HeaderName, HeaderValue};
 use secrecy::SecretString;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 
+use super::published::Published;
 use super::refresher::Command;
 use super::response::parse_handed_over_as;
 use super::scheduler::Wake;
@@ -118,7 +119,7 @@ pub struct Credential {
     /// How long a request waits for a refresh before it gets 503.
     pub(super) wait_timeout: Duration,
     /// Written by the refresher only (and `reject`'s mark).
-    pub(super) snapshot: watch::Sender<Snapshot>,
+    pub(super) snapshot: Published<Snapshot>,
     /// Wakes the refresher: a request needs a token, a 401 arrived, or a command waits.
     pub(super) wake: Wake,
     /// Installs, sign-outs and forced refreshes, for the refresher to carry out.
@@ -146,7 +147,7 @@ impl Credential {
             dpop: None,
             store_kind,
             wait_timeout,
-            snapshot: watch::Sender::new(snapshot),
+            snapshot: Published::new(snapshot),
             wake,
             commands: Mutex::default(),
             lease_holder,
@@ -169,9 +170,15 @@ impl Credential {
         self.snapshot.borrow().clone()
     }
 
-    /// Follow every change of this credential (the demo prints refreshes as they happen).
-    pub fn subscribe(&self) -> watch::Receiver<Snapshot> {
-        self.snapshot.subscribe()
+    /// Changes so far; with `changed_since`, follow every change of this credential (the
+    /// demo prints refreshes as they happen).
+    pub fn version(&self) -> u64 {
+        self.snapshot.version()
+    }
+
+    /// Wait for a change after `version`; returns the version now.
+    pub async fn changed_since(&self, version: u64) -> u64 {
+        self.snapshot.changed_since(version).await
     }
 
     /// The token to attach right now, if one is usable (no waiting).
@@ -188,12 +195,13 @@ impl Credential {
         if let Some(t) = self.current() {
             return Ok(t);
         }
-        let mut rx = self.snapshot.subscribe();
         let deadline = tokio::time::Instant::now() + self.wait_timeout;
         loop {
+            // Read before the snapshot: a change in between only means one more look.
+            let seen = self.snapshot.version();
             {
                 let now = SystemTime::now();
-                let snap = rx.borrow_and_update();
+                let snap = self.snapshot.borrow();
                 if let Some(t) = snap.usable_token(now) {
                     return Ok(t.clone());
                 }
@@ -221,9 +229,9 @@ impl Credential {
                 }
             }
             self.wake.wake();
-            match tokio::time::timeout_at(deadline, rx.changed()).await {
-                Ok(Ok(())) => continue,
-                _ => {
+            match tokio::time::timeout_at(deadline, self.snapshot.changed_since(seen)).await {
+                Ok(_) => continue,
+                Err(_) => {
                     return Err(Unavailable {
                         reason: "timed out waiting for a token refresh".into(),
                         retry_after: Duration::from_secs(5),

@@ -5,6 +5,7 @@
 
 pub mod credential;
 pub mod grant;
+pub mod published;
 pub mod refresher;
 pub mod response;
 pub mod schedule;
