@@ -3,7 +3,8 @@
 //! - **Idle connections**: 10,000 app connections, each used once and then held open
 //!   (keep-alive, idle). Reports the proxy's resident memory before and after (from /proc).
 //! - **Credentials**: 10,000 `refresh_token` credentials with staggered expiries (the mock
-//!   provider issues lifetimes of 1 h + i s), each fetched once at start. Reports resident
+//!   provider issues ES256 JWT access tokens, as Cotter does, living 1 h + i s), each
+//!   fetched once at start. Reports resident
 //!   memory per credential (against a 1-credential baseline), the peak, and the CPU the
 //!   process uses while all 10,000 wait for their refresh time: one scheduler task keeps
 //!   one timer per credential in a timer wheel (O(1) to arm and fire), with no
@@ -214,6 +215,15 @@ async fn many_credentials(n: usize) {
         .map(|i| Duration::from_secs(3600 + i))
         .collect();
     auth.queue_lifetimes(&lifetimes);
+    // Access tokens as Cotter issues them: ES256 JWTs (~330 bytes here).
+    let key = rcgen::KeyPair::generate().expect("P-256 key");
+    auth.set_jwt_signer(Some(token_proxy::testkit::JwtSigner {
+        key: jsonwebtoken::EncodingKey::from_ec_der(&key.serialize_der()),
+        algorithm: jsonwebtoken::Algorithm::ES256,
+        kid: "scale".into(),
+        issuer: "https://scale.example".into(),
+        audience: "scale-api".into(),
+    }));
     let idp = token_server(auth.clone()).await;
     let config = |count: usize| {
         let port = free_port();

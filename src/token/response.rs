@@ -1,5 +1,6 @@
 //! Token responses: RFC 6749 §5.1, Cotter's JSON variant, and what a login SDK hands over.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use secrecy::{ExposeSecret, SecretString};
@@ -8,7 +9,9 @@ use serde::Deserialize;
 /// A set of tokens as received (or loaded from the state file).
 #[derive(Clone)]
 pub struct TokenSet {
-    pub access_token: SecretString,
+    /// Shared: the writer's copy, the state store's and a clone in flight are one
+    /// allocation (access tokens are often JWTs of a kilobyte or more).
+    pub access_token: Arc<SecretString>,
     /// `None` when the response carried none (keep the old one).
     pub refresh_token: Option<SecretString>,
     /// `None`: valid until the upstream answers 401.
@@ -140,7 +143,7 @@ fn parse(body: &[u8], now: SystemTime, expect: TokenType<'_>) -> Result<TokenSet
         _ => jwt_expiry(&access),
     };
     Ok(TokenSet {
-        access_token: SecretString::from(access),
+        access_token: Arc::new(SecretString::from(access)),
         refresh_token: raw
             .refresh_token
             .filter(|s| !s.is_empty())

@@ -49,7 +49,7 @@ impl StaticSource {
             });
         }
         Ok(TokenSet {
-            access_token: SecretString::from(token),
+            access_token: SecretString::from(token).into(),
             refresh_token: None,
             expires_at,
             received_at: now,

@@ -183,7 +183,7 @@ fn load_file(path: &Path) -> Result<Option<Stored>, StateError> {
     Ok(Some(Stored {
         generation: p.generation.unwrap_or(1),
         tokens: TokenSet {
-            access_token: SecretString::from(p.access_token),
+            access_token: SecretString::from(p.access_token).into(),
             refresh_token: p.refresh_token.map(SecretString::from),
             expires_at: p.expires_at_ms.map(from_ms),
             received_at: from_ms(p.received_at_ms),
@@ -333,7 +333,7 @@ mod tests {
         assert!(load_file(&path).unwrap().is_none());
         let now = from_ms(to_ms(SystemTime::now()));
         let t = TokenSet {
-            access_token: SecretString::from("at".to_string()),
+            access_token: SecretString::from("at".to_string()).into(),
             refresh_token: Some(SecretString::from("rt".to_string())),
             expires_at: Some(now + Duration::from_secs(60)),
             received_at: now,
@@ -390,7 +390,7 @@ mod hijack_tests {
         std::os::unix::fs::symlink(&victim, &path).unwrap();
         let now = SystemTime::now();
         let t = TokenSet {
-            access_token: SecretString::from("at".to_string()),
+            access_token: SecretString::from("at".to_string()).into(),
             refresh_token: Some(SecretString::from("rt".to_string())),
             expires_at: None,
             received_at: now,

@@ -194,7 +194,7 @@ mod tests {
 
     fn set(rt: &str) -> TokenSet {
         TokenSet {
-            access_token: SecretString::from("at".to_string()),
+            access_token: SecretString::from("at".to_string()).into(),
             refresh_token: Some(SecretString::from(rt.to_string())),
             expires_at: None,
             received_at: SystemTime::now(),

@@ -281,7 +281,7 @@ impl RedisStateStore {
             .map_err(|_| StateError("redis holds an unreadable token state".into()))?;
         let at = |ms: u64| UNIX_EPOCH + Duration::from_millis(ms);
         Ok(TokenSet {
-            access_token: SecretString::from(wire.access_token),
+            access_token: SecretString::from(wire.access_token).into(),
             refresh_token: wire.refresh_token.map(SecretString::from),
             expires_at: wire.expires_at_ms.map(at),
             received_at: at(wire.received_at_ms),
