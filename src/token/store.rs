@@ -1,7 +1,7 @@
 //! Every credential by name: a `DashMap`, so lookups on the request path never contend, and
 //! a reload can replace one entry at a time while requests keep flowing. It also builds
 //! each credential's state store (the seam is injected here, not inside the credential)
-//! and runs each credential's refresher.
+//! and hands each credential's refresher to the one scheduler task.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
