@@ -50,6 +50,8 @@ fn raise_fd_limit(want: usize) {
 struct Proxy {
     child: Child,
     addr: String,
+    /// `server.admin_listen`, when the config sets one.
+    admin_addr: String,
     _dir: tempfile::TempDir,
 }
 
@@ -66,7 +68,8 @@ impl Proxy {
             .stderr(Stdio::null())
             .spawn()
             .expect("token-proxy");
-        let addr = listen_addr(toml);
+        let addr = listen_addr(toml, "listen");
+        let admin_addr = listen_addr(toml, "admin_listen");
         let deadline = Instant::now() + Duration::from_secs(120);
         while std::net::TcpStream::connect(&addr).is_err() {
             assert!(Instant::now() < deadline, "token-proxy did not start");
@@ -78,6 +81,7 @@ impl Proxy {
         Proxy {
             child,
             addr,
+            admin_addr,
             _dir: dir,
         }
     }
@@ -117,12 +121,30 @@ impl Drop for Proxy {
     }
 }
 
-fn listen_addr(toml: &str) -> String {
+/// The address `key = "..."` sets in `toml` (empty when it sets none).
+fn listen_addr(toml: &str, key: &str) -> String {
     toml.lines()
-        .find_map(|l| l.strip_prefix("listen = \""))
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(" = \""))
         .and_then(|l| l.strip_suffix('"'))
-        .unwrap()
+        .unwrap_or_default()
         .to_string()
+}
+
+/// GET `path` from `addr` (HTTP/1.1, one request); the body.
+fn scrape(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("admin listener");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default()
 }
 
 fn free_port() -> u16 {
@@ -228,8 +250,9 @@ async fn many_credentials(n: usize) {
     let config = |count: usize| {
         let port = free_port();
         let mut toml = format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n\
-             [[routes]]\nprefix = \"/\"\nupstream = \"http://127.0.0.1:9\"\ncredential = \"c0\"\n"
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{}\"\n\
+             [[routes]]\nprefix = \"/\"\nupstream = \"http://127.0.0.1:9\"\ncredential = \"c0\"\n",
+            free_port()
         );
         for i in 0..count {
             toml.push_str(&format!(
@@ -262,12 +285,21 @@ async fn many_credentials(n: usize) {
     let cpu_before = many.cpu_seconds();
     tokio::time::sleep(Duration::from_secs(10)).await;
     let idle_cpu = many.cpu_seconds() - cpu_before;
+    // Prometheus scrapes /metrics: what does answering it leave behind?
+    let metrics = tokio::task::block_in_place(|| scrape(&many.admin_addr, "/metrics"));
+    assert!(metrics.contains("token_proxy_token_state"), "{metrics}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let scraped_rss = many.rss_mib();
     println!(
         "credentials: {n} refresh_token credentials fetched and scheduled in {:.1} s; \
          RSS {one_rss:.1} MiB with 1, {many_rss:.1} MiB with {n} ({:.2} KiB per credential, \
-         peak {many_peak:.1} MiB); CPU while all wait for their refresh: {:.2} s over 10 s",
+         peak {many_peak:.1} MiB); CPU while all wait for their refresh: {:.2} s over 10 s; \
+         after one /metrics scrape ({:.1} MB of text) RSS {scraped_rss:.1} MiB ({:.2} KiB per \
+         credential)",
         loaded_in.as_secs_f64(),
         (many_rss - one_rss) * 1024.0 / n as f64,
-        idle_cpu
+        idle_cpu,
+        metrics.len() as f64 / 1e6,
+        (scraped_rss - one_rss) * 1024.0 / n as f64,
     );
 }

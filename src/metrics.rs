@@ -5,7 +5,7 @@
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{text, EncodeLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -57,11 +57,7 @@ pub struct Metrics {
     duration: Family<RouteLabel, Histogram>,
     retries: Family<RouteLabel, Counter>,
     refreshes: Family<CredentialOutcome, Counter>,
-    expires_in: Family<CredentialLabel, FloatGauge>,
-    since_refresh: Family<CredentialLabel, FloatGauge>,
-    state: Family<CredentialState, Gauge>,
     persist_failures: Family<CredentialLabel, Counter>,
-    persisted: Family<CredentialLabel, Gauge>,
     lease_acquired: Family<CredentialLabel, Counter>,
     store_errors: Family<StoreOp, Counter>,
     store_up: Gauge,
@@ -89,11 +85,7 @@ impl Metrics {
         });
         let retries = Family::<RouteLabel, Counter>::default();
         let refreshes = Family::<CredentialOutcome, Counter>::default();
-        let expires_in = Family::<CredentialLabel, FloatGauge>::default();
-        let since_refresh = Family::<CredentialLabel, FloatGauge>::default();
-        let state = Family::<CredentialState, Gauge>::default();
         let persist_failures = Family::<CredentialLabel, Counter>::default();
-        let persisted = Family::<CredentialLabel, Gauge>::default();
         let lease_acquired = Family::<CredentialLabel, Counter>::default();
         let store_errors = Family::<StoreOp, Counter>::default();
         let store_up = Gauge::default();
@@ -119,11 +111,6 @@ impl Metrics {
             persist_failures.clone(),
         );
         registry.register(
-            "token_proxy_state_persisted",
-            "1 when a credential's current tokens are saved in its state_file, 0 when the last write failed (a restart would need a new login)",
-            persisted.clone(),
-        );
-        registry.register(
             "token_proxy_requests",
             "Requests answered, by route, status code and status class",
             requests.clone(),
@@ -144,21 +131,6 @@ impl Metrics {
             refreshes.clone(),
         );
         registry.register(
-            "token_proxy_token_expires_in_seconds",
-            "Seconds until the current token expires (negative: expired; absent: no expiry known)",
-            expires_in.clone(),
-        );
-        registry.register(
-            "token_proxy_token_seconds_since_refresh",
-            "Seconds since the last successful token fetch or install",
-            since_refresh.clone(),
-        );
-        registry.register(
-            "token_proxy_token_state",
-            "1 for the state each credential is in (fresh | refreshing | expired | needs_reauth)",
-            state.clone(),
-        );
-        registry.register(
             "token_proxy_build",
             "Build information",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
@@ -169,11 +141,7 @@ impl Metrics {
             duration,
             retries,
             refreshes,
-            expires_in,
-            since_refresh,
-            state,
             persist_failures,
-            persisted,
             lease_acquired,
             store_errors,
             store_up,
@@ -256,48 +224,77 @@ impl Metrics {
 
     /// Prometheus text exposition, with token gauges computed from `store` now.
     pub fn encode(&self, store: &TokenStore) -> String {
-        let now = SystemTime::now();
-        for cred in store.all() {
-            let snap = cred.snapshot();
-            let label = CredentialLabel {
-                credential: cred.name.to_string(),
-            };
-            match snap.token.as_ref().and_then(|t| t.expires_at) {
-                Some(exp) => {
-                    let secs = match exp.duration_since(now) {
-                        Ok(d) => d.as_secs_f64(),
-                        Err(e) => -e.duration().as_secs_f64(),
-                    };
-                    self.expires_in.get_or_create(&label).set(secs);
-                }
-                None => {
-                    self.expires_in.remove(&label);
-                }
-            }
-            if let Some(at) = snap.refreshed_at {
-                let age = now.duration_since(at).unwrap_or_default().as_secs_f64();
-                self.since_refresh.get_or_create(&label).set(age);
-            }
-            if let Some(saved) = snap.persisted {
-                self.persisted.get_or_create(&label).set(i64::from(saved));
-            }
-            let current = snap.state_name(now);
-            for state in ["fresh", "refreshing", "expired", "needs_reauth"] {
-                let key = CredentialState {
-                    credential: cred.name.to_string(),
-                    state: state.into(),
-                };
-                self.state
-                    .get_or_create(&key)
-                    .set(i64::from(state == current));
-            }
-        }
+        let gauges = token_gauges(store);
         let mut out = String::new();
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+        let encoded = text::encode_registry(&mut out, &self.registry)
+            .and_then(|()| text::encode_registry(&mut out, &gauges))
+            .and_then(|()| text::encode_eof(&mut out));
+        if encoded.is_err() {
             out.clear();
         }
         out
     }
+}
+
+/// The token gauges, computed from `store` for one scrape and then dropped: nothing is kept
+/// per credential between scrapes (ten thousand credentials would keep seven series each),
+/// and a credential removed by a reload leaves no stale series behind.
+fn token_gauges(store: &TokenStore) -> Registry {
+    let expires_in = Family::<CredentialLabel, FloatGauge>::default();
+    let since_refresh = Family::<CredentialLabel, FloatGauge>::default();
+    let state = Family::<CredentialState, Gauge>::default();
+    let persisted = Family::<CredentialLabel, Gauge>::default();
+    let now = SystemTime::now();
+    for cred in store.all() {
+        let snap = cred.snapshot();
+        let label = CredentialLabel {
+            credential: cred.name.to_string(),
+        };
+        if let Some(exp) = snap.token.as_ref().and_then(|t| t.expires_at) {
+            let secs = match exp.duration_since(now) {
+                Ok(d) => d.as_secs_f64(),
+                Err(e) => -e.duration().as_secs_f64(),
+            };
+            expires_in.get_or_create(&label).set(secs);
+        }
+        if let Some(at) = snap.refreshed_at {
+            let age = now.duration_since(at).unwrap_or_default().as_secs_f64();
+            since_refresh.get_or_create(&label).set(age);
+        }
+        if let Some(saved) = snap.persisted {
+            persisted.get_or_create(&label).set(i64::from(saved));
+        }
+        let current = snap.state_name(now);
+        for name in ["fresh", "refreshing", "expired", "needs_reauth"] {
+            let key = CredentialState {
+                credential: cred.name.to_string(),
+                state: name.into(),
+            };
+            state.get_or_create(&key).set(i64::from(name == current));
+        }
+    }
+    let mut registry = Registry::default();
+    registry.register(
+        "token_proxy_state_persisted",
+        "1 when a credential's current tokens are saved in its state_file, 0 when the last write failed (a restart would need a new login)",
+        persisted,
+    );
+    registry.register(
+        "token_proxy_token_expires_in_seconds",
+        "Seconds until the current token expires (negative: expired; absent: no expiry known)",
+        expires_in,
+    );
+    registry.register(
+        "token_proxy_token_seconds_since_refresh",
+        "Seconds since the last successful token fetch or install",
+        since_refresh,
+    );
+    registry.register(
+        "token_proxy_token_state",
+        "1 for the state each credential is in (fresh | refreshing | expired | needs_reauth)",
+        state,
+    );
+    registry
 }
 
 /// One route's request metrics, held by the route: the per-request update is an atomic

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use support::*;
+use token_proxy::config::Config;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_new_routes_and_keeps_unchanged_credentials() {
@@ -122,4 +123,48 @@ async fn a_new_refresh_token_in_a_watched_secret_file_revives_the_credential() {
     )
     .await;
     assert!(bin.logs().contains("a watched file changed"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_credential_leaves_no_metric_series_behind() {
+    let world = World::new(Duration::from_secs(300)).await;
+    let base = world.config_rt("", "");
+    let spare = format!(
+        "\n[credentials.spare]\ngrant = \"refresh_token\"\ntoken_url = \"{}/oauth/token\"\nclient_id = \"cid\"\nrefresh_token = \"{}\"\n",
+        world.idp.url,
+        world.auth.new_refresh_token()
+    );
+    let app = start(&format!("{base}{spare}")).await;
+    let series = |text: &str, credential: &str| {
+        text.lines()
+            .filter(|l| l.contains(&format!("credential=\"{credential}\"")))
+            .count()
+    };
+    wait_for("spare's token", Duration::from_secs(10), || async {
+        get(&admin(&app, "/metrics"))
+            .await
+            .text()
+            .contains("token_proxy_token_state{credential=\"spare\",state=\"fresh\"} 1")
+    })
+    .await;
+    let before = get(&admin(&app, "/metrics")).await.text();
+    assert!(series(&before, "spare") >= 6, "{before}");
+
+    let config = Config::parse(&base, &|_| None).expect("valid config");
+    app.reload(config).await.expect("reload");
+    let after = get(&admin(&app, "/metrics")).await.text();
+    // Its counters stay (they are totals: refreshes, leases); its token gauges go with it.
+    let left: Vec<&str> = after
+        .lines()
+        .filter(|l| l.contains("credential=\"spare\""))
+        .collect();
+    assert!(
+        left.iter()
+            .all(|l| l.starts_with("token_proxy_token_refresh_total")
+                || l.starts_with("token_proxy_lease_acquired_total")),
+        "{left:?}"
+    );
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(series(&after, "main") >= 6, "{after}");
+    app.stop().await;
 }
