@@ -2,15 +2,16 @@
 //! describe token state are computed at scrape time from the store, so they are never stale.
 //! Labels carry route and credential *names* only, never token material.
 
-use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime};
 
-use prometheus_client::encoding::{text, EncodeLabelSet};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{text, DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::token::TokenStore;
@@ -38,14 +39,6 @@ struct CredentialOutcome {
 struct CredentialLabel {
     credential: String,
 }
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct CredentialState {
-    credential: String,
-    state: String,
-}
-
-type FloatGauge = Gauge<f64, AtomicU64>;
 
 const LATENCY_BUCKETS: [f64; 13] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -236,65 +229,111 @@ impl Metrics {
     }
 }
 
-/// The token gauges, computed from `store` for one scrape and then dropped: nothing is kept
-/// per credential between scrapes (ten thousand credentials would keep seven series each),
-/// and a credential removed by a reload leaves no stale series behind.
+/// The token gauges, read from `store` for one scrape and encoded straight into the
+/// exposition: nothing is kept per credential between scrapes, and a credential removed by
+/// a reload leaves no stale series behind.
 fn token_gauges(store: &TokenStore) -> Registry {
-    let expires_in = Family::<CredentialLabel, FloatGauge>::default();
-    let since_refresh = Family::<CredentialLabel, FloatGauge>::default();
-    let state = Family::<CredentialState, Gauge>::default();
-    let persisted = Family::<CredentialLabel, Gauge>::default();
     let now = SystemTime::now();
-    for cred in store.all() {
-        let snap = cred.snapshot();
-        let label = CredentialLabel {
-            credential: cred.name.to_string(),
-        };
-        if let Some(exp) = snap.token.as_ref().and_then(|t| t.expires_at) {
-            let secs = match exp.duration_since(now) {
+    let rows = store
+        .all()
+        .into_iter()
+        .map(|cred| {
+            let snap = cred.snapshot();
+            let seconds = |d: Result<Duration, std::time::SystemTimeError>| match d {
                 Ok(d) => d.as_secs_f64(),
                 Err(e) => -e.duration().as_secs_f64(),
             };
-            expires_in.get_or_create(&label).set(secs);
+            TokenRow {
+                expires_in: snap
+                    .token
+                    .as_ref()
+                    .and_then(|t| t.expires_at)
+                    .map(|exp| seconds(exp.duration_since(now))),
+                since_refresh: snap
+                    .refreshed_at
+                    .map(|at| now.duration_since(at).unwrap_or_default().as_secs_f64()),
+                persisted: snap.persisted.map(i64::from),
+                state: snap.state_name(now),
+                name: cred.name.clone(),
+            }
+        })
+        .collect();
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(TokenGauges(rows)));
+    registry
+}
+
+/// One credential's token gauges at scrape time.
+#[derive(Debug)]
+struct TokenRow {
+    name: std::sync::Arc<str>,
+    expires_in: Option<f64>,
+    since_refresh: Option<f64>,
+    persisted: Option<i64>,
+    state: &'static str,
+}
+
+#[derive(Debug)]
+struct TokenGauges(Vec<TokenRow>);
+
+impl Collector for TokenGauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let rows = &self.0;
+        gauges(
+            &mut encoder,
+            rows,
+            "token_proxy_state_persisted",
+            "1 when a credential's current tokens are saved in its state_file, 0 when the last write failed (a restart would need a new login)",
+            |r| r.persisted,
+        )?;
+        gauges(
+            &mut encoder,
+            rows,
+            "token_proxy_token_expires_in_seconds",
+            "Seconds until the current token expires (negative: expired; absent: no expiry known)",
+            |r| r.expires_in,
+        )?;
+        gauges(
+            &mut encoder,
+            rows,
+            "token_proxy_token_seconds_since_refresh",
+            "Seconds since the last successful token fetch or install",
+            |r| r.since_refresh,
+        )?;
+        let mut metric = encoder.encode_descriptor(
+            "token_proxy_token_state",
+            "1 for the state each credential is in (fresh | refreshing | expired | needs_reauth)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for row in rows {
+            for state in ["fresh", "refreshing", "expired", "needs_reauth"] {
+                let labels = [("credential", &*row.name), ("state", state)];
+                metric
+                    .encode_family(&labels)?
+                    .encode_gauge(&i64::from(state == row.state))?;
+            }
         }
-        if let Some(at) = snap.refreshed_at {
-            let age = now.duration_since(at).unwrap_or_default().as_secs_f64();
-            since_refresh.get_or_create(&label).set(age);
-        }
-        if let Some(saved) = snap.persisted {
-            persisted.get_or_create(&label).set(i64::from(saved));
-        }
-        let current = snap.state_name(now);
-        for name in ["fresh", "refreshing", "expired", "needs_reauth"] {
-            let key = CredentialState {
-                credential: cred.name.to_string(),
-                state: name.into(),
-            };
-            state.get_or_create(&key).set(i64::from(name == current));
+        Ok(())
+    }
+}
+
+/// One gauge family with a `credential` label: a series for each row that has a value.
+fn gauges<V: EncodeGaugeValue>(
+    encoder: &mut DescriptorEncoder,
+    rows: &[TokenRow],
+    name: &str,
+    help: &str,
+    value: impl Fn(&TokenRow) -> Option<V>,
+) -> Result<(), std::fmt::Error> {
+    let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for row in rows {
+        if let Some(v) = value(row) {
+            let labels = [("credential", &*row.name)];
+            metric.encode_family(&labels)?.encode_gauge(&v)?;
         }
     }
-    let mut registry = Registry::default();
-    registry.register(
-        "token_proxy_state_persisted",
-        "1 when a credential's current tokens are saved in its state_file, 0 when the last write failed (a restart would need a new login)",
-        persisted,
-    );
-    registry.register(
-        "token_proxy_token_expires_in_seconds",
-        "Seconds until the current token expires (negative: expired; absent: no expiry known)",
-        expires_in,
-    );
-    registry.register(
-        "token_proxy_token_seconds_since_refresh",
-        "Seconds since the last successful token fetch or install",
-        since_refresh,
-    );
-    registry.register(
-        "token_proxy_token_state",
-        "1 for the state each credential is in (fresh | refreshing | expired | needs_reauth)",
-        state,
-    );
-    registry
+    Ok(())
 }
 
 /// One route's request metrics, held by the route: the per-request update is an atomic
