@@ -1,8 +1,8 @@
 //! One task schedules every credential's refresher: a timer wheel (`DelayQueue`: O(1) to
 //! arm, move or cancel a timer) holds each refresher's next due time, and wake-ups (a
 //! request needs a token, a 401, an admin command, a shared store's commit) arrive on one
-//! channel. A refresher that has work gets a short-lived task for one
-//! [`Stepper::step`] (`Refresher::step`); between steps it is only a slot in a map and a timer.
+//! channel. A refresher that has work gets a short-lived task for one [`Stepper::step`]
+//! (`Refresher::step`); between steps it is only a slot in a map and a timer.
 //!
 //! Ten thousand credentials therefore cost ten thousand timers, not ten thousand tasks
 //! (each with its future, its waker registrations and its cancellation token).

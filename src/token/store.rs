@@ -214,6 +214,8 @@ impl TokenStore {
             (Some(_), true) => Some(self.shutdown.child_token()),
             _ => None,
         };
+        // A build that fails after the shared store started watching stops it again.
+        let stop_watcher_on_error = watcher.clone().map(CancellationToken::drop_guard);
         let state: Arc<dyn StateStore> = match (&self.redis, config.shared, &config.state_file) {
             (Some(redis), true, state_file) => {
                 let endpoint = config.endpoint();
@@ -257,6 +259,9 @@ impl TokenStore {
             refresher::build(config, self.metrics.clone(), start, state.clone(), wake).await?;
         if let Some(watcher) = &watcher {
             tokio::spawn(wake_on_commits(cred, state, watcher.clone()));
+        }
+        if let Some(guard) = stop_watcher_on_error {
+            guard.disarm();
         }
         Ok(Running { refresher, watcher })
     }
