@@ -231,7 +231,7 @@ pub async fn build(
 
 impl Stepper for Refresher {
     fn step(&self) -> BoxFuture<'_, Option<Instant>> {
-        Box::pin(Refresher::step(self))
+        Box::pin(self.do_due_work())
     }
 
     fn wake_handle(&self) -> &Wake {
@@ -268,7 +268,7 @@ impl Refresher {
     /// The scheduler runs one step at a time per refresher; a stopped refresher does
     /// nothing. A step holds the writer state throughout, so `stop` (which takes it) waits
     /// for the step in flight: a refresh in progress is finished and committed first.
-    pub async fn step(&self) -> Option<Instant> {
+    async fn do_due_work(&self) -> Option<Instant> {
         let mut guard = self.inner.lock().await;
         let w = &mut *guard;
         if self.stopped.load(Ordering::Acquire) {

@@ -2,7 +2,7 @@
 //! arm, move or cancel a timer) holds each refresher's next due time, and wake-ups (a
 //! request needs a token, a 401, an admin command, a shared store's commit) arrive on one
 //! channel. A refresher that has work gets a short-lived task for one [`Stepper::step`]
-//! (`Refresher::step`); between steps it is only a slot in a map and a timer.
+//! (what is due now, then its next due time); between steps it is only a slot in a map and a timer.
 //!
 //! Ten thousand credentials therefore cost ten thousand timers, not ten thousand tasks
 //! (each with its future, its waker registrations and its cancellation token).
@@ -362,14 +362,18 @@ mod tests {
         }
     }
 
+    /// The paused clock's start, and a scheduler running from it.
+    fn started() -> (Instant, Scheduler) {
+        (Instant::now(), Scheduler::spawn(CancellationToken::new()))
+    }
+
     async fn secs(n: u64) {
         tokio::time::sleep(Duration::from_secs(n)).await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_stepper_is_stepped_at_start_then_whenever_it_is_due() {
-        let t0 = Instant::now();
-        let scheduler = Scheduler::spawn(CancellationToken::new());
+        let (t0, scheduler) = started();
         let fake = Fake::start(&scheduler, 0, Some(10), 0);
         secs(35).await;
         assert_eq!(fake.steps(t0), [0, 10, 20, 30]);
@@ -377,8 +381,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn wakes_while_stepping_give_one_more_step_and_none_is_lost() {
-        let t0 = Instant::now();
-        let scheduler = Scheduler::spawn(CancellationToken::new());
+        let (t0, scheduler) = started();
         let fake = Fake::start(&scheduler, 2, None, 0);
         secs(1).await;
         for _ in 0..100 {
@@ -397,8 +400,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_wake_comes_before_the_timer() {
-        let t0 = Instant::now();
-        let scheduler = Scheduler::spawn(CancellationToken::new());
+        let (t0, scheduler) = started();
         let fake = Fake::start(&scheduler, 0, Some(60), 0);
         secs(5).await;
         fake.wake.wake();
@@ -410,8 +412,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_panicking_step_is_retried_a_second_later() {
-        let t0 = Instant::now();
-        let scheduler = Scheduler::spawn(CancellationToken::new());
+        let (t0, scheduler) = started();
         let fake = Fake::start(&scheduler, 0, Some(30), 2);
         secs(40).await;
         assert_eq!(fake.steps(t0), [0, 1, 2, 32]);
@@ -419,8 +420,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_stopped_stepper_is_not_stepped_until_started_again() {
-        let t0 = Instant::now();
-        let scheduler = Scheduler::spawn(CancellationToken::new());
+        let (t0, scheduler) = started();
         let fake = Fake::start(&scheduler, 0, Some(10), 0);
         secs(1).await;
         scheduler.stop(&*fake);
@@ -447,8 +447,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn ten_thousand_staggered_timers_each_fire_on_time() {
-        let t0 = Instant::now();
-        let scheduler = Scheduler::spawn(CancellationToken::new());
+        let (t0, scheduler) = started();
         // The i-th stepper is due every 100 + i % 50 seconds.
         let fakes: Vec<_> = (0..10_000u64)
             .map(|i| Fake::start(&scheduler, 0, Some(100 + i % 50), 0))
@@ -461,8 +460,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn at_most_max_stepping_steps_run_at_once_and_woken_ones_go_first() {
-        let t0 = Instant::now();
-        let scheduler = Scheduler::spawn(CancellationToken::new());
+        let (t0, scheduler) = started();
         let gauge = Arc::new(Gauge::default());
         // Three rounds' worth of steppers, each step taking 10 s.
         let fakes: Vec<_> = (0..3 * MAX_STEPPING)
