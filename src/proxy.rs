@@ -543,31 +543,38 @@ async fn send_h1(
     req: Request<ProxyBody>,
     trace: &mut Trace,
 ) -> Result<(Response<UpstreamBody>, Kept), ProxyError> {
-    let started = Instant::now();
+    let started = tokio::time::Instant::now();
+    // The response head is due by then (the connection's own timer keeps it).
+    let deadline = started + route.timeout;
     let (parts, body) = req.into_parts();
     let exchange = async {
         let body = match body.is_end_stream() {
             true => Bytes::new(),
-            false => body.collect().await.map_err(H1Failure::AppBody)?.to_bytes(),
+            false => match tokio::time::timeout_at(deadline, body.collect()).await {
+                Ok(collected) => collected.map_err(H1Failure::AppBody)?.to_bytes(),
+                Err(_) => return Err(H1Failure::Upstream(h1::Error::Deadline)),
+            },
         };
-        let response = h1::send(pool, &parts, &body)
+        let response = h1::send(pool, &parts, &body, deadline)
             .await
             .map_err(H1Failure::Upstream)?;
         Ok((response, body))
     };
-    let result = tokio::time::timeout(route.timeout, exchange).await;
+    let result = exchange.await;
     trace.upstream += started.elapsed();
     match result {
-        Err(_) => Err(ProxyError::UpstreamTimeout(route.timeout)),
-        Ok(Err(H1Failure::AppBody(e))) if is_idle_timeout(&*e) => {
+        Err(H1Failure::Upstream(h1::Error::Deadline)) => {
+            Err(ProxyError::UpstreamTimeout(route.timeout))
+        }
+        Err(H1Failure::AppBody(e)) if is_idle_timeout(&*e) => {
             Err(ProxyError::RequestTimeout(route.idle_timeout))
         }
-        Ok(Err(H1Failure::AppBody(e))) => Err(ProxyError::BadRequest(format!(
+        Err(H1Failure::AppBody(e)) => Err(ProxyError::BadRequest(format!(
             "the request body could not be read: {}",
             error_chain(&*e)
         ))),
-        Ok(Err(H1Failure::Upstream(e))) => Err(ProxyError::UpstreamUnreachable(error_chain(&e))),
-        Ok(Ok((response, body))) => Ok((response.map(Either::Right), Some((parts, body)))),
+        Err(H1Failure::Upstream(e)) => Err(ProxyError::UpstreamUnreachable(error_chain(&e))),
+        Ok((response, body)) => Ok((response.map(Either::Right), Some((parts, body)))),
     }
 }
 

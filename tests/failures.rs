@@ -182,6 +182,15 @@ async fn upstream_down_is_502_and_slow_is_504() {
         "upstream_timeout",
     );
     assert_eq!(get(&url(&app, "/slow/10")).await.status, 200);
+    // Again, now that a pooled connection has answered (on this worker, if the request
+    // lands there): a reused connection's timer is re-armed for each request's deadline.
+    let started = std::time::Instant::now();
+    assert_error(
+        &get(&url(&app, "/slow/3000")).await,
+        504,
+        "upstream_timeout",
+    );
+    assert!(started.elapsed() < Duration::from_millis(2500));
     app.stop().await;
 }
 

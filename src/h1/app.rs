@@ -56,8 +56,16 @@ where
     // hyper's server answers a head larger than this with 431: past it, hyper is handed it.
     let head_limit = limits.max_header_size.max(8192);
     let mut buf = BytesMut::new();
+    // One timer and one drain watch for the connection's life, rather than a new pair per
+    // request: moving a registered deadline later is one atomic operation (the timer wheel
+    // sees it only when the old deadline comes), where a new timer is a wheel insert and
+    // a removal, and a new drain watch a lock and a list insert.
+    let mut header_timer = std::pin::pin!(tokio::time::sleep(limits.header_timeout));
+    let mut drained = std::pin::pin!(draining.cancelled());
     loop {
-        let deadline = Instant::now() + limits.header_timeout;
+        header_timer
+            .as_mut()
+            .reset(Instant::now() + limits.header_timeout);
         let plain = loop {
             if !buf.is_empty() {
                 match app_wire::classify(&buf) {
@@ -67,13 +75,15 @@ where
                 }
             }
             let read = tokio::select! {
-                _ = draining.cancelled() => return Ok(None),
-                read = tokio::time::timeout_at(deadline, read_some(&stream, &mut buf)) => read,
+                biased;
+                read = read_some(&stream, &mut buf) => read,
+                _ = drained.as_mut() => return Ok(None),
+                _ = header_timer.as_mut() => return Ok(None),
             };
             match read {
-                Err(_) | Ok(Ok(0)) => return Ok(None),
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(e),
+                Ok(0) => return Ok(None),
+                Ok(_) => {}
+                Err(e) => return Err(e),
             }
         };
         // A small body is read whole before the request is handled, as nginx does.

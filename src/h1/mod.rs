@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use http::{Method, Response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
 
 pub use body::{BodyError, ResponseBody};
 use pool::Conn;
@@ -47,6 +48,9 @@ pub enum Error {
     Closed,
     #[error("writing the request stalled for {0:?} (idle_timeout)")]
     WriteStalled(Duration),
+    /// The exchange's deadline passed before the response head arrived.
+    #[error("no response before the deadline")]
+    Deadline,
     #[error(transparent)]
     Wire(#[from] WireError),
     #[error("connection error: {0}")]
@@ -64,13 +68,14 @@ struct Failure {
 }
 
 /// Send `parts` with `body` on a pooled (or new) connection to the pool's upstream and
-/// read the response head. A reused connection that turns out to be closed is replaced by
-/// a new one once: always when nothing was sent, else only for idempotent methods (as Go's
-/// `net/http` does).
+/// read the response head, by `deadline` ([`Error::Deadline`]). A reused connection that
+/// turns out to be closed is replaced by a new one once: always when nothing was sent,
+/// else only for idempotent methods (as Go's `net/http` does).
 pub async fn send(
     pool: &Arc<Pool>,
     parts: &http::request::Parts,
     body: &[u8],
+    deadline: Instant,
 ) -> Result<Response<ResponseBody>, Error> {
     let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     let mut request = Vec::with_capacity(512 + body.len());
@@ -84,9 +89,10 @@ pub async fn send(
     );
     let (mut conn, mut reused) = match pool.checkout() {
         Some(conn) => (conn, true),
-        None => (pool.connect().await.map_err(Error::Connect)?, false),
+        None => (connect(pool, deadline).await?, false),
     };
     loop {
+        conn.deadline.as_mut().reset(deadline);
         match exchange(&mut conn, &request, &parts.method, pool.write_stall).await {
             Ok(head) => return Ok(respond(head, conn, pool)),
             Err(f)
@@ -95,11 +101,19 @@ pub async fn send(
                     && (f.nothing_sent || wire::is_idempotent(&parts.method)) =>
             {
                 tracing::debug!(error = %f.error, "pooled upstream connection was closed; sending on a new one");
-                conn = pool.connect().await.map_err(Error::Connect)?;
+                conn = connect(pool, deadline).await?;
                 reused = false;
             }
             Err(f) => return Err(f.error),
         }
+    }
+}
+
+/// A new connection, by `deadline`.
+async fn connect(pool: &Pool, deadline: Instant) -> Result<Conn, Error> {
+    match tokio::time::timeout_at(deadline, pool.connect()).await {
+        Ok(connected) => connected.map_err(Error::Connect),
+        Err(_) => Err(Error::Deadline),
     }
 }
 
@@ -110,6 +124,15 @@ fn respond(head: Head, conn: Conn, pool: &Arc<Pool>) -> Response<ResponseBody> {
     *response.version_mut() = head.version;
     *response.headers_mut() = head.headers;
     response
+}
+
+/// The deadline passed: the request is not sent again.
+fn past_deadline() -> Failure {
+    Failure {
+        error: Error::Deadline,
+        nothing_sent: false,
+        no_response: false,
+    }
 }
 
 /// Write the whole request, then read up to the final response head (interim 1xx
@@ -127,7 +150,12 @@ async fn exchange(
             nothing_sent: sent == 0,
             no_response: true,
         };
-        match tokio::time::timeout(write_stall, conn.io.write(&request[sent..])).await {
+        let written = tokio::select! {
+            biased;
+            written = tokio::time::timeout(write_stall, conn.io.write(&request[sent..])) => written,
+            _ = conn.deadline.as_mut() => return Err(past_deadline()),
+        };
+        match written {
             Ok(Ok(0)) => return Err(failure(Error::Closed)),
             Ok(Ok(n)) => sent += n,
             Ok(Err(e)) => return Err(failure(Error::Io(e))),
@@ -168,7 +196,12 @@ async fn exchange(
             nothing_sent: false,
             no_response: !got_any,
         };
-        match conn.io.read_buf(&mut conn.buf).await {
+        let read = tokio::select! {
+            biased;
+            read = conn.io.read_buf(&mut conn.buf) => read,
+            _ = conn.deadline.as_mut() => return Err(past_deadline()),
+        };
+        match read {
             Ok(0) => return Err(failure(Error::Closed)),
             Ok(_) => got_any = true,
             Err(e) => return Err(failure(Error::Io(e))),

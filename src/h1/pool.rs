@@ -4,6 +4,7 @@
 //! and are closed after [`IDLE_TIMEOUT`] by a reaper task that runs only while some wait.
 
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use bytes::BytesMut;
 use http::uri::Authority;
 use http::HeaderValue;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 /// An idle connection is closed after this long (hyper-util's pool: the same).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -22,6 +23,10 @@ pub const MAX_IDLE: usize = 1024;
 pub struct Conn {
     pub io: TcpStream,
     pub buf: BytesMut,
+    /// The deadline of the exchange under way. One timer for the connection's life, moved
+    /// to each exchange's deadline: moving a registered deadline later is one atomic
+    /// operation, where a timer per exchange is a timer-wheel insert and removal.
+    pub deadline: Pin<Box<Sleep>>,
 }
 
 impl Conn {
@@ -144,6 +149,7 @@ impl Pool {
         Ok(Conn {
             io,
             buf: BytesMut::new(),
+            deadline: Box::pin(tokio::time::sleep(IDLE_TIMEOUT)),
         })
     }
 
