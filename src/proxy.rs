@@ -249,6 +249,9 @@ impl Proxy {
         // resource server sent) and one replay after a 401 for our token, in either order.
         let (mut nonce_retried, mut token_replayed) = (false, false);
         loop {
+            if credential.dpop.is_some() {
+                h1::materialize(&mut response); // the nonce checks read the fields
+            }
             let unauthorized = response.status() == StatusCode::UNAUTHORIZED;
             let new_nonce = credential
                 .dpop

@@ -167,7 +167,12 @@ pub async fn serve<F, Fut>(
             // the connection's whole life, so an unboxed (large) request future would cost
             // its full size on every idle keep-alive connection.
             let fut = Box::pin(hyper_handler(req.map(AppBody::Left), peer));
-            async move { Ok::<_, Infallible>(fut.await) }
+            async move {
+                let mut response = fut.await;
+                // hyper writes only the header map.
+                h1::materialize(&mut response);
+                Ok::<_, Infallible>(response)
+            }
         });
         let (builders, watcher, draining) =
             (builders.clone(), graceful.watcher(), draining.clone());

@@ -28,9 +28,13 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(Some(head)) = parse_response(&mut buf, &method) {
         assert!(buf.len() < data.len(), "a head consumes bytes");
         assert_eq!(&data[data.len() - buf.len()..], &buf[..], "the body's start is left");
-        for name in head.headers.keys() {
+        let map = head.fields.to_header_map();
+        for name in map.keys() {
             assert!(!HOP_BY_HOP.contains(&name.as_str()), "{name} forwarded");
         }
+        // Every line kept for the app reads back as one field.
+        let lines = head.fields.lines().split(|&b| b == b'\n').filter(|l| !l.is_empty()).count();
+        assert_eq!(map.len(), lines + usize::from(head.fields.content_length.is_some()));
         if method == Method::HEAD {
             assert_eq!(head.framing, Framing::Empty);
         }

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::app_wire::{self, Framing, Parsed};
 use super::rewind::Rewind;
+use super::wire::Fields;
 use crate::body::{AppBody, ProxyBody};
 use crate::server::ConnLimits;
 
@@ -167,6 +168,7 @@ async fn write_response(
         &mut out,
         parts.status,
         &parts.headers,
+        parts.extensions.get::<Fields>(),
         body.size_hint().exact(),
         head_request,
         close,

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Uri, Version};
 
+use super::wire::Fields;
 use super::BUFFERED_BODY_LIMIT;
 
 /// hyper's server allows 100 header fields; a request with more is left to it (431).
@@ -148,13 +149,15 @@ pub enum Framing {
     Chunked,
 }
 
-/// Write the response head: status line, the response's fields, `Date` unless it has one,
-/// the framing field and `Connection: close` when the connection ends after it.
-/// `exact` is the body's known length, if any. Returns how the body is to be framed.
+/// Write the response head: status line, the response's fields (those in `headers`, then
+/// an upstream's `fields` as they came), `Date` unless it has one, the framing field and
+/// `Connection: close` when the connection ends after it. `exact` is the body's known
+/// length, if any. Returns how the body is to be framed.
 pub fn encode_response_head(
     out: &mut Vec<u8>,
     status: StatusCode,
     headers: &HeaderMap,
+    fields: Option<&Fields>,
     exact: Option<u64>,
     head_request: bool,
     close: bool,
@@ -163,9 +166,13 @@ pub fn encode_response_head(
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| parse_length(v.as_bytes()));
+    let declared = match fields.and_then(|f| f.content_length) {
+        Some(n) => Some(n),
+        None if headers.is_empty() => None,
+        None => headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| parse_length(v.as_bytes())),
+    };
     let framing = match (bodiless, declared, exact) {
         (true, _, _) => Framing::None,
         (false, Some(n), _) | (false, None, Some(n)) => Framing::Length(n),
@@ -188,7 +195,12 @@ pub fn encode_response_head(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if !headers.contains_key(header::DATE) {
+    if let Some(fields) = fields {
+        out.extend_from_slice(fields.lines());
+    }
+    let has_date = fields.is_some_and(|f| f.has_date)
+        || (!headers.is_empty() && headers.contains_key(header::DATE));
+    if !has_date {
         out.extend_from_slice(b"date: ");
         with_date(|date| out.extend_from_slice(date));
         out.extend_from_slice(b"\r\n");
@@ -201,8 +213,9 @@ pub fn encode_response_head(
         _ => None,
     };
     if let Some(n) = length {
-        use std::io::Write;
-        let _ = write!(out, "content-length: {n}\r\n");
+        out.extend_from_slice(b"content-length: ");
+        write_decimal(out, n);
+        out.extend_from_slice(b"\r\n");
     }
     if framing == Framing::Chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -212,6 +225,21 @@ pub fn encode_response_head(
     }
     out.extend_from_slice(b"\r\n");
     framing
+}
+
+/// `n` in decimal (`write!` costs several times more, through `fmt`'s machinery).
+fn write_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 /// A chunk's size line.
@@ -350,6 +378,7 @@ mod tests {
             &mut out,
             StatusCode::from_u16(status).unwrap(),
             &map,
+            None,
             exact,
             head_req,
             close,
@@ -424,6 +453,7 @@ mod tests {
             &mut out,
             StatusCode::OK,
             &HeaderMap::new(),
+            None,
             Some(0),
             false,
             false,

@@ -109,6 +109,15 @@ pub async fn send(
     }
 }
 
+/// Move the upstream's fields of a response our client received (kept as written, see
+/// [`wire::Fields`]) into its `HeaderMap`: for code that reads or changes them, and for
+/// hyper's server, which writes only the map. Any other response is left as it is.
+pub fn materialize<B>(response: &mut Response<B>) {
+    if let Some(fields) = response.extensions_mut().remove::<wire::Fields>() {
+        fields.append_to(response.headers_mut());
+    }
+}
+
 /// A new connection, by `deadline`.
 async fn connect(pool: &Pool, deadline: Instant) -> Result<Conn, Error> {
     match tokio::time::timeout_at(deadline, pool.connect()).await {
@@ -122,7 +131,7 @@ fn respond(head: Head, conn: Conn, pool: &Arc<Pool>) -> Response<ResponseBody> {
     let mut response = Response::new(body);
     *response.status_mut() = head.status;
     *response.version_mut() = head.version;
-    *response.headers_mut() = head.headers;
+    response.extensions_mut().insert(head.fields);
     response
 }
 

@@ -85,15 +85,71 @@ pub enum Framing {
 pub struct Head {
     pub status: StatusCode,
     pub version: Version,
-    pub headers: HeaderMap,
+    /// The end-to-end fields, ready to be written to the app.
+    pub fields: Fields,
     pub framing: Framing,
     /// The connection can carry another request once this body is read.
     pub keep_alive: bool,
 }
 
+/// An upstream response's end-to-end fields as the app is to get them: `name: value\r\n`
+/// lines (names lower-cased, as `http` keeps them), hop-by-hop and framing fields left
+/// out, and what the app's response head needs of the framing fields.
+///
+/// Kept as bytes, not a `HeaderMap`: building a map from the upstream's head only for our
+/// own server to iterate over it and write the same bytes again cost about a seventh of
+/// the proxy's instructions per request. Code that reads or changes a response's fields
+/// first moves these into its `HeaderMap` ([`crate::h1::materialize`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fields {
+    lines: Vec<u8>,
+    /// A `Date` field is among the lines.
+    pub has_date: bool,
+    /// The `Content-Length` the upstream stated (not among the lines); `None` when it
+    /// sent none, or framed the body with `Transfer-Encoding`.
+    pub content_length: Option<u64>,
+}
+
+impl Fields {
+    /// The `name: value\r\n` lines.
+    pub fn lines(&self) -> &[u8] {
+        &self.lines
+    }
+
+    /// Append the fields (and the stated `Content-Length`) to `headers`.
+    pub fn append_to(&self, headers: &mut HeaderMap) {
+        for line in self.lines.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let Some(colon) = line.iter().position(|&b| b == b':') else {
+                continue;
+            };
+            let value = line[colon + 1..]
+                .strip_prefix(b" ")
+                .unwrap_or(&line[colon + 1..]);
+            // Both were checked as they were read; a failure here would be our own bug.
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(&line[..colon]),
+                HeaderValue::from_bytes(value),
+            ) {
+                headers.append(name, value);
+            }
+        }
+        if let Some(n) = self.content_length {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+    }
+
+    /// The fields as a `HeaderMap` of their own.
+    pub fn to_header_map(&self) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        self.append_to(&mut headers);
+        headers
+    }
+}
+
 /// Parse a response head from the front of `buf`. `None`: more bytes are needed. On
-/// success the head's bytes are taken off `buf` (header values share them, no copy) and
-/// what follows (the start of the body) stays.
+/// success the head's bytes are taken off `buf` and what follows (the start of the body)
+/// stays.
 pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, WireError> {
     // Uninitialised slots: writing 128 empty headers first would cost more than parsing.
     let mut slots = [std::mem::MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
@@ -119,49 +175,93 @@ pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Head
         .code
         .and_then(|c| StatusCode::from_u16(c).ok())
         .ok_or(WireError("invalid status code"))?;
-    // Names are checked (and copied, unless well known) now; values are sliced out of the
-    // head once it is taken off the buffer. Hop-by-hop fields are read for framing and
-    // keep-alive here and never enter the map: the app must not get them anyway.
-    let base = buf.as_ptr() as usize;
-    let mut fields = Vec::with_capacity(parsed.headers.len());
+    // First the framing and hop-by-hop fields, which never reach the app (`Connection`
+    // may name more of them); then the others, copied as lines.
     let mut wire = WireFields::default();
+    let mut size = 0;
     for h in parsed.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| WireError("invalid header name"))?;
-        if wire.take(&name, h.value)? {
-            continue;
+        if !wire.take(h.name.as_bytes(), h.value)? {
+            size += h.name.len() + h.value.len() + 4;
         }
-        let start = h.value.as_ptr() as usize - base;
-        fields.push((name, start..start + h.value.len()));
     }
-    let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(fields.len());
-    for (name, range) in fields {
-        if wire.named.contains(&name) {
+    let mut fields = Fields {
+        lines: Vec::with_capacity(size),
+        has_date: false,
+        content_length: None,
+    };
+    let mut length_named = false;
+    for h in parsed.headers.iter() {
+        let name = h.name.as_bytes();
+        if wire.named.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+            length_named |= name.eq_ignore_ascii_case(b"content-length");
             continue; // listed in Connection: hop-by-hop too
         }
-        let value = HeaderValue::from_maybe_shared(head.slice(range))
-            .map_err(|_| WireError("invalid header value"))?;
-        headers.append(name, value);
+        if field_kind(name) != Kind::EndToEnd {
+            continue;
+        }
+        if !valid_value(h.value) {
+            return Err(WireError("invalid header value"));
+        }
+        fields.has_date |= name.eq_ignore_ascii_case(b"date");
+        fields.lines.extend(name.iter().map(u8::to_ascii_lowercase));
+        fields.lines.extend_from_slice(b": ");
+        fields.lines.extend_from_slice(h.value);
+        fields.lines.extend_from_slice(b"\r\n");
     }
     let framing = framing(method, status, version, &wire)?;
-    if wire.chunked.is_some() {
-        // RFC 9112 §6.3: a length next to a transfer coding is ignored, and not forwarded.
-        headers.remove(header::CONTENT_LENGTH);
+    // RFC 9112 §6.3: a length next to a transfer coding is ignored, and not forwarded.
+    if wire.chunked.is_none() && !length_named {
+        fields.content_length = wire.length;
     }
     let keep_alive = version == Version::HTTP_11 && framing != Framing::UntilClose && !wire.close;
+    buf.advance(len);
     Ok(Some(Head {
         status,
         version,
-        headers,
+        fields,
         framing,
         keep_alive,
     }))
 }
 
+/// What `HeaderValue` accepts: visible ASCII, spaces and tabs, and obs-text.
+fn valid_value(value: &[u8]) -> bool {
+    value
+        .iter()
+        .all(|&b| (b >= 0x20 && b != 0x7f) || b == b'\t')
+}
+
+/// What a response field is to the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    /// Another hop-by-hop field (RFC 9110 §7.6.1, and `Keep-Alive`, `Proxy-Connection`).
+    HopByHop,
+    EndToEnd,
+}
+
+/// A field's kind by its name, in any case (the lengths tell most names apart at once).
+fn field_kind(name: &[u8]) -> Kind {
+    let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
+    match name.len() {
+        2 if is("te") => Kind::HopByHop,
+        7 if is("trailer") || is("upgrade") => Kind::HopByHop,
+        10 if is("connection") => Kind::Connection,
+        10 if is("keep-alive") => Kind::HopByHop,
+        14 if is("content-length") => Kind::ContentLength,
+        16 if is("proxy-connection") => Kind::HopByHop,
+        17 if is("transfer-encoding") => Kind::TransferEncoding,
+        18 if is("proxy-authenticate") => Kind::HopByHop,
+        19 if is("proxy-authorization") => Kind::HopByHop,
+        _ => Kind::EndToEnd,
+    }
+}
+
 /// What the hop-by-hop and framing fields of a response head say.
 #[derive(Default)]
-struct WireFields {
+struct WireFields<'a> {
     /// `Transfer-Encoding` was present; `true` when its last coding is chunked.
     chunked: Option<bool>,
     /// `Content-Length`, when present (every value must agree).
@@ -169,37 +269,37 @@ struct WireFields {
     /// `Connection: close`.
     close: bool,
     /// Other fields `Connection` names: hop-by-hop for this message.
-    named: Vec<HeaderName>,
+    named: Vec<&'a [u8]>,
 }
 
-impl WireFields {
-    /// Note a framing or hop-by-hop field. `true`: it stays out of the forwarded headers.
-    fn take(&mut self, name: &HeaderName, value: &[u8]) -> Result<bool, WireError> {
-        match name.as_str() {
-            "content-length" => {
+impl<'a> WireFields<'a> {
+    /// Note a framing or hop-by-hop field. `true`: it stays out of the forwarded fields.
+    fn take(&mut self, name: &[u8], value: &'a [u8]) -> Result<bool, WireError> {
+        match field_kind(name) {
+            Kind::ContentLength => {
                 self.add_length(value)?;
-                Ok(false)
+                Ok(true)
             }
-            "transfer-encoding" => {
+            Kind::TransferEncoding => {
                 let text = std::str::from_utf8(value).unwrap_or("");
                 let last = text.rsplit(',').next().unwrap_or("").trim();
                 self.chunked = Some(last.eq_ignore_ascii_case("chunked"));
                 Ok(true)
             }
-            "connection" => {
-                let text = std::str::from_utf8(value).unwrap_or("");
-                for token in text.split(',').map(str::trim) {
-                    if token.eq_ignore_ascii_case("close") {
+            Kind::Connection => {
+                for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"close") {
                         self.close = true;
-                    } else if !token.eq_ignore_ascii_case("keep-alive") {
-                        if let Ok(named) = HeaderName::from_bytes(token.as_bytes()) {
-                            self.named.push(named);
-                        }
+                    } else if !token.eq_ignore_ascii_case(b"keep-alive")
+                        && HeaderName::from_bytes(token).is_ok()
+                    {
+                        self.named.push(token);
                     }
                 }
                 Ok(true)
             }
-            _ => Ok(crate::routes::is_hop_by_hop(name)),
+            Kind::HopByHop => Ok(true),
+            Kind::EndToEnd => Ok(false),
         }
     }
 
@@ -434,7 +534,9 @@ mod tests {
         let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Y: z\r\n\r\nhello");
         let h = parse_response(&mut buf, &Method::GET).unwrap().unwrap();
         assert_eq!(h.status, 200);
-        assert_eq!(h.headers["x-y"], "z");
+        assert_eq!(h.fields.lines(), b"x-y: z\r\n");
+        assert_eq!(h.fields.content_length, Some(5));
+        assert_eq!(h.fields.to_header_map()["x-y"], "z");
         assert_eq!(h.framing, Framing::Length(5));
         assert!(h.keep_alive);
         assert_eq!(&buf[..], b"hello");
@@ -536,8 +638,11 @@ mod tests {
         )
         .unwrap()
         .unwrap();
-        let names: Vec<_> = h.headers.keys().map(|k| k.as_str()).collect();
-        assert_eq!(names, ["x-end"]);
+        assert_eq!(h.fields.lines(), b"x-end: 2\r\n");
+        assert_eq!(
+            h.fields.content_length, None,
+            "a length beside chunked is dropped"
+        );
         assert_eq!(h.framing, Framing::Chunked);
         assert!(h.keep_alive);
     }

@@ -212,7 +212,12 @@ impl Interceptor {
         };
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let fut = Box::pin(serve(req.map(crate::body::AppBody::Left)));
-            async move { Ok::<_, Infallible>(fut.await) }
+            async move {
+                let mut response = fut.await;
+                // hyper writes only the header map.
+                crate::h1::materialize(&mut response);
+                Ok::<_, Infallible>(response)
+            }
         });
         let builder = crate::server::builder(self.limits);
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
