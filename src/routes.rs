@@ -121,6 +121,18 @@ impl Route {
                 path = path.strip_prefix(p.as_str()).unwrap_or(path);
             }
         }
+        // The usual case: the app's own path and query go upstream unchanged, and are
+        // shared rather than copied and validated again.
+        if self.upstream.base_path.is_empty() && path.starts_with('/') && path == original.path() {
+            if let Some(pq) = original.path_and_query() {
+                return Uri::builder()
+                    .scheme(self.upstream.scheme.clone())
+                    .authority(self.upstream.authority.clone())
+                    .path_and_query(pq.clone())
+                    .build()
+                    .map_err(|_| ProxyError::BadRequest("invalid path".into()));
+            }
+        }
         // Exactly the length needed: the string becomes the URI's bytes without a copy, and
         // without the extra allocation a spare capacity would cost.
         let slash = usize::from(!path.starts_with('/'));
@@ -248,8 +260,9 @@ pub fn normalize_path(path: &str) -> Result<std::borrow::Cow<'_, str>, PathError
     let Some(rest) = path.strip_prefix('/') else {
         return Ok(Cow::Borrowed(path)); // "*" (OPTIONS) or empty: nothing to normalise
     };
-    let has_dot = |s: &str| s.contains('.') || s.contains("%2e") || s.contains("%2E");
-    if !has_dot(path) {
+    // One pass over the bytes decides for most paths: no '.' and no '%' (for "%2e").
+    let may_have_dot = path.bytes().any(|b| b == b'.' || b == b'%');
+    if !may_have_dot || !(path.contains('.') || path.contains("%2e") || path.contains("%2E")) {
         return Ok(Cow::Borrowed(path));
     }
     let segments: Vec<&str> = rest.split('/').collect();
@@ -503,6 +516,18 @@ mod tests {
             root.upstream_uri(&uri, uri.path()).unwrap().to_string(),
             "http://127.0.0.1:1/a/b"
         );
+        // The app's path and query as they came (shared), or as normalised (rebuilt); an
+        // absolute-form request's own scheme and host are replaced either way.
+        for (target, path, expected) in [
+            ("/a/b?q=1&r", "/a/b", "http://127.0.0.1:1/a/b?q=1&r"),
+            ("/a/b?", "/a/b", "http://127.0.0.1:1/a/b?"),
+            ("/a/./b?q=1", "/a/b", "http://127.0.0.1:1/a/b?q=1"),
+            ("http://x.test:81/a?q", "/a", "http://127.0.0.1:1/a?q"),
+        ] {
+            let uri: Uri = target.parse().unwrap();
+            let got = root.upstream_uri(&uri, path).unwrap().to_string();
+            assert_eq!(got, expected, "{target}");
+        }
     }
 
     #[test]
