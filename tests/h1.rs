@@ -760,3 +760,65 @@ async fn a_response_of_unknown_length_reaches_the_app_chunked() {
         );
     }
 }
+
+/// An upstream head with repeated, hop-by-hop, `Connection`-named and date fields.
+const FIELDS: &[u8] = b"HTTP/1.1 200 OK\r\nX-One: 1\r\nSet-Cookie: a=1\r\nConnection: keep-alive, X-Hop\r\n\
+X-Hop: secret\r\nKeep-Alive: timeout=5\r\nSet-Cookie: b=2\r\nDate: Mon, 01 Jan 2024 00:00:00 GMT\r\n\
+Content-Length: 2\r\n\r\nok";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstreams_fields_reach_the_app_whichever_server_writes_them() {
+    let up = Scripted::start(|_| Answer::Send(vec![FIELDS])).await;
+    let app = proxy_to(&up).await;
+    let expect = |who: &str, fields: Vec<(String, String)>| {
+        let all = |name: &str| -> Vec<&str> {
+            fields
+                .iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+                .collect()
+        };
+        assert_eq!(all("x-one"), ["1"], "{who}: {fields:?}");
+        assert_eq!(all("set-cookie"), ["a=1", "b=2"], "{who}: in order");
+        assert_eq!(
+            all("date"),
+            ["Mon, 01 Jan 2024 00:00:00 GMT"],
+            "{who}: theirs, once"
+        );
+        assert_eq!(all("content-length"), ["2"], "{who}");
+        for hop in ["x-hop", "keep-alive"] {
+            assert!(all(hop).is_empty(), "{who}: {hop} is hop-by-hop");
+        }
+    };
+    // Our own server, then hyper's on the same connection (from a request ours hands over).
+    let mut conn = AppConn::open(&app).await;
+    conn.send(b"GET /ours HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await;
+    let r = conn.response(false).await;
+    assert_eq!(r.body, b"ok");
+    expect("our server", r.headers);
+    conn.send(b"HEAD /ours-head HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await;
+    expect("our server, HEAD", conn.response(true).await.headers);
+    conn.send(b"GET /hyper HTTP/1.0\r\nhost: localhost\r\nconnection: keep-alive\r\n\r\n")
+        .await;
+    let r = conn.response(false).await;
+    assert_eq!(r.body, b"ok");
+    expect("hyper's HTTP/1 server", r.headers);
+    // hyper's h2 server.
+    let r = send_with(
+        &h2c_client(),
+        Method::GET,
+        &url(&app, "/h2"),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let fields = r
+        .headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string()))
+        .collect();
+    expect("h2", fields);
+}
