@@ -177,10 +177,14 @@ pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Head
         .ok_or(WireError("invalid status code"))?;
     // First the framing and hop-by-hop fields, which never reach the app (`Connection`
     // may name more of them); then the others, copied as lines.
+    // (httparse has checked the names are tokens and the values are what `HeaderValue`
+    // accepts: visible ASCII, spaces, tabs and obs-text.)
     let mut wire = WireFields::default();
     let mut size = 0;
-    for h in parsed.headers.iter() {
-        if !wire.take(h.name.as_bytes(), h.value)? {
+    let mut end_to_end = [false; MAX_HEADERS];
+    for (h, keep) in parsed.headers.iter().zip(end_to_end.iter_mut()) {
+        *keep = !wire.take(h.name.as_bytes(), h.value)?;
+        if *keep {
             size += h.name.len() + h.value.len() + 4;
         }
     }
@@ -190,20 +194,19 @@ pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Head
         content_length: None,
     };
     let mut length_named = false;
-    for h in parsed.headers.iter() {
+    for (h, keep) in parsed.headers.iter().zip(end_to_end) {
         let name = h.name.as_bytes();
-        if wire.named.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+        if !wire.named.is_empty() && wire.named.iter().any(|n| n.eq_ignore_ascii_case(name)) {
             length_named |= name.eq_ignore_ascii_case(b"content-length");
             continue; // listed in Connection: hop-by-hop too
         }
-        if field_kind(name) != Kind::EndToEnd {
+        if !keep {
             continue;
         }
-        if !valid_value(h.value) {
-            return Err(WireError("invalid header value"));
-        }
-        fields.has_date |= name.eq_ignore_ascii_case(b"date");
-        fields.lines.extend(name.iter().map(u8::to_ascii_lowercase));
+        fields.has_date |= name.len() == 4 && name.eq_ignore_ascii_case(b"date");
+        let start = fields.lines.len();
+        fields.lines.extend_from_slice(name);
+        fields.lines[start..].make_ascii_lowercase();
         fields.lines.extend_from_slice(b": ");
         fields.lines.extend_from_slice(h.value);
         fields.lines.extend_from_slice(b"\r\n");
@@ -224,13 +227,6 @@ pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Head
     }))
 }
 
-/// What `HeaderValue` accepts: visible ASCII, spaces and tabs, and obs-text.
-fn valid_value(value: &[u8]) -> bool {
-    value
-        .iter()
-        .all(|&b| (b >= 0x20 && b != 0x7f) || b == b'\t')
-}
-
 /// What a response field is to the proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -243,8 +239,16 @@ enum Kind {
 }
 
 /// A field's kind by its name, in any case (the lengths tell most names apart at once).
+/// `name` is a token (httparse checked it): for those, setting the 0x20 bit maps exactly
+/// the two cases of a letter to the lower one and leaves '-' alone, so one branch-free
+/// pass compares.
 fn field_kind(name: &[u8]) -> Kind {
-    let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
+    let is = |lower: &str| {
+        name.iter()
+            .zip(lower.as_bytes())
+            .fold(0, |diff, (a, b)| diff | ((a | 0x20) ^ b))
+            == 0
+    };
     match name.len() {
         2 if is("te") => Kind::HopByHop,
         7 if is("trailer") || is("upgrade") => Kind::HopByHop,
@@ -626,6 +630,46 @@ mod tests {
         ));
         assert!(!ka("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n"));
         assert!(!ka("HTTP/1.1 200 OK\r\n\r\n"));
+    }
+
+    #[test]
+    fn field_names_are_told_apart_in_any_case_and_near_misses_are_not_taken() {
+        for (name, kind) in [
+            ("Content-Length", Kind::ContentLength),
+            ("CONTENT-LENGTH", Kind::ContentLength),
+            ("transfer-encoding", Kind::TransferEncoding),
+            ("Connection", Kind::Connection),
+            ("TE", Kind::HopByHop),
+            ("Keep-Alive", Kind::HopByHop),
+            ("Proxy-Connection", Kind::HopByHop),
+            ("upgrade", Kind::HopByHop),
+            ("trailer", Kind::HopByHop),
+            ("proxy-authenticate", Kind::HopByHop),
+            ("Proxy-Authorization", Kind::HopByHop),
+            ("content_length", Kind::EndToEnd),
+            ("content-lengtH2", Kind::EndToEnd),
+            ("connectio~", Kind::EndToEnd),
+            ("conne^tion", Kind::EndToEnd),
+            ("tf", Kind::EndToEnd),
+            ("content-type", Kind::EndToEnd),
+        ] {
+            assert_eq!(field_kind(name.as_bytes()), kind, "{name}");
+        }
+    }
+
+    #[test]
+    fn values_http_would_refuse_are_refused_by_the_parser_already() {
+        for bad in ["a\x7fb", "a\x01b", "a\x00b"] {
+            let wire = format!("HTTP/1.1 200 OK\r\nX: {bad}\r\n\r\n");
+            assert!(head(&wire, Method::GET).is_err(), "{bad:?}");
+        }
+        let h = head("HTTP/1.1 200 OK\r\nX: a\tb \u{e9}\r\n\r\n", Method::GET)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            h.fields.to_header_map()["x"].as_bytes(),
+            "a\tb \u{e9}".as_bytes()
+        );
     }
 
     #[test]
