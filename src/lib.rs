@@ -188,10 +188,7 @@ impl App {
             config.server.access.clone(),
             intercept.clone(),
         );
-        let handler = move |req, _peer| {
-            let proxy = proxy.clone();
-            async move { proxy.handle(req).await }
-        };
+        let handler = move |req, _peer| proxy.clone().handle(req);
         let fatal = supervise::Fatal::new();
         let stop_workers = stop_proxy.clone();
         let drain_intercept = intercept.clone();

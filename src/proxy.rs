@@ -1,6 +1,7 @@
 //! The request path: pick a route, attach the token, forward (streaming), replay once on 401.
 
 use std::borrow::Cow;
+use std::future::Future;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -80,7 +81,9 @@ impl Proxy {
     }
 
     /// Serve one request from the app. Never fails: errors become JSON responses.
-    pub async fn handle(&self, req: Request<AppBody>) -> Response<ProxyBody> {
+    /// Takes the (cheap) `Proxy` by value, so that callers can hand this future on as it
+    /// is, without an `async` block of their own around it holding the request again.
+    pub async fn handle(self, req: Request<AppBody>) -> Response<ProxyBody> {
         let started = Instant::now();
         // What the request log line needs, kept only when it will be written.
         let logged = tracing::enabled!(tracing::Level::INFO)
@@ -344,8 +347,7 @@ impl Proxy {
                 .clone()
                 .tunnel(on_upgrade, target, move |mut req| {
                     req.extensions_mut().insert(inside.clone());
-                    let proxy = proxy.clone();
-                    async move { proxy.handle(req).await }
+                    proxy.clone().handle(req)
                 }),
         );
         Ok(Response::new(body::full(Bytes::new())))
@@ -521,17 +523,23 @@ fn goes_whole<B: Body>(route: &Route, body: &B) -> bool {
 type Kept = Option<(http::request::Parts, Bytes)>;
 
 /// Send upstream; the response head must arrive within the route's timeout. See
-/// [`goes_whole`] for which client sends it.
-async fn send(
-    route: &Route,
+/// [`goes_whole`] for which client sends it. (Not itself `async`: the client is chosen
+/// before the future is made, so the request is not held twice in the future's state.)
+fn send<'a>(
+    route: &'a Route,
     req: Request<ProxyBody>,
-    trace: &mut Trace,
-) -> Result<(Response<UpstreamBody>, Kept), ProxyError> {
-    if let (Some(pool), true) = (route.h1_pool(), goes_whole(route, req.body())) {
-        return send_h1(pool, route, req, trace).await;
+    trace: &'a mut Trace,
+) -> impl Future<Output = Result<(Response<UpstreamBody>, Kept), ProxyError>> + 'a {
+    use futures_util::future::Either as OneOf;
+    match route.h1_pool() {
+        Some(pool) if goes_whole(route, req.body()) => {
+            OneOf::Left(send_h1(pool, route, req, trace))
+        }
+        _ => OneOf::Right(async move {
+            let response = send_with(route.client(), route, req, trace).await?;
+            Ok((response.map(Either::Left), None))
+        }),
     }
-    let response = send_with(route.client(), route, req, trace).await?;
-    Ok((response.map(Either::Left), None))
 }
 
 /// Why our own client's exchange failed: the app's body, or the upstream.

@@ -89,7 +89,9 @@ pub async fn send(
     );
     let (mut conn, mut reused) = match pool.checkout() {
         Some(conn) => (conn, true),
-        None => (connect(pool, deadline).await?, false),
+        // Boxed, as below: connecting is rare, and its future would otherwise enlarge
+        // every request's.
+        None => (Box::pin(connect(pool, deadline)).await?, false),
     };
     loop {
         conn.deadline.as_mut().reset(deadline);
@@ -101,7 +103,7 @@ pub async fn send(
                     && (f.nothing_sent || wire::is_idempotent(&parts.method)) =>
             {
                 tracing::debug!(error = %f.error, "pooled upstream connection was closed; sending on a new one");
-                conn = connect(pool, deadline).await?;
+                conn = Box::pin(connect(pool, deadline)).await?;
                 reused = false;
             }
             Err(f) => return Err(f.error),
