@@ -8,7 +8,6 @@
 //! than speed), the caller falls back to an ordinary `tracing` event.
 
 use std::cell::RefCell;
-use std::fmt::Write as _;
 use std::io::Write as _;
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
@@ -44,8 +43,24 @@ pub struct Record<'a> {
     pub replayed: bool,
 }
 
+/// A batch is handed over once it holds this much, even if its event loop stays busy.
+const BATCH_BYTES: usize = 16 * 1024;
+
 thread_local! {
-    static LINE: RefCell<String> = RefCell::new(String::with_capacity(256));
+    static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(256));
+    /// The request lines of a proxy worker thread not yet handed to the writer thread.
+    static BATCH: RefCell<Option<Batch>> = const { RefCell::new(None) };
+}
+
+/// Batched lines; what is left when the thread ends (a panic included) is handed over.
+struct Batch(Vec<u8>);
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        if let Some(log) = get() {
+            log.hand_over(&mut self.0);
+        }
+    }
 }
 
 impl AccessLog {
@@ -58,88 +73,186 @@ impl AccessLog {
             } else {
                 text_line(&mut line, r, SystemTime::now());
             }
-            // One write, one message: the line is never split or interleaved.
-            let _ = self.writer.clone().write_all(line.as_bytes());
+            let batched = BATCH.with(|batch| match batch.borrow_mut().as_mut() {
+                Some(Batch(batch)) => {
+                    batch.extend_from_slice(&line);
+                    if batch.len() >= BATCH_BYTES {
+                        self.hand_over(batch);
+                    }
+                    true
+                }
+                None => false,
+            });
+            if !batched {
+                // One write, one message: the line is never split or interleaved.
+                let _ = self.writer.clone().write_all(&line);
+            }
         });
+    }
+
+    /// Whole lines, in one message to the writer thread.
+    fn hand_over(&self, batch: &mut Vec<u8>) {
+        if !batch.is_empty() {
+            let _ = self.writer.clone().write_all(batch);
+            batch.clear();
+        }
     }
 }
 
+/// From now on, this thread's request lines are batched until [`flush_thread`]. For the
+/// proxy workers, which flush each time their event loop runs out of work: handing each
+/// line to the writer thread on its own cost a channel message and, as often as not, a
+/// wake-up of that thread per request, which at tens of thousands of requests a second
+/// was most of what the request log cost (README "Performance"). Lines reach the writer
+/// in order for each worker, at the latest when its burst of work is done.
+pub fn batch_this_thread() {
+    BATCH.with(|batch| *batch.borrow_mut() = Some(Batch(Vec::with_capacity(BATCH_BYTES))));
+}
+
+/// Hand this thread's batched request lines to the writer thread.
+pub fn flush_thread() {
+    let Some(log) = get() else { return };
+    BATCH.with(|batch| {
+        if let Some(Batch(batch)) = batch.borrow_mut().as_mut() {
+            log.hand_over(batch);
+        }
+    });
+}
+
 /// `2026-11-27T20:59:09.536105Z  INFO token_proxy::proxy: request route="api" method=GET ...`
-fn text_line(out: &mut String, r: &Record<'_>, now: SystemTime) {
+/// (Numbers are written by hand: through `fmt`, formatting was most of the line's cost.)
+fn text_line(out: &mut Vec<u8>, r: &Record<'_>, now: SystemTime) {
     timestamp(out, now);
-    let _ = write!(
-        out,
-        "  INFO token_proxy::proxy: request route={:?} method={} path={} status={} latency_ms=",
-        r.route, r.method, r.path, r.status
-    );
+    out.extend_from_slice(b"  INFO token_proxy::proxy: request route=");
+    debug_str(out, r.route);
+    out.extend_from_slice(b" method=");
+    out.extend_from_slice(r.method.as_bytes());
+    out.extend_from_slice(b" path=");
+    out.extend_from_slice(r.path.as_bytes());
+    out.extend_from_slice(b" status=");
+    number(out, u64::from(r.status), 1);
+    out.extend_from_slice(b" latency_ms=");
     millis(out, r.latency);
-    out.push_str(" upstream_ms=");
+    out.extend_from_slice(b" upstream_ms=");
     millis(out, r.upstream);
-    out.push_str(if r.replayed {
-        " replayed=true\n"
+    out.extend_from_slice(if r.replayed {
+        b" replayed=true\n"
     } else {
-        " replayed=false\n"
+        b" replayed=false\n"
     });
 }
 
 /// tracing-subscriber's JSON shape: timestamp, level, fields (message first), target.
-fn json_line(out: &mut String, r: &Record<'_>, now: SystemTime) {
-    out.push_str("{\"timestamp\":\"");
+fn json_line(out: &mut Vec<u8>, r: &Record<'_>, now: SystemTime) {
+    out.extend_from_slice(b"{\"timestamp\":\"");
     timestamp(out, now);
-    out.push_str("\",\"level\":\"INFO\",\"fields\":{\"message\":\"request\",\"route\":");
+    out.extend_from_slice(b"\",\"level\":\"INFO\",\"fields\":{\"message\":\"request\",\"route\":");
     json_string(out, r.route);
-    out.push_str(",\"method\":");
+    out.extend_from_slice(b",\"method\":");
     json_string(out, r.method);
-    out.push_str(",\"path\":");
+    out.extend_from_slice(b",\"path\":");
     json_string(out, r.path);
-    let _ = write!(out, ",\"status\":{},\"latency_ms\":", r.status);
+    out.extend_from_slice(b",\"status\":");
+    number(out, u64::from(r.status), 1);
+    out.extend_from_slice(b",\"latency_ms\":");
     millis(out, r.latency);
-    out.push_str(",\"upstream_ms\":");
+    out.extend_from_slice(b",\"upstream_ms\":");
     millis(out, r.upstream);
-    out.push_str(if r.replayed {
-        ",\"replayed\":true},\"target\":\"token_proxy::proxy\"}\n"
+    out.extend_from_slice(if r.replayed {
+        b",\"replayed\":true},\"target\":\"token_proxy::proxy\"}\n"
     } else {
-        ",\"replayed\":false},\"target\":\"token_proxy::proxy\"}\n"
+        b",\"replayed\":false},\"target\":\"token_proxy::proxy\"}\n"
     });
 }
 
 /// Milliseconds with microsecond precision: `12.345`.
-fn millis(out: &mut String, d: Duration) {
-    let us = d.as_micros();
-    let _ = write!(out, "{}.{:03}", us / 1000, us % 1000);
+fn millis(out: &mut Vec<u8>, d: Duration) {
+    let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    number(out, us / 1000, 1);
+    out.push(b'.');
+    number(out, us % 1000, 3);
 }
 
-fn json_string(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
+/// `n` in decimal, zero-padded to at least `width` digits.
+fn number(out: &mut Vec<u8>, mut n: u64, width: usize) {
+    let mut digits = [b'0'; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
         }
     }
-    out.push('"');
+    at = at.min(digits.len() - width.min(digits.len()));
+    out.extend_from_slice(&digits[at..]);
 }
 
-/// RFC 3339 UTC with microseconds, as tracing-subscriber writes it.
-fn timestamp(out: &mut String, now: SystemTime) {
+/// `s` as `{:?}` writes it: quoted, with quotes, backslashes and control characters
+/// escaped. Plain printable ASCII (every route name in practice) is copied as it is.
+fn debug_str(out: &mut Vec<u8>, s: &str) {
+    if s.bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        let _ = write!(out, "{s:?}");
+    }
+}
+
+fn json_string(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    for &b in s.as_bytes() {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b if b < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", b);
+            }
+            // Every other byte as it is: a multi-byte character's bytes stay whole.
+            b => out.push(b),
+        }
+    }
+    out.push(b'"');
+}
+
+/// RFC 3339 UTC with microseconds, as tracing-subscriber writes it. The part up to the
+/// second is formatted once a second (per thread), not for every line.
+fn timestamp(out: &mut Vec<u8>, now: SystemTime) {
+    thread_local! {
+        /// The second last formatted, and `YYYY-MM-DDTHH:MM:SS.` for it.
+        static SECOND: std::cell::Cell<(u64, [u8; 20])> = const { std::cell::Cell::new((u64::MAX, [0; 20])) };
+    }
     let since = now
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default();
     let secs = since.as_secs();
-    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
-    let rem = secs % 86_400;
-    let _ = write!(
-        out,
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60,
-        since.subsec_micros()
-    );
+    let (cached, mut prefix) = SECOND.get();
+    if cached != secs {
+        let mut text = Vec::with_capacity(20);
+        let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+        let rem = secs % 86_400;
+        number(&mut text, y.clamp(0, 9999) as u64, 4);
+        text.push(b'-');
+        number(&mut text, u64::from(m), 2);
+        text.push(b'-');
+        number(&mut text, u64::from(d), 2);
+        text.push(b'T');
+        number(&mut text, rem / 3600, 2);
+        text.push(b':');
+        number(&mut text, rem / 60 % 60, 2);
+        text.push(b':');
+        number(&mut text, rem % 60, 2);
+        text.push(b'.');
+        prefix.copy_from_slice(&text);
+        SECOND.set((secs, prefix));
+    }
+    out.extend_from_slice(&prefix);
+    number(out, u64::from(since.subsec_micros()), 6);
+    out.push(b'Z');
 }
 
 /// Days since 1970-01-01 to (year, month, day) (H. Hinnant's algorithm).
@@ -174,28 +287,81 @@ mod tests {
     #[test]
     fn text_lines_look_like_tracings() {
         let at = SystemTime::UNIX_EPOCH + Duration::from_micros(1_795_813_149_536_105);
-        let mut s = String::new();
+        let mut s = Vec::new();
         text_line(&mut s, &record(), at);
         assert_eq!(
-            s,
+            String::from_utf8(s).unwrap(),
             "2026-11-27T20:59:09.536105Z  INFO token_proxy::proxy: request route=\"api\" method=GET path=/v1/x%22y status=200 latency_ms=1.234 upstream_ms=0.094 replayed=false\n"
         );
     }
 
     #[test]
+    fn each_line_has_its_own_time_though_the_second_is_cached() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_micros(1_795_813_149_536_105);
+        for (later, expected) in [
+            (Duration::ZERO, "2026-11-27T20:59:09.536105Z"),
+            (Duration::from_micros(1), "2026-11-27T20:59:09.536106Z"),
+            (Duration::from_secs(1), "2026-11-27T20:59:10.536105Z"),
+            (
+                Duration::from_secs(86_400 * 35),
+                "2027-01-01T20:59:09.536105Z",
+            ),
+            (Duration::ZERO, "2026-11-27T20:59:09.536105Z"),
+        ] {
+            let mut s = Vec::new();
+            timestamp(&mut s, at + later);
+            assert_eq!(String::from_utf8(s).unwrap(), expected);
+        }
+    }
+
+    #[test]
     fn json_lines_parse_with_tracings_shape() {
-        let mut s = String::new();
+        let mut s = Vec::new();
         let mut r = record();
-        r.route = "we\"ird\\\n";
+        r.route = "we\"ird\\\n caf\u{e9}";
         json_line(&mut s, &r, SystemTime::now());
-        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&s).unwrap();
         assert_eq!(v["level"], "INFO");
         assert_eq!(v["target"], "token_proxy::proxy");
         assert_eq!(v["fields"]["message"], "request");
-        assert_eq!(v["fields"]["route"], "we\"ird\\\n");
+        assert_eq!(v["fields"]["route"], "we\"ird\\\n caf\u{e9}");
         assert_eq!(v["fields"]["status"], 200);
         assert_eq!(v["fields"]["latency_ms"], 1.234);
         assert_eq!(v["fields"]["replayed"], false);
+    }
+
+    #[test]
+    fn hand_written_numbers_and_strings_read_as_fmt_writes_them() {
+        for (n, width) in [
+            (0, 1),
+            (7, 3),
+            (12, 2),
+            (999, 3),
+            (1000, 3),
+            (42, 6),
+            (u64::MAX, 1),
+        ] {
+            let mut s = Vec::new();
+            number(&mut s, n, width);
+            assert_eq!(s, format!("{n:0width$}").as_bytes());
+        }
+        for name in [
+            "api",
+            "we\"ird",
+            "back\\slash",
+            "tab\there",
+            "caf\u{e9}",
+            "",
+        ] {
+            let mut s = Vec::new();
+            debug_str(&mut s, name);
+            assert_eq!(s, format!("{name:?}").as_bytes());
+        }
+        for us in [0, 5, 1_234, 94_811, 60_000_000] {
+            let mut s = Vec::new();
+            millis(&mut s, Duration::from_micros(us));
+            assert_eq!(s, format!("{}.{:03}", us / 1000, us % 1000).as_bytes());
+        }
     }
 
     #[test]
