@@ -73,8 +73,19 @@ pub fn is_local_name(host: &str) -> bool {
 pub fn requested_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
     match uri.authority() {
         Some(a) => Some(a.as_str()),
-        None => headers.get(HOST).and_then(|v| v.to_str().ok()),
+        None => first(headers, &HOST).and_then(|v| v.to_str().ok()),
     }
+}
+
+/// The first value of the field `name`, as `HeaderMap::get` gives it. A request carries a
+/// handful of fields: reading their names costs less than hashing `name` (most of all a
+/// name `http` does not know, such as `sec-fetch-site`), and these checks run for every
+/// request.
+pub fn first<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a http::HeaderValue> {
+    if headers.len() > 8 {
+        return headers.get(name);
+    }
+    headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
 }
 
 impl AccessPolicy {
@@ -98,7 +109,7 @@ impl AccessPolicy {
 
     /// Refuse what a browser sent on behalf of a web page, unless its origin is allowed.
     pub fn check_browser(&self, headers: &HeaderMap) -> Result<(), Refusal> {
-        if let Some(origin) = headers.get(ORIGIN) {
+        if let Some(origin) = first(headers, &ORIGIN) {
             let text = origin.to_str().unwrap_or("(not text)");
             let normalised = text.trim().trim_end_matches('/').to_ascii_lowercase();
             if self.allowed_origins.contains(&normalised) {
@@ -109,7 +120,7 @@ impl AccessPolicy {
                 shorten(text)
             )));
         }
-        match headers.get(SEC_FETCH_SITE).map(|v| v.as_bytes()) {
+        match first(headers, &SEC_FETCH_SITE).map(|v| v.as_bytes()) {
             None | Some(b"none") => Ok(()),
             Some(site) => Err(Refusal(format!(
                 "a request a browser made for a web page (Sec-Fetch-Site: {}) is refused; pages whose origin is in server.allowed_origins may use the proxy",
@@ -159,6 +170,29 @@ pub fn is_loopback(ip: IpAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn first_reads_as_get_does_in_small_and_large_maps() {
+        for extra in [0, 3, 12] {
+            let mut h = HeaderMap::new();
+            for i in 0..extra {
+                h.insert(
+                    HeaderName::from_bytes(format!("x-{i}").as_bytes()).unwrap(),
+                    "v".parse().unwrap(),
+                );
+            }
+            h.append(ORIGIN, "https://a.test".parse().unwrap());
+            h.append(SEC_FETCH_SITE, "cross-site".parse().unwrap());
+            h.append(ORIGIN, "https://b.test".parse().unwrap());
+            for name in [ORIGIN, SEC_FETCH_SITE, HOST] {
+                assert_eq!(
+                    first(&h, &name),
+                    h.get(&name),
+                    "{name} with {extra} more fields"
+                );
+            }
+        }
+    }
     use http::HeaderValue;
 
     fn policy() -> AccessPolicy {

@@ -232,14 +232,25 @@ impl Proxy {
             uri: parts.uri.clone(),
             headers: parts.headers.clone(),
         });
-        let body = match &copy {
-            Some(copy) => body::boxed(IdleBody::new(
-                TeeBody::new(incoming, copy.buffer.clone()),
-                route.idle_timeout,
-            )),
-            None => body::boxed(IdleBody::new(incoming, route.idle_timeout)),
+        let sent = match (&copy, route.h1_pool()) {
+            // Our own client, which reads the (small) body whole: no boxing it first.
+            (None, Some(pool)) if goes_whole(&route, &incoming) => {
+                let body = IdleBody::new(incoming, route.idle_timeout);
+                send_h1(pool, &route, Request::from_parts(parts, body), trace).await
+            }
+            (Some(copy), _) => {
+                let body = body::boxed(IdleBody::new(
+                    TeeBody::new(incoming, copy.buffer.clone()),
+                    route.idle_timeout,
+                ));
+                send(&route, Request::from_parts(parts, body), trace).await
+            }
+            (None, _) => {
+                let body = body::boxed(IdleBody::new(incoming, route.idle_timeout));
+                send(&route, Request::from_parts(parts, body), trace).await
+            }
         };
-        let (mut response, kept) = send(&route, Request::from_parts(parts, body), trace).await?;
+        let (mut response, kept) = sent?;
         let mut resend = match (copy, kept) {
             (Some(copy), _) => Resend::Copy(copy),
             (None, Some((parts, body))) if replays => Resend::Kept(parts, body),
@@ -548,12 +559,16 @@ enum H1Failure {
     Upstream(h1::Error),
 }
 
-async fn send_h1(
+async fn send_h1<B>(
     pool: &Arc<h1::Pool>,
     route: &Route,
-    req: Request<ProxyBody>,
+    req: Request<B>,
     trace: &mut Trace,
-) -> Result<(Response<UpstreamBody>, Kept), ProxyError> {
+) -> Result<(Response<UpstreamBody>, Kept), ProxyError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
     let started = tokio::time::Instant::now();
     // The response head is due by then (the connection's own timer keeps it).
     let deadline = started + route.timeout;
@@ -562,7 +577,9 @@ async fn send_h1(
         let body = match body.is_end_stream() {
             true => Bytes::new(),
             false => match tokio::time::timeout_at(deadline, body.collect()).await {
-                Ok(collected) => collected.map_err(H1Failure::AppBody)?.to_bytes(),
+                Ok(collected) => collected
+                    .map_err(|e| H1Failure::AppBody(e.into()))?
+                    .to_bytes(),
                 Err(_) => return Err(H1Failure::Upstream(h1::Error::Deadline)),
             },
         };

@@ -370,14 +370,14 @@ pub fn requested_upgrade(version: http::Version, headers: &HeaderMap) -> Option<
     if version != http::Version::HTTP_11 {
         return None;
     }
+    let protocol = crate::access::first(headers, &header::UPGRADE)?;
     let asks = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    asks.then(|| headers.get(header::UPGRADE).cloned())
-        .flatten()
+    asks.then(|| protocol.clone())
 }
 
 /// Prepare request headers for the upstream: hop-by-hop and `Host` removed (the client
