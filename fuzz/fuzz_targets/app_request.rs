@@ -8,10 +8,11 @@
 #[path = "../common.rs"]
 mod common;
 
-use bytes::Bytes;
-use http::StatusCode;
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, Method, StatusCode};
 use libfuzzer_sys::fuzz_target;
 use token_proxy::h1::app_wire::{classify, encode_response_head, take_request, Framing, Parsed};
+use token_proxy::h1::wire::parse_response;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, data)) = data.split_first() else { return };
@@ -51,19 +52,41 @@ fn request(data: &[u8], cut: usize) {
     }
 }
 
-/// Header fields from `name: value` lines (those `http` accepts), a status and a length.
+/// Header fields from `name: value` lines (those `http` accepts), a status and a length;
+/// given as a `HeaderMap`, or (mode bit 16) as an upstream response's fields as our client
+/// keeps them (`h1::wire::Fields`, written as they are).
 fn response_head(data: &[u8], mode: u8) {
-    let headers = common::headers_from_lines(data);
-    if headers.len() > 500 {
-        return; // more fields than the parser below has room for
+    let mut headers = common::headers_from_lines(data);
+    if headers.len() > 100 {
+        return; // more fields than the parsers here have room for
+    }
+    let mut upstream = None;
+    if mode & 16 != 0 {
+        let mut wire = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for (name, value) in &headers {
+            wire.extend_from_slice(name.as_str().as_bytes());
+            wire.extend_from_slice(b": ");
+            wire.extend_from_slice(value.as_bytes());
+            wire.extend_from_slice(b"\r\n");
+        }
+        wire.extend_from_slice(b"\r\n");
+        let Ok(Some(head)) = parse_response(&mut BytesMut::from(&wire[..]), &Method::GET) else {
+            return; // e.g. conflicting lengths: the client refuses the response
+        };
+        // What the app must get: the fields as kept (not the hop-by-hop ones).
+        headers = head.fields.to_header_map();
+        upstream = Some(head.fields);
     }
     let status = StatusCode::from_u16(100 + u16::from(data.first().copied().unwrap_or(0)) * 2)
         .unwrap_or(StatusCode::OK);
     let exact = (mode & 2 != 0).then(|| u64::from(mode));
     let (head_request, close) = (mode & 4 != 0, mode & 8 != 0);
     let mut out = Vec::new();
-    let framing = encode_response_head(&mut out, status, &headers, exact, head_request, close);
-    let mut slots = [httparse::EMPTY_HEADER; 512];
+    let framing = match &upstream {
+        Some(fields) => encode_response_head(&mut out, status, &HeaderMap::new(), Some(fields), exact, head_request, close),
+        None => encode_response_head(&mut out, status, &headers, None, exact, head_request, close),
+    };
+    let mut slots = [httparse::EMPTY_HEADER; 128];
     let mut parsed = httparse::Response::new(&mut slots);
     assert_eq!(
         parsed.parse(&out),
@@ -81,6 +104,7 @@ fn response_head(data: &[u8], mode: u8) {
         Framing::None => assert_eq!(chunked, 0),
     }
     assert!(lengths <= 1, "one length at most");
+    assert!(count("date") >= 1, "a Date, ours or theirs");
     assert_eq!(count("connection"), usize::from(close));
     for (name, value) in &headers {
         if ["content-length", "transfer-encoding", "connection"].contains(&name.as_str()) {
