@@ -65,29 +65,36 @@ impl Drop for Batch {
 
 impl AccessLog {
     pub fn write(&self, r: &Record<'_>) {
-        LINE.with(|line| {
-            let mut line = line.borrow_mut();
-            line.clear();
-            if self.json {
-                json_line(&mut line, r, SystemTime::now());
-            } else {
-                text_line(&mut line, r, SystemTime::now());
-            }
-            let batched = BATCH.with(|batch| match batch.borrow_mut().as_mut() {
-                Some(Batch(batch)) => {
-                    batch.extend_from_slice(&line);
-                    if batch.len() >= BATCH_BYTES {
-                        self.hand_over(batch);
-                    }
-                    true
+        let now = SystemTime::now();
+        // A proxy worker formats the line straight into its batch.
+        let batched = BATCH.with(|batch| match batch.borrow_mut().as_mut() {
+            Some(Batch(batch)) => {
+                self.line(batch, r, now);
+                if batch.len() >= BATCH_BYTES {
+                    self.hand_over(batch);
                 }
-                None => false,
-            });
-            if !batched {
+                true
+            }
+            None => false,
+        });
+        if !batched {
+            LINE.with(|line| {
+                let mut line = line.borrow_mut();
+                line.clear();
+                self.line(&mut line, r, now);
                 // One write, one message: the line is never split or interleaved.
                 let _ = self.writer.clone().write_all(&line);
-            }
-        });
+            });
+        }
+    }
+
+    /// Append `r`'s line, in this log's format.
+    fn line(&self, out: &mut Vec<u8>, r: &Record<'_>, now: SystemTime) {
+        if self.json {
+            json_line(out, r, now);
+        } else {
+            text_line(out, r, now);
+        }
     }
 
     /// Whole lines, in one message to the writer thread.
@@ -174,19 +181,11 @@ fn millis(out: &mut Vec<u8>, d: Duration) {
 }
 
 /// `n` in decimal, zero-padded to at least `width` digits.
-fn number(out: &mut Vec<u8>, mut n: u64, width: usize) {
-    let mut digits = [b'0'; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    at = at.min(digits.len() - width.min(digits.len()));
-    out.extend_from_slice(&digits[at..]);
+fn number(out: &mut Vec<u8>, n: u64, width: usize) {
+    let mut buf = itoa::Buffer::new();
+    let digits = buf.format(n).as_bytes();
+    out.resize(out.len() + width.saturating_sub(digits.len()), b'0');
+    out.extend_from_slice(digits);
 }
 
 /// `s` as `{:?}` writes it: quoted, with quotes, backslashes and control characters

@@ -317,20 +317,13 @@ fn dot_segment(seg: &str) -> Option<Dots> {
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), and the
-/// non-standard `Proxy-Connection` old clients send. Compared as strings: header names
-/// are lower case, and this runs for every header of every message.
+/// non-standard `Proxy-Connection` old clients send: the one list, kept by
+/// [`crate::h1::wire::field_kind`] (which our client reads upstream heads with).
 pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "keep-alive"
-            | "proxy-connection"
+    use crate::h1::wire::{field_kind, Kind};
+    !matches!(
+        field_kind(name.as_str().as_bytes()),
+        Kind::EndToEnd | Kind::ContentLength
     )
 }
 
@@ -420,6 +413,33 @@ fn join_cookies(headers: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hop_by_hop_names_are_exactly_rfc_9110s_and_the_old_proxy_ones() {
+        for name in [
+            "connection",
+            "proxy-authenticate",
+            "proxy-authorization",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "keep-alive",
+            "proxy-connection",
+        ] {
+            assert!(is_hop_by_hop(&HeaderName::from_static(name)), "{name}");
+        }
+        for name in [
+            "content-length",
+            "content-type",
+            "date",
+            "tf",
+            "trailers",
+            "upgrade-insecure-requests",
+        ] {
+            assert!(!is_hop_by_hop(&HeaderName::from_static(name)), "{name}");
+        }
+    }
 
     #[test]
     fn cookie_fields_are_joined_for_http_1_1() {

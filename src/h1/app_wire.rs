@@ -214,7 +214,7 @@ pub fn encode_response_head(
     };
     if let Some(n) = length {
         out.extend_from_slice(b"content-length: ");
-        write_decimal(out, n);
+        out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     if framing == Framing::Chunked {
@@ -225,21 +225,6 @@ pub fn encode_response_head(
     }
     out.extend_from_slice(b"\r\n");
     framing
-}
-
-/// `n` in decimal (`write!` costs several times more, through `fmt`'s machinery).
-fn write_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
 }
 
 /// A chunk's size line.

@@ -49,7 +49,7 @@ pub fn encode_request(
     // As hyper does: no length on an empty GET (and the like) unless the app sent one.
     if !body.is_empty() || headers.contains_key(header::CONTENT_LENGTH) || expects_body(method) {
         out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(body.len().to_string().as_bytes());
+        out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -227,9 +227,9 @@ pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Head
     }))
 }
 
-/// What a response field is to the proxy.
+/// What a field is to the proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     ContentLength,
     TransferEncoding,
     Connection,
@@ -242,7 +242,7 @@ enum Kind {
 /// `name` is a token (httparse checked it): for those, setting the 0x20 bit maps exactly
 /// the two cases of a letter to the lower one and leaves '-' alone, so one branch-free
 /// pass compares.
-fn field_kind(name: &[u8]) -> Kind {
+pub(crate) fn field_kind(name: &[u8]) -> Kind {
     let is = |lower: &str| {
         name.iter()
             .zip(lower.as_bytes())
