@@ -267,11 +267,17 @@ async fn rediss_with_a_private_ca_and_a_password_file() {
     );
     let a = start(&trusted).await;
     let b = start(&trusted).await;
+    let mut leases = 0;
     for app in [&a, &b] {
         assert_eq!(get(&url_of(app)).await.status, 200);
         let metrics = get(&admin(app, "/metrics")).await.text();
         assert!(metrics.contains("token_proxy_store_up 1"), "{metrics}");
+        leases += metrics
+            .lines()
+            .filter(|l| l.starts_with("token_proxy_lease_acquired_total{credential=\"main\"} 1"))
+            .count();
     }
+    assert_eq!(leases, 1, "the replica that refreshed counts its lease");
     assert_eq!(
         world.auth.refresh_calls.load(Ordering::SeqCst),
         1,

@@ -404,7 +404,11 @@ impl Refresher {
         let lease = loop {
             match self.store.try_acquire(w.committed).await {
                 Ok(Acquire::Acquired(lease)) => {
-                    self.metrics.lease_acquired(&self.cred.name);
+                    // A lease counts between replicas; a local store's is a formality (and
+                    // a series per credential would be memory for nothing).
+                    if self.store.is_shared() {
+                        self.metrics.lease_acquired(&self.cred.name);
+                    }
                     break Some(lease);
                 }
                 Ok(Acquire::Stale { .. }) => {
@@ -819,14 +823,11 @@ impl Refresher {
     }
 
     fn header_value(&self, set: &TokenSet) -> Result<HeaderValue, String> {
-        let mut v = HeaderValue::from_str(&format!(
-            "{}{}",
-            self.header_prefix,
-            set.access_token.expose_secret()
-        ))
-        .map_err(|_| {
-            "access token contains characters not allowed in an HTTP header".to_string()
-        })?;
+        let mut v =
+            HeaderValue::from_maybe_shared(set.access_token.with_prefix(&self.header_prefix))
+                .map_err(|_| {
+                    "access token contains characters not allowed in an HTTP header".to_string()
+                })?;
         v.set_sensitive(true);
         Ok(v)
     }

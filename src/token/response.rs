@@ -1,17 +1,62 @@
 //! Token responses: RFC 6749 §5.1, Cotter's JSON variant, and what a login SDK hands over.
 
-use std::sync::Arc;
+use bytes::Bytes;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+/// An access token, kept after a `Bearer ` prefix in one shared buffer, so that the header
+/// value requests carry (`Bearer <token>`, or the bare token) is a view of it, not a copy:
+/// the writer's set, the state store's and the published header are one allocation (access
+/// tokens are often JWTs of a kilobyte or more). `Debug` never shows it. Unlike a
+/// `SecretString` it is not zeroed when dropped; neither is the header value made of it.
+#[derive(Clone)]
+pub struct AccessToken(Bytes);
+
+impl AccessToken {
+    const BEARER: &'static str = "Bearer ";
+
+    pub fn new(token: &str) -> AccessToken {
+        let mut buf = Vec::with_capacity(Self::BEARER.len() + token.len());
+        buf.extend_from_slice(Self::BEARER.as_bytes());
+        buf.extend_from_slice(token.as_bytes());
+        AccessToken(Bytes::from(buf))
+    }
+
+    pub fn expose_secret(&self) -> &str {
+        // Always UTF-8: built from a `&str` after an ASCII prefix.
+        std::str::from_utf8(&self.0[Self::BEARER.len()..]).unwrap_or_default()
+    }
+
+    /// `prefix` followed by the token: this token's own buffer for `Bearer ` and for no
+    /// prefix, a new one for any other prefix.
+    pub fn with_prefix(&self, prefix: &str) -> Bytes {
+        match prefix {
+            Self::BEARER => self.0.clone(),
+            "" => self.0.slice(Self::BEARER.len()..),
+            _ => {
+                let token = &self.0[Self::BEARER.len()..];
+                let mut buf = Vec::with_capacity(prefix.len() + token.len());
+                buf.extend_from_slice(prefix.as_bytes());
+                buf.extend_from_slice(token);
+                Bytes::from(buf)
+            }
+        }
+    }
+}
+
+/// Copied once into its shared buffer; the `SecretString` is zeroed as it drops.
+impl From<SecretString> for AccessToken {
+    fn from(token: SecretString) -> AccessToken {
+        AccessToken::new(token.expose_secret())
+    }
+}
+
 /// A set of tokens as received (or loaded from the state file).
 #[derive(Clone)]
 pub struct TokenSet {
-    /// Shared: the writer's copy, the state store's and a clone in flight are one
-    /// allocation (access tokens are often JWTs of a kilobyte or more).
-    pub access_token: Arc<SecretString>,
+    pub access_token: AccessToken,
     /// `None` when the response carried none (keep the old one).
     pub refresh_token: Option<SecretString>,
     /// `None`: valid until the upstream answers 401.
@@ -143,7 +188,7 @@ fn parse(body: &[u8], now: SystemTime, expect: TokenType<'_>) -> Result<TokenSet
         _ => jwt_expiry(&access),
     };
     Ok(TokenSet {
-        access_token: Arc::new(SecretString::from(access)),
+        access_token: SecretString::from(access).into(),
         refresh_token: raw
             .refresh_token
             .filter(|s| !s.is_empty())
@@ -244,6 +289,25 @@ mod tests {
 
     fn now() -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+    }
+
+    #[test]
+    fn the_header_value_shares_the_access_tokens_buffer() {
+        let token = AccessToken::new("eyJ.a-b.c");
+        let clone = token.clone();
+        assert_eq!(clone.expose_secret(), "eyJ.a-b.c");
+        let bearer = token.with_prefix("Bearer ");
+        assert_eq!(&bearer[..], b"Bearer eyJ.a-b.c");
+        assert_eq!(bearer.as_ptr(), token.0.as_ptr(), "shared, not copied");
+        let bare = token.with_prefix("");
+        assert_eq!(&bare[..], b"eyJ.a-b.c");
+        assert_eq!(bare.as_ptr(), token.expose_secret().as_ptr());
+        let other = token.with_prefix("Token ");
+        assert_eq!(&other[..], b"Token eyJ.a-b.c");
+        let from_secret = AccessToken::from(SecretString::from("s3cr3t".to_string()));
+        assert_eq!(from_secret.expose_secret(), "s3cr3t");
+        let set = parse_token_response(br#"{"access_token":"hidden-value"}"#, now()).unwrap();
+        assert!(!format!("{set:?}").contains("hidden-value"));
     }
 
     #[test]
