@@ -57,8 +57,10 @@ use crate::token::TokenStore;
 /// and writable (a probe file is created and removed; nothing else changes). No network.
 pub fn check_deep(config: &Config) -> Result<(), String> {
     RouteTable::from_config(config)?;
+    let mut endpoints = token::grant::Endpoints::default();
     for c in config.credentials.values() {
-        token::grant::Grant::from_config(c).map_err(|e| format!("credentials.{}: {e}", c.name))?;
+        token::grant::Grant::from_config(c, &mut endpoints)
+            .map_err(|e| format!("credentials.{}: {e}", c.name))?;
         token::verify::Verifier::for_credential(c)
             .map_err(|e| format!("credentials.{}: {e}", c.name))?;
         if let Some(path) = &c.state_file {

@@ -21,7 +21,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 use super::credential::{ActiveToken, Credential, Phase, Snapshot};
-use super::grant::{Grant, GrantError};
+use super::grant::{Endpoints, Grant, GrantError};
 use super::response::{parse_handed_over_as, TokenSet};
 use super::schedule::{self, Action};
 use super::scheduler::{Stepper, Wake};
@@ -109,9 +109,10 @@ pub async fn build(
     start: Start,
     store: Arc<dyn StateStore>,
     wake: Wake,
+    endpoints: &mut Endpoints,
 ) -> Result<(Arc<Credential>, Arc<Refresher>), String> {
     let named = |e: String| format!("credentials.{}: {e}", config.name);
-    let grant = Grant::from_config(config).map_err(named)?;
+    let grant = Grant::from_config(config, endpoints).map_err(named)?;
     let verifier = Verifier::for_credential(config)
         .map_err(named)?
         .map(Box::new);

@@ -12,6 +12,7 @@ use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
 use super::credential::Credential;
+use super::grant::Endpoints;
 use super::refresher::{self, Refresher, Start};
 use super::scheduler::Scheduler;
 use super::state::{
@@ -91,8 +92,9 @@ impl TokenStore {
             },
             shutdown,
         };
+        let mut endpoints = Endpoints::default();
         for c in config.credentials.values() {
-            let running = store.build(c, Start::default()).await?;
+            let running = store.build(c, Start::default(), &mut endpoints).await?;
             let cred = running.refresher.credential().clone();
             lock(&store.configs).insert(cred.name.clone(), Built::of(c));
             store.credentials.insert(cred.name.clone(), cred);
@@ -148,6 +150,7 @@ impl TokenStore {
     /// are rebuilt (carrying over a rotated refresh token), new ones start, removed ones stop.
     pub async fn apply(&self, new: &BTreeMap<String, CredentialConfig>) -> ReloadReport {
         let mut report = ReloadReport::default();
+        let mut endpoints = Endpoints::default();
         let old_names: Vec<Arc<str>> = lock(&self.configs).keys().cloned().collect();
         for name in old_names.iter().filter(|n| !new.contains_key(&***n)) {
             if let Some(running) = self.stop_refresher(name).await {
@@ -180,7 +183,7 @@ impl TokenStore {
                 }
                 None => (Start::default(), None),
             };
-            match self.build(config, start).await {
+            match self.build(config, start, &mut endpoints).await {
                 Ok(running) => {
                     let cred = running.refresher.credential().clone();
                     let key = cred.name.clone();
@@ -209,7 +212,12 @@ impl TokenStore {
     /// Build a credential with the state store its config asks for: Redis when it is
     /// shared, the file store with a `state_file` (its directory checked first), else
     /// memory. The store is made here and handed in: the credential never picks its own.
-    async fn build(&self, config: &CredentialConfig, start: Start) -> Result<Running, String> {
+    async fn build(
+        &self,
+        config: &CredentialConfig,
+        start: Start,
+        endpoints: &mut Endpoints,
+    ) -> Result<Running, String> {
         let watcher = match (&self.redis, config.shared) {
             (Some(_), true) => Some(self.shutdown.child_token()),
             _ => None,
@@ -255,8 +263,15 @@ impl TokenStore {
                 .map_err(|e| format!("credentials.{}.{e}", config.name))?;
         }
         let wake = self.scheduler.wake_handle();
-        let (cred, refresher) =
-            refresher::build(config, self.metrics.clone(), start, state.clone(), wake).await?;
+        let (cred, refresher) = refresher::build(
+            config,
+            self.metrics.clone(),
+            start,
+            state.clone(),
+            wake,
+            endpoints,
+        )
+        .await?;
         if let Some(watcher) = &watcher {
             tokio::spawn(wake_on_commits(cred, state, watcher.clone()));
         }

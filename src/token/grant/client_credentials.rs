@@ -1,18 +1,24 @@
 //! `grant_type=client_credentials` (RFC 6749 §4.4): the client's own credentials, nothing
 //! that rotates.
 
-use super::{Endpoint, GrantError};
+use std::sync::Arc;
+
+use super::{Endpoint, Endpoints, GrantError};
 use crate::config::{CredentialConfig, EndpointConfig};
 use crate::token::response::TokenSet;
 
 pub struct ClientCredentialsGrant {
-    endpoint: Endpoint,
+    endpoint: Arc<Endpoint>,
 }
 
 impl ClientCredentialsGrant {
-    pub fn new(e: &EndpointConfig, c: &CredentialConfig) -> Result<Self, String> {
+    pub fn new(
+        e: &EndpointConfig,
+        c: &CredentialConfig,
+        endpoints: &mut Endpoints,
+    ) -> Result<Self, String> {
         Ok(ClientCredentialsGrant {
-            endpoint: Endpoint::new(e, c)?,
+            endpoint: endpoints.get(e, c)?,
         })
     }
 

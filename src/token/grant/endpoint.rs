@@ -3,6 +3,8 @@
 //! transient failure (retry with backoff) or a refusal (a person must act). Shared by the
 //! grants that have an endpoint.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
@@ -37,14 +39,14 @@ pub struct Endpoint {
     params: Vec<(String, String)>,
     headers: Vec<(HeaderName, HeaderValue)>,
     timeout: Duration,
-    client: std::sync::Arc<upstream::TokenClient>,
+    client: Arc<upstream::TokenClient>,
     assertion: Option<Box<AssertionConfig>>,
     /// `dpop = true`: a proof with every call; tokens must come back DPoP-bound.
-    dpop: Option<std::sync::Arc<crate::dpop::Dpop>>,
+    dpop: Option<Arc<crate::dpop::Dpop>>,
 }
 
 impl Endpoint {
-    pub fn new(e: &EndpointConfig, c: &CredentialConfig) -> Result<Endpoint, String> {
+    fn new(e: &EndpointConfig, c: &CredentialConfig) -> Result<Endpoint, String> {
         Ok(Endpoint {
             url: e.token_url.clone(),
             encoding: e.encoding,
@@ -64,6 +66,116 @@ impl Endpoint {
             assertion: e.assertion.clone(),
             dpop: c.dpop.clone(),
         })
+    }
+
+    /// What makes two calls the same call, for an endpoint with nothing of its own (no
+    /// signing key, DPoP key, CA file, client certificate or egress proxy: its token client
+    /// is the shared one for its timeout). `None` for any other.
+    fn shape(&self) -> Option<Shape<'_>> {
+        let Endpoint {
+            url,
+            encoding,
+            client_id,
+            client_secret,
+            client_auth,
+            scope,
+            params,
+            headers,
+            timeout,
+            client: _,
+            assertion,
+            dpop,
+        } = self;
+        (assertion.is_none() && dpop.is_none()).then_some(Shape {
+            url,
+            encoding: *encoding,
+            client_id: client_id.as_deref(),
+            client_secret: client_secret.as_ref().map(|s| s.expose_secret()),
+            client_auth: *client_auth,
+            scope: scope.as_deref(),
+            params,
+            headers,
+            timeout: *timeout,
+        })
+    }
+}
+
+/// The settings that decide a token call (destructured, so a new setting cannot be left out).
+#[derive(PartialEq, Eq, Hash)]
+struct Shape<'a> {
+    url: &'a Uri,
+    encoding: Encoding,
+    client_id: Option<&'a str>,
+    client_secret: Option<&'a str>,
+    client_auth: ClientAuth,
+    scope: Option<&'a str>,
+    params: &'a [(String, String)],
+    headers: &'a [(HeaderName, HeaderValue)],
+    timeout: Duration,
+}
+
+impl<'a> Shape<'a> {
+    fn of(e: &'a EndpointConfig, c: &CredentialConfig) -> Option<Shape<'a>> {
+        let EndpointConfig {
+            token_url,
+            encoding,
+            client_id,
+            client_secret,
+            client_auth,
+            scope,
+            params,
+            headers,
+            assertion,
+        } = e;
+        let own_client = c.ca_file.is_some() || c.client_cert.is_some() || c.egress.is_some();
+        let own = own_client || assertion.is_some() || c.dpop.is_some();
+        (!own).then_some(Shape {
+            url: token_url,
+            encoding: *encoding,
+            client_id: client_id.as_deref(),
+            client_secret: client_secret.as_ref().map(|s| s.expose_secret()),
+            client_auth: *client_auth,
+            scope: scope.as_deref(),
+            params,
+            headers,
+            timeout: c.timeout,
+        })
+    }
+
+    fn digest(&self) -> u64 {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(self)
+    }
+}
+
+/// The endpoints of credentials built together (at start, or by one reload): credentials
+/// that call the same token endpoint the same way hold one [`Endpoint`] instead of a copy
+/// each (ten thousand users of one identity provider: ~250 bytes each). Kept only while
+/// they are built, so it costs nothing afterwards.
+#[derive(Default)]
+pub struct Endpoints {
+    by_digest: HashMap<u64, Vec<Arc<Endpoint>>>,
+}
+
+impl Endpoints {
+    pub fn get(
+        &mut self,
+        e: &EndpointConfig,
+        c: &CredentialConfig,
+    ) -> Result<Arc<Endpoint>, String> {
+        let Some(shape) = Shape::of(e, c) else {
+            return Ok(Arc::new(Endpoint::new(e, c)?));
+        };
+        let same = self.by_digest.entry(shape.digest()).or_default();
+        if let Some(found) = same
+            .iter()
+            .find(|have| have.shape().as_ref() == Some(&shape))
+        {
+            return Ok(found.clone());
+        }
+        let built = Arc::new(Endpoint::new(e, c)?);
+        same.push(built.clone());
+        Ok(built)
     }
 }
 
@@ -401,6 +513,85 @@ fn describe_error_body(body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Config, GrantConfig};
+
+    /// Each credential's endpoint, built together as a start builds them.
+    fn built(credentials: &[&str]) -> Vec<Arc<Endpoint>> {
+        let mut toml = String::from(
+            "[[routes]]\nprefix = \"/\"\nupstream = \"http://127.0.0.1:9\"\ncredential = \"c0\"\n",
+        );
+        let defaults = [
+            ("token_url", "\"http://127.0.0.1:9/oauth/token\""),
+            ("client_id", "\"cid\""),
+            ("client_secret", "\"s1\""),
+        ];
+        for (i, extra) in credentials.iter().enumerate() {
+            toml.push_str(&format!(
+                "[credentials.c{i}]\ngrant = \"client_credentials\"\n{extra}\n"
+            ));
+            for (key, value) in defaults {
+                if !extra.starts_with(&format!("{key} =")) {
+                    toml.push_str(&format!("{key} = {value}\n"));
+                }
+            }
+        }
+        let config = Config::parse(&toml, &|_| None).expect("valid config");
+        let mut endpoints = Endpoints::default();
+        (0..credentials.len())
+            .map(|i| {
+                let c = &config.credentials[&format!("c{i}")];
+                let GrantConfig::ClientCredentials { endpoint } = &c.grant else {
+                    unreachable!()
+                };
+                endpoints.get(endpoint, c).unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn credentials_that_call_an_endpoint_the_same_way_share_it() {
+        let same = built(&["", "", "scope = \"a b\"", "scope = \"a b\""]);
+        assert!(Arc::ptr_eq(&same[0], &same[1]));
+        assert!(Arc::ptr_eq(&same[2], &same[3]));
+        assert!(!Arc::ptr_eq(&same[0], &same[2]));
+    }
+
+    #[test]
+    fn any_difference_in_the_call_keeps_endpoints_apart() {
+        let variants = [
+            "",
+            "client_secret = \"s2\"",
+            "client_id = \"other\"",
+            "token_url = \"http://127.0.0.1:9/other\"",
+            "scope = \"x\"",
+            "encoding = \"json\"",
+            "client_auth = \"body\"",
+            "timeout = \"5s\"",
+            "params = { audience = \"a\" }",
+            "params = { audience = \"b\" }",
+            "headers = { API_KEY_ID = \"k1\" }",
+            "headers = { API_KEY_ID = \"k2\" }",
+        ];
+        let eps = built(&variants);
+        for (i, a) in eps.iter().enumerate() {
+            for (j, b) in eps.iter().enumerate().skip(i + 1) {
+                assert!(
+                    !Arc::ptr_eq(a, b),
+                    "{:?} and {:?} share an endpoint",
+                    variants[i],
+                    variants[j]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_endpoint_with_a_key_or_a_proxy_of_its_own_is_never_shared() {
+        for own in ["dpop = true", "egress_proxy = \"http://127.0.0.1:3128\""] {
+            let eps = built(&[own, own]);
+            assert!(!Arc::ptr_eq(&eps[0], &eps[1]), "{own}");
+        }
+    }
 
     #[test]
     fn retry_after_in_both_forms() {

@@ -14,7 +14,7 @@ mod endpoint;
 mod refresh_token;
 mod static_token;
 
-pub use endpoint::{parse_retry_after, Endpoint, MAX_TOKEN_RESPONSE};
+pub use endpoint::{parse_retry_after, Endpoint, Endpoints, MAX_TOKEN_RESPONSE};
 pub use static_token::StaticSource;
 
 /// Why a fetch failed, and so what the refresher does next.
@@ -45,13 +45,14 @@ pub enum Grant {
 }
 
 impl Grant {
-    pub fn from_config(c: &CredentialConfig) -> Result<Grant, String> {
+    /// `endpoints`: the credentials built along with this one, whose endpoint it may share.
+    pub fn from_config(c: &CredentialConfig, endpoints: &mut Endpoints) -> Result<Grant, String> {
         Ok(match &c.grant {
-            GrantConfig::RefreshToken { endpoint, .. } => {
-                Grant::RefreshToken(refresh_token::RefreshTokenGrant::new(endpoint, c)?)
-            }
+            GrantConfig::RefreshToken { endpoint, .. } => Grant::RefreshToken(
+                refresh_token::RefreshTokenGrant::new(endpoint, c, endpoints)?,
+            ),
             GrantConfig::ClientCredentials { endpoint } => Grant::ClientCredentials(
-                client_credentials::ClientCredentialsGrant::new(endpoint, c)?,
+                client_credentials::ClientCredentialsGrant::new(endpoint, c, endpoints)?,
             ),
             GrantConfig::Static(source) => Grant::Static(StaticSource::new(source)),
         })

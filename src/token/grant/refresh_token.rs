@@ -3,18 +3,24 @@
 
 use secrecy::SecretString;
 
-use super::{Endpoint, GrantError};
+use std::sync::Arc;
+
+use super::{Endpoint, Endpoints, GrantError};
 use crate::config::{CredentialConfig, EndpointConfig};
 use crate::token::response::TokenSet;
 
 pub struct RefreshTokenGrant {
-    endpoint: Endpoint,
+    endpoint: Arc<Endpoint>,
 }
 
 impl RefreshTokenGrant {
-    pub fn new(e: &EndpointConfig, c: &CredentialConfig) -> Result<Self, String> {
+    pub fn new(
+        e: &EndpointConfig,
+        c: &CredentialConfig,
+        endpoints: &mut Endpoints,
+    ) -> Result<Self, String> {
         Ok(RefreshTokenGrant {
-            endpoint: Endpoint::new(e, c)?,
+            endpoint: endpoints.get(e, c)?,
         })
     }
 
