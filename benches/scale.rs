@@ -270,7 +270,8 @@ async fn many_credentials(n: usize) {
             assert!(Instant::now() < deadline, "credentials did not all fetch");
             std::thread::sleep(Duration::from_millis(100));
         }
-        std::thread::sleep(Duration::from_secs(2));
+        // mimalloc returns freed pages a second or two after they are freed.
+        std::thread::sleep(Duration::from_secs(3));
         proxy.rss_mib()
     };
     let one = Proxy::start(&config(1));
@@ -288,7 +289,7 @@ async fn many_credentials(n: usize) {
     // Prometheus scrapes /metrics: what does answering it leave behind?
     let metrics = tokio::task::block_in_place(|| scrape(&many.admin_addr, "/metrics"));
     assert!(metrics.contains("token_proxy_token_state"), "{metrics}");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let scraped_rss = many.rss_mib();
     println!(
         "credentials: {n} refresh_token credentials fetched and scheduled in {:.1} s; \
