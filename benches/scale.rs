@@ -264,23 +264,27 @@ async fn many_credentials(n: usize) {
         }
         toml
     };
-    let settle = |proxy: &Proxy, calls: u64| {
+    let fetched = |calls: u64| {
         let deadline = Instant::now() + Duration::from_secs(300);
         while auth.refresh_calls.load(std::sync::atomic::Ordering::SeqCst) < calls {
             assert!(Instant::now() < deadline, "credentials did not all fetch");
             std::thread::sleep(Duration::from_millis(100));
         }
-        // mimalloc returns freed pages a second or two after they are freed.
+    };
+    // mimalloc returns freed pages a second or two after they are freed.
+    let settled_rss = |proxy: &Proxy| {
         std::thread::sleep(Duration::from_secs(3));
         proxy.rss_mib()
     };
     let one = Proxy::start(&config(1));
-    let one_rss = tokio::task::block_in_place(|| settle(&one, 1));
+    tokio::task::block_in_place(|| fetched(1));
+    let one_rss = tokio::task::block_in_place(|| settled_rss(&one));
     drop(one);
     let started = Instant::now();
     let many = Proxy::start(&config(n));
-    let many_rss = tokio::task::block_in_place(|| settle(&many, 1 + n as u64));
+    tokio::task::block_in_place(|| fetched(1 + n as u64));
     let loaded_in = started.elapsed();
+    let many_rss = tokio::task::block_in_place(|| settled_rss(&many));
     let many_peak = many.status_kib("VmHWM:") as f64 / 1024.0;
     // Idle: every credential waits for its own refresh time.
     let cpu_before = many.cpu_seconds();
