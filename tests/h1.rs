@@ -796,6 +796,13 @@ async fn the_upstreams_fields_reach_the_app_whichever_server_writes_them() {
         .await;
     let r = conn.response(false).await;
     assert_eq!(r.body, b"ok");
+    for name in ["X-One", "Set-Cookie", "Date"] {
+        assert!(
+            r.headers.iter().any(|(k, _)| k == name),
+            "our server writes {name} as the upstream did: {:?}",
+            r.headers
+        );
+    }
     expect("our server", r.headers);
     conn.send(b"HEAD /ours-head HTTP/1.1\r\nhost: localhost\r\n\r\n")
         .await;

@@ -93,8 +93,10 @@ pub struct Head {
 }
 
 /// An upstream response's end-to-end fields as the app is to get them: `name: value\r\n`
-/// lines (names lower-cased, as `http` keeps them), hop-by-hop and framing fields left
-/// out, and what the app's response head needs of the framing fields.
+/// lines (names as the upstream wrote them, as nginx passes them on: some legacy clients
+/// match names case-sensitively; `HeaderMap` lower-cases them when they are moved into
+/// one), hop-by-hop and framing fields left out, and what the app's response head needs of
+/// the framing fields.
 ///
 /// Kept as bytes, not a `HeaderMap`: building a map from the upstream's head only for our
 /// own server to iterate over it and write the same bytes again cost about a seventh of
@@ -204,9 +206,7 @@ pub fn parse_response(buf: &mut BytesMut, method: &Method) -> Result<Option<Head
             continue;
         }
         fields.has_date |= name.len() == 4 && name.eq_ignore_ascii_case(b"date");
-        let start = fields.lines.len();
         fields.lines.extend_from_slice(name);
-        fields.lines[start..].make_ascii_lowercase();
         fields.lines.extend_from_slice(b": ");
         fields.lines.extend_from_slice(h.value);
         fields.lines.extend_from_slice(b"\r\n");
@@ -538,7 +538,11 @@ mod tests {
         let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Y: z\r\n\r\nhello");
         let h = parse_response(&mut buf, &Method::GET).unwrap().unwrap();
         assert_eq!(h.status, 200);
-        assert_eq!(h.fields.lines(), b"x-y: z\r\n");
+        assert_eq!(
+            h.fields.lines(),
+            b"X-Y: z\r\n",
+            "names as the upstream wrote them"
+        );
         assert_eq!(h.fields.content_length, Some(5));
         assert_eq!(h.fields.to_header_map()["x-y"], "z");
         assert_eq!(h.framing, Framing::Length(5));
@@ -682,7 +686,7 @@ mod tests {
         )
         .unwrap()
         .unwrap();
-        assert_eq!(h.fields.lines(), b"x-end: 2\r\n");
+        assert_eq!(h.fields.lines(), b"X-End: 2\r\n");
         assert_eq!(
             h.fields.content_length, None,
             "a length beside chunked is dropped"
