@@ -77,8 +77,10 @@ struct Writer {
     unverified: Option<Box<TokenSet>>,
     /// A set whose commit failed; committed again (`save_retry_at`) until it lands.
     unsaved: Option<Box<Stored>>,
-    /// The newest set this writer holds (to write back to a shared store that lost it).
-    held: Option<TokenSet>,
+    /// The newest set this writer holds, to write back to a shared store that lost it. Kept
+    /// only for a shared store (a local one cannot lose what it committed): boxed, and
+    /// `None`, for the others.
+    held: Option<Box<TokenSet>>,
     save_failures: u32,
     save_retry_at: Option<Instant>,
     next_file_poll: Instant,
@@ -196,7 +198,10 @@ pub async fn build(
         consecutive_failures: 0,
         unverified: None,
         unsaved: None,
-        held: initial.clone(),
+        held: initial
+            .as_ref()
+            .filter(|_| store.is_shared())
+            .map(|set| Box::new(set.clone())),
         save_failures: 0,
         save_retry_at: None,
         next_file_poll: Instant::now() + FILE_POLL,
@@ -534,7 +539,7 @@ impl Refresher {
                 w.committed = stored.generation;
                 w.generation = w.generation.max(stored.generation);
                 w.refresh_token = stored.tokens.refresh_token.clone();
-                w.held = Some(stored.tokens.clone());
+                w.held = Some(Box::new(stored.tokens.clone()));
                 w.unverified = None;
                 w.unsaved = None;
                 let generation = w.generation;
@@ -550,7 +555,9 @@ impl Refresher {
             // write back the newest set we hold, never reseed from config. Until it is
             // back, nobody may take the lease at our generation and rotate.
             behind if behind.generation() < w.committed => {
-                let Some(held) = w.held.clone() else { return };
+                let Some(held) = w.held.as_deref().cloned() else {
+                    return;
+                };
                 tracing::warn!(credential = %self.cred.name, "the state store lost our tokens; writing back the newest set held");
                 let stored = Stored {
                     generation: w.generation,
@@ -692,7 +699,7 @@ impl Refresher {
             w.generation += 1;
             w.committed = w.generation;
             w.refresh_token = set.refresh_token.clone();
-            w.held = Some(set.clone());
+            w.held = Some(Box::new(set.clone()));
             w.unsaved = None;
         } else {
             self.commit_new(w, &set).await;
@@ -736,7 +743,9 @@ impl Refresher {
     async fn commit_new(&self, w: &mut Writer, set: &TokenSet) -> u64 {
         w.generation += 1;
         w.refresh_token = set.refresh_token.clone();
-        w.held = Some(set.clone());
+        if self.store.is_shared() {
+            w.held = Some(Box::new(set.clone()));
+        }
         let stored = Stored {
             generation: w.generation,
             tokens: set.clone(),
