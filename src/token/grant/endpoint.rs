@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::GrantError;
-use crate::config::{AssertionConfig, ClientAuth, CredentialConfig, Encoding, EndpointConfig};
+use crate::config::{ClientAuth, CredentialConfig, Encoding, EndpointConfig};
 use crate::error::error_chain;
 use crate::redact::Redactor;
 use crate::token::response::{
@@ -30,17 +30,11 @@ pub const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
 
 /// A token endpoint and how to talk to it.
 pub struct Endpoint {
-    url: Uri,
-    encoding: Encoding,
-    client_id: Option<String>,
-    client_secret: Option<SecretString>,
-    client_auth: ClientAuth,
-    scope: Option<String>,
-    params: Vec<(String, String)>,
-    headers: Vec<(HeaderName, HeaderValue)>,
+    /// The endpoint's settings as configured (URL, client, scope, parameters, headers,
+    /// assertion key).
+    config: EndpointConfig,
     timeout: Duration,
     client: Arc<upstream::TokenClient>,
-    assertion: Option<Box<AssertionConfig>>,
     /// `dpop = true`: a proof with every call; tokens must come back DPoP-bound.
     dpop: Option<Arc<crate::dpop::Dpop>>,
 }
@@ -48,14 +42,7 @@ pub struct Endpoint {
 impl Endpoint {
     fn new(e: &EndpointConfig, c: &CredentialConfig) -> Result<Endpoint, String> {
         Ok(Endpoint {
-            url: e.token_url.clone(),
-            encoding: e.encoding,
-            client_id: e.client_id.clone(),
-            client_secret: e.client_secret.clone(),
-            client_auth: e.client_auth,
-            scope: e.scope.clone(),
-            params: e.params.clone(),
-            headers: e.headers.clone(),
+            config: e.clone(),
             timeout: c.timeout,
             client: upstream::token_client(
                 c.ca_file.as_deref(),
@@ -63,41 +50,17 @@ impl Endpoint {
                 c.egress.as_ref(),
                 c.timeout,
             )?,
-            assertion: e.assertion.clone(),
             dpop: c.dpop.clone(),
         })
     }
+}
 
-    /// What makes two calls the same call, for an endpoint with nothing of its own (no
-    /// signing key, DPoP key, CA file, client certificate or egress proxy: its token client
-    /// is the shared one for its timeout). `None` for any other.
-    fn shape(&self) -> Option<Shape<'_>> {
-        let Endpoint {
-            url,
-            encoding,
-            client_id,
-            client_secret,
-            client_auth,
-            scope,
-            params,
-            headers,
-            timeout,
-            client: _,
-            assertion,
-            dpop,
-        } = self;
-        (assertion.is_none() && dpop.is_none()).then_some(Shape {
-            url,
-            encoding: *encoding,
-            client_id: client_id.as_deref(),
-            client_secret: client_secret.as_ref().map(|s| s.expose_secret()),
-            client_auth: *client_auth,
-            scope: scope.as_deref(),
-            params,
-            headers,
-            timeout: *timeout,
-        })
-    }
+/// Whether a credential's endpoint may be shared: it has nothing of its own (no signing
+/// key, DPoP key, CA file, client certificate or egress proxy), so its token client is the
+/// shared one for its timeout.
+fn shareable(e: &EndpointConfig, c: &CredentialConfig) -> bool {
+    let own_client = c.ca_file.is_some() || c.client_cert.is_some() || c.egress.is_some();
+    !own_client && e.assertion.is_none() && c.dpop.is_none()
 }
 
 /// The settings that decide a token call (destructured, so a new setting cannot be left out).
@@ -115,7 +78,8 @@ struct Shape<'a> {
 }
 
 impl<'a> Shape<'a> {
-    fn of(e: &'a EndpointConfig, c: &CredentialConfig) -> Option<Shape<'a>> {
+    /// For a shareable endpoint: its assertion key (always `None` here) is left out.
+    fn of(e: &'a EndpointConfig, timeout: Duration) -> Shape<'a> {
         let EndpointConfig {
             token_url,
             encoding,
@@ -125,11 +89,9 @@ impl<'a> Shape<'a> {
             scope,
             params,
             headers,
-            assertion,
+            assertion: _,
         } = e;
-        let own_client = c.ca_file.is_some() || c.client_cert.is_some() || c.egress.is_some();
-        let own = own_client || assertion.is_some() || c.dpop.is_some();
-        (!own).then_some(Shape {
+        Shape {
             url: token_url,
             encoding: *encoding,
             client_id: client_id.as_deref(),
@@ -138,8 +100,8 @@ impl<'a> Shape<'a> {
             scope: scope.as_deref(),
             params,
             headers,
-            timeout: c.timeout,
-        })
+            timeout,
+        }
     }
 
     fn digest(&self) -> u64 {
@@ -163,13 +125,15 @@ impl Endpoints {
         e: &EndpointConfig,
         c: &CredentialConfig,
     ) -> Result<Arc<Endpoint>, String> {
-        let Some(shape) = Shape::of(e, c) else {
+        if !shareable(e, c) {
             return Ok(Arc::new(Endpoint::new(e, c)?));
-        };
+        }
+        let shape = Shape::of(e, c.timeout);
+        // Every endpoint here is shareable.
         let same = self.by_digest.entry(shape.digest()).or_default();
         if let Some(found) = same
             .iter()
-            .find(|have| have.shape().as_ref() == Some(&shape))
+            .find(|have| Shape::of(&have.config, have.timeout) == shape)
         {
             return Ok(found.clone());
         }
@@ -183,7 +147,7 @@ impl Endpoint {
     /// RFC 7523 §2.2 client assertion: iss = sub = client_id, aud = the token endpoint (or
     /// `assertion_audience`), a fresh `jti`, valid for 60 s. A new one for every call.
     fn client_assertion(&self) -> Result<Option<String>, GrantError> {
-        let Some(a) = &self.assertion else {
+        let Some(a) = &self.config.assertion else {
             return Ok(None);
         };
         let now = SystemTime::now()
@@ -195,11 +159,11 @@ impl Endpoint {
             let bytes: [u8; 16] = rand::thread_rng().gen();
             bytes.iter().map(|b| format!("{b:02x}")).collect()
         };
-        let client_id = self.client_id.as_deref().unwrap_or_default();
+        let client_id = self.config.client_id.as_deref().unwrap_or_default();
         let claims = serde_json::json!({
             "iss": client_id,
             "sub": client_id,
-            "aud": a.audience.clone().unwrap_or_else(|| self.url.to_string()),
+            "aud": a.audience.clone().unwrap_or_else(|| self.config.token_url.to_string()),
             "jti": jti,
             "iat": now,
             "exp": now + 60,
@@ -221,14 +185,14 @@ impl Endpoint {
         if let Some(rt) = refresh_token {
             fields.push(("refresh_token", rt.expose_secret()));
         }
-        if let Some(scope) = &self.scope {
+        if let Some(scope) = &self.config.scope {
             fields.push(("scope", scope));
         }
-        for (k, v) in &self.params {
+        for (k, v) in &self.config.params {
             fields.push((k, v));
         }
         if let Some(jwt) = assertion {
-            if let Some(id) = &self.client_id {
+            if let Some(id) = &self.config.client_id {
                 fields.push(("client_id", id));
             }
             fields.push((
@@ -237,15 +201,15 @@ impl Endpoint {
             ));
             fields.push(("client_assertion", jwt));
         }
-        if self.client_auth == ClientAuth::Body {
-            if let Some(id) = &self.client_id {
+        if self.config.client_auth == ClientAuth::Body {
+            if let Some(id) = &self.config.client_id {
                 fields.push(("client_id", id));
             }
-            if let Some(secret) = &self.client_secret {
+            if let Some(secret) = &self.config.client_secret {
                 fields.push(("client_secret", secret.expose_secret()));
             }
         }
-        match self.encoding {
+        match self.config.encoding {
             Encoding::Form => {
                 let mut ser = form_urlencoded::Serializer::new(String::new());
                 for (k, v) in &fields {
@@ -276,7 +240,7 @@ impl Endpoint {
             // A signed assertion is a credential for its minute of life.
             r.add(jwt);
         }
-        for secret in [refresh_token, self.client_secret.as_ref()]
+        for secret in [refresh_token, self.config.client_secret.as_ref()]
             .into_iter()
             .flatten()
         {
@@ -290,20 +254,21 @@ impl Endpoint {
                     .trim_start_matches("Basic "),
             );
         }
-        for (_, v) in &self.headers {
+        for (_, v) in &self.config.headers {
             r.add(v.to_str().unwrap_or_default());
         }
         r
     }
 
     fn basic_auth(&self) -> Option<HeaderValue> {
-        if self.client_auth != ClientAuth::Basic {
+        if self.config.client_auth != ClientAuth::Basic {
             return None;
         }
         // RFC 6749 §2.3.1: id and secret are form-urlencoded before Basic encoding.
         let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-        let id = enc(self.client_id.as_deref().unwrap_or(""));
+        let id = enc(self.config.client_id.as_deref().unwrap_or(""));
         let secret = enc(self
+            .config
             .client_secret
             .as_ref()
             .map(|s| s.expose_secret())
@@ -342,7 +307,7 @@ impl Endpoint {
         let (body, content_type) = self.body(grant_type, refresh_token, assertion.as_deref());
         let mut req = Request::builder()
             .method(Method::POST)
-            .uri(self.url.clone())
+            .uri(self.config.token_url.clone())
             .header(CONTENT_TYPE, content_type)
             .header(ACCEPT, "application/json")
             .header(
@@ -354,11 +319,11 @@ impl Endpoint {
         if let Some(auth) = self.basic_auth() {
             req.headers_mut().insert(AUTHORIZATION, auth);
         }
-        for (k, v) in &self.headers {
+        for (k, v) in &self.config.headers {
             req.headers_mut().insert(k.clone(), v.clone());
         }
         if let Some(dpop) = &self.dpop {
-            let proof = dpop.proof(&Method::POST, &self.url, None);
+            let proof = dpop.proof(&Method::POST, &self.config.token_url, None);
             req.headers_mut().insert(crate::dpop::DPOP.clone(), proof);
         }
         let transient = |message: String| GrantError::Transient {
@@ -371,10 +336,9 @@ impl Endpoint {
                 transient(format!("token endpoint unreachable: {}", error_chain(&e)))
             })?;
             let status = resp.status();
-            let new_nonce = self
-                .dpop
-                .as_ref()
-                .is_some_and(|d| d.remember_token_endpoint_nonce(&self.url, resp.headers()));
+            let new_nonce = self.dpop.as_ref().is_some_and(|d| {
+                d.remember_token_endpoint_nonce(&self.config.token_url, resp.headers())
+            });
             let retry_after = resp.headers().get(RETRY_AFTER).and_then(parse_retry_after);
             let body = Limited::new(resp.into_body(), MAX_TOKEN_RESPONSE)
                 .collect()
