@@ -45,6 +45,8 @@ pub struct Record<'a> {
 
 /// A batch is handed over once it holds this much, even if its event loop stays busy.
 const BATCH_BYTES: usize = 16 * 1024;
+/// How long batched lines wait, at most, once their worker's event loop has run out of work.
+const FLUSH_AFTER: Duration = Duration::from_millis(20);
 
 thread_local! {
     static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(256));
@@ -53,12 +55,16 @@ thread_local! {
 }
 
 /// Batched lines; what is left when the thread ends (a panic included) is handed over.
-struct Batch(Vec<u8>);
+struct Batch {
+    lines: Vec<u8>,
+    /// A task that hands the batch over [`FLUSH_AFTER`] from now is scheduled.
+    flush_scheduled: bool,
+}
 
 impl Drop for Batch {
     fn drop(&mut self) {
         if let Some(log) = get() {
-            log.hand_over(&mut self.0);
+            log.hand_over(&mut self.lines);
         }
     }
 }
@@ -68,10 +74,10 @@ impl AccessLog {
         let now = SystemTime::now();
         // A proxy worker formats the line straight into its batch.
         let batched = BATCH.with(|batch| match batch.borrow_mut().as_mut() {
-            Some(Batch(batch)) => {
-                self.line(batch, r, now);
-                if batch.len() >= BATCH_BYTES {
-                    self.hand_over(batch);
+            Some(batch) => {
+                self.line(&mut batch.lines, r, now);
+                if batch.lines.len() >= BATCH_BYTES {
+                    self.hand_over(&mut batch.lines);
                 }
                 true
             }
@@ -107,21 +113,53 @@ impl AccessLog {
 }
 
 /// From now on, this thread's request lines are batched until [`flush_thread`]. For the
-/// proxy workers, which flush each time their event loop runs out of work: handing each
-/// line to the writer thread on its own cost a channel message and, as often as not, a
-/// wake-up of that thread per request, which at tens of thousands of requests a second
-/// was most of what the request log cost (README "Performance"). Lines reach the writer
-/// in order for each worker, at the latest when its burst of work is done.
+/// proxy workers: handing each line to the writer thread on its own cost a channel message
+/// and, as often as not, a wake-up of that thread per request, which at tens of thousands
+/// of requests a second was most of what the request log cost (README "Performance").
+/// Lines reach the writer in order for each worker: at 16 KiB, at most [`FLUSH_AFTER`]
+/// after the worker's event loop runs out of work ([`flush_soon`]), and as it ends.
 pub fn batch_this_thread() {
-    BATCH.with(|batch| *batch.borrow_mut() = Some(Batch(Vec::with_capacity(BATCH_BYTES))));
+    BATCH.with(|batch| {
+        *batch.borrow_mut() = Some(Batch {
+            lines: Vec::with_capacity(BATCH_BYTES),
+            flush_scheduled: false,
+        })
+    });
 }
 
-/// Hand this thread's batched request lines to the writer thread.
+/// For a worker's event loop that is about to wait: have this thread's batched lines
+/// handed over [`FLUSH_AFTER`] from now, by a task on this event loop. Handing them over
+/// at every such wait (as often as every few requests under load) cost a wake-up of the
+/// writer thread each time. Outside a runtime, they are handed over at once.
+pub fn flush_soon() {
+    let schedule = BATCH.with(|batch| match batch.borrow_mut().as_mut() {
+        Some(batch) if !batch.lines.is_empty() && !batch.flush_scheduled => {
+            batch.flush_scheduled = true;
+            true
+        }
+        _ => false,
+    });
+    if !schedule {
+        return;
+    }
+    match tokio::runtime::Handle::try_current() {
+        // Spawned as the loop is about to wait: tokio runs it instead of waiting, and the
+        // loop then waits no longer than its timer.
+        Ok(runtime) => drop(runtime.spawn(async {
+            tokio::time::sleep(FLUSH_AFTER).await;
+            flush_thread();
+        })),
+        Err(_) => flush_thread(),
+    }
+}
+
+/// Hand this thread's batched request lines to the writer thread now.
 pub fn flush_thread() {
     let Some(log) = get() else { return };
     BATCH.with(|batch| {
-        if let Some(Batch(batch)) = batch.borrow_mut().as_mut() {
-            log.hand_over(batch);
+        if let Some(batch) = batch.borrow_mut().as_mut() {
+            log.hand_over(&mut batch.lines);
+            batch.flush_scheduled = false;
         }
     });
 }
@@ -281,6 +319,70 @@ mod tests {
             upstream: Duration::from_nanos(94_811),
             replayed: false,
         }
+    }
+
+    /// The lines this thread has batched but not handed over, and whether a hand-over is
+    /// scheduled.
+    fn batched() -> (usize, bool) {
+        BATCH.with(|b| {
+            b.borrow()
+                .as_ref()
+                .map_or((0, false), |b| (b.lines.len(), b.flush_scheduled))
+        })
+    }
+
+    #[test]
+    fn a_workers_lines_are_handed_over_shortly_after_its_loop_runs_out_of_work() {
+        #[derive(Clone, Default)]
+        struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Capture {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let written = Capture::default();
+        let (writer, guard) = tracing_appender::non_blocking(written.clone());
+        install(writer, false);
+        let log = get().expect("installed");
+        std::thread::spawn(move || {
+            batch_this_thread();
+            // A worker's loop, as src/workers.rs builds it; paused time advances only when
+            // the loop waits, so what happens when is exact.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .start_paused(true)
+                .on_thread_park(flush_soon)
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                log.write(&record());
+                log.write(&record());
+                let two_lines = batched().0;
+                assert!(two_lines > 0);
+                // The loop waits: a hand-over is scheduled, not done.
+                tokio::time::sleep(FLUSH_AFTER / 2).await;
+                assert_eq!(batched(), (two_lines, true));
+                // FLUSH_AFTER later, both lines are handed over, at once.
+                tokio::time::sleep(FLUSH_AFTER).await;
+                assert_eq!(batched(), (0, false));
+                // A line after that waits for the next idle moment, as before.
+                log.write(&record());
+                assert!(batched().0 > 0);
+            });
+            drop(runtime);
+            // As the worker ends, what is left is handed over.
+            flush_thread();
+            assert_eq!(batched().0, 0);
+        })
+        .join()
+        .unwrap();
+        drop(guard); // flushes the writer thread
+        let written = String::from_utf8(written.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(written.matches("route=\"api\"").count(), 3, "{written}");
     }
 
     #[test]

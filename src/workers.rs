@@ -89,12 +89,12 @@ where
             .spawn(move || {
                 let _guard = guard;
                 WORKER.with(|w| w.set(worker));
-                // Request lines are handed to the log writer in batches, whenever the
-                // event loop has nothing left to do (and once more as the worker ends).
+                // Request lines are handed to the log writer in batches, shortly after
+                // the event loop has nothing left to do (and once more as the worker ends).
                 crate::access_log::batch_this_thread();
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
-                    .on_thread_park(crate::access_log::flush_thread)
+                    .on_thread_park(crate::access_log::flush_soon)
                     .build()
                     .expect("a worker's runtime");
                 runtime.block_on(async move {
