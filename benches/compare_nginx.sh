@@ -13,6 +13,8 @@
 # TOKEN_PROXY_LOG=warn); the same with logs on (nginx access_log to a file, token-proxy's
 # default info request log); 1 connection (added p50); 1000 connections (errors, p99).
 # Quote the ratios, not the absolute numbers. Installs nginx-light and wrk if missing.
+# TOKEN_PROXY_BIN=path measures that binary instead of building this checkout's (to set
+# an older build against nginx on the same machine and day).
 # Everything binds 127.0.0.1 only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +23,11 @@ rounds=${2:-3}
 if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk >/dev/null
 fi
-cargo build --release --locked --bin token-proxy >/dev/null
+bin=${TOKEN_PROXY_BIN:-}
+if [ -z "$bin" ]; then
+  cargo build --release --locked --bin token-proxy >/dev/null
+  bin=./target/release/token-proxy
+fi
 cores=$(nproc)
 work=$(mktemp -d)
 pids=()
@@ -103,9 +109,9 @@ nginx_hop nginx "$NGX" off
 nginx_hop nginx-log "$NGX_LOG" "$work/access.log"
 proxy_toml "$OURS" "$ADMIN" > "$work/ours.toml"
 proxy_toml "$OURS_LOG" "$ADMIN_LOG" > "$work/ours-log.toml"
-TOKEN_PROXY_LOG=warn ./target/release/token-proxy --config "$work/ours.toml" 2>/dev/null &
+TOKEN_PROXY_LOG=warn "$bin" --config "$work/ours.toml" 2>/dev/null &
 pids+=($!); ours_pid=$!
-TOKEN_PROXY_LOG=info ./target/release/token-proxy --config "$work/ours-log.toml" 2>"$work/ours.log" >/dev/null &
+TOKEN_PROXY_LOG=info "$bin" --config "$work/ours-log.toml" 2>"$work/ours.log" >/dev/null &
 pids+=($!); ours_log_pid=$!
 for port in $OURS $OURS_LOG; do
   for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/warm" >/dev/null && break; sleep 0.1; done
