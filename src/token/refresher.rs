@@ -88,6 +88,12 @@ struct Writer {
     others: watch::Receiver<u64>,
 }
 
+/// What the writer keeps of `set` as the newest set it holds ([`Writer::held`]): a copy
+/// for a shared store, nothing for a local one.
+fn held_copy(store: &dyn StateStore, set: &TokenSet) -> Option<Box<TokenSet>> {
+    store.is_shared().then(|| Box::new(set.clone()))
+}
+
 pub struct Refresher {
     cred: Arc<Credential>,
     grant: Grant,
@@ -198,10 +204,7 @@ pub async fn build(
         consecutive_failures: 0,
         unverified: None,
         unsaved: None,
-        held: initial
-            .as_ref()
-            .filter(|_| store.is_shared())
-            .map(|set| Box::new(set.clone())),
+        held: initial.as_ref().and_then(|set| held_copy(&*store, set)),
         save_failures: 0,
         save_retry_at: None,
         next_file_poll: Instant::now() + FILE_POLL,
@@ -539,7 +542,7 @@ impl Refresher {
                 w.committed = stored.generation;
                 w.generation = w.generation.max(stored.generation);
                 w.refresh_token = stored.tokens.refresh_token.clone();
-                w.held = Some(Box::new(stored.tokens.clone()));
+                w.held = held_copy(&*self.store, &stored.tokens);
                 w.unverified = None;
                 w.unsaved = None;
                 let generation = w.generation;
@@ -699,7 +702,7 @@ impl Refresher {
             w.generation += 1;
             w.committed = w.generation;
             w.refresh_token = set.refresh_token.clone();
-            w.held = Some(Box::new(set.clone()));
+            w.held = held_copy(&*self.store, &set);
             w.unsaved = None;
         } else {
             self.commit_new(w, &set).await;
@@ -743,9 +746,7 @@ impl Refresher {
     async fn commit_new(&self, w: &mut Writer, set: &TokenSet) -> u64 {
         w.generation += 1;
         w.refresh_token = set.refresh_token.clone();
-        if self.store.is_shared() {
-            w.held = Some(Box::new(set.clone()));
-        }
+        w.held = held_copy(&*self.store, set);
         let stored = Stored {
             generation: w.generation,
             tokens: set.clone(),
