@@ -12,6 +12,9 @@
 //!
 //!   cargo bench --bench scale [-- connections credentials]
 //!
+//! `TOKEN_PROXY_BIN=path` measures that binary instead of this checkout's (an older build
+//! against a newer one, on the same machine in the same hour).
+//!
 //! Binds 127.0.0.1 only. Needs a file-descriptor limit above 2 × connections (raised here
 //! when the hard limit allows).
 
@@ -60,7 +63,9 @@ impl Proxy {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("proxy.toml");
         std::fs::write(&path, toml).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_token-proxy"))
+        let bin = std::env::var_os("TOKEN_PROXY_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_token-proxy").into());
+        let mut child = Command::new(bin)
             .arg("--config")
             .arg(&path)
             .env("TOKEN_PROXY_LOG", "warn")

@@ -168,3 +168,48 @@ async fn a_removed_credential_leaves_no_metric_series_behind() {
     assert!(series(&after, "main") >= 6, "{after}");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_whose_new_config_cannot_be_built_keeps_running_the_old_one() {
+    // Tokens live 2 s: the old refresher must go on refreshing after the failed rebuild.
+    let world = World::new(Duration::from_secs(2)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let rt = world.auth.new_refresh_token();
+    let base = world.config("", &format!("refresh_token = \"{rt}\""));
+    let cfg = write_file(dir.path(), "proxy.toml", &base);
+    let bin = Binary::start(&cfg, &[]);
+    assert_eq!(get(&bin.url("/a")).await.status, 200);
+    // The new config puts the state file under a regular file: it cannot be built.
+    let not_a_dir = write_file(dir.path(), "plain", "x");
+    std::fs::write(
+        &cfg,
+        base.replace(
+            &format!("refresh_token = \"{rt}\""),
+            &format!(
+                "refresh_token = \"{rt}\"\nstate_file = \"{}/state.json\"",
+                not_a_dir.display()
+            ),
+        ),
+    )
+    .unwrap();
+    bin.signal("HUP");
+    wait_for(
+        "the failed rebuild to be logged",
+        Duration::from_secs(10),
+        || async { bin.logs().contains("kept its old config") },
+    )
+    .await;
+    let calls = world.auth.refresh_calls.load(Ordering::SeqCst);
+    wait_for(
+        "the old refresher to refresh again",
+        Duration::from_secs(10),
+        || async { world.auth.refresh_calls.load(Ordering::SeqCst) >= calls + 2 },
+    )
+    .await;
+    assert_eq!(get(&bin.url("/b")).await.status, 200);
+    assert_eq!(
+        world.auth.reuse_detected.load(Ordering::SeqCst),
+        0,
+        "one refresher, holding the rotated token"
+    );
+}

@@ -1,15 +1,25 @@
-//! The memory store: no `state_file`, one holder. Tokens live as long as the process.
+//! The memory store: no `state_file`, one holder. It keeps nothing: the refresher (the one
+//! writer) holds the tokens for the life of the process, and every build of a credential
+//! makes its store anew, so nothing committed here would ever be loaded again. Holding a
+//! copy cost ~240 bytes per credential (a token set and a second refresh token) for nothing.
+//! Without state there is nobody to fence out either: the lease is always granted and every
+//! commit lands. One instance serves every credential ([`MemoryStateStore::shared`]).
 
-use std::sync::Mutex;
+use std::sync::{Arc, LazyLock};
 
 use super::{
-    Acquire, BoxFuture, Commit, Lease, Loaded, LocalHolder, StateError, StateStore, Stored,
+    nobody_else, Acquire, BoxFuture, Commit, Lease, Loaded, StateError, StateStore, Stored,
 };
 
 #[derive(Default)]
-pub struct MemoryStateStore {
-    saved: Mutex<Option<Stored>>,
-    holder: LocalHolder,
+pub struct MemoryStateStore;
+
+impl MemoryStateStore {
+    /// The one memory store every credential without a `state_file` is built with.
+    pub fn shared() -> Arc<dyn StateStore> {
+        static ONE: LazyLock<Arc<MemoryStateStore>> = LazyLock::new(Arc::default);
+        ONE.clone()
+    }
 }
 
 impl StateStore for MemoryStateStore {
@@ -17,15 +27,13 @@ impl StateStore for MemoryStateStore {
         "memory"
     }
 
+    /// Nothing survives a build: a credential starts from its config.
     fn load(&self) -> BoxFuture<'_, Result<Loaded, StateError>> {
-        Box::pin(async move {
-            let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            Ok(saved.map_or(Loaded::Empty, Loaded::Tokens))
-        })
+        Box::pin(async { Ok(Loaded::Empty) })
     }
 
     fn try_acquire(&self, generation: u64) -> BoxFuture<'_, Result<Acquire, StateError>> {
-        Box::pin(async move { Ok(self.holder.acquire(generation)) })
+        Box::pin(async move { Ok(Acquire::Acquired(Lease { generation })) })
     }
 
     fn renew(&self, _lease: &Lease) -> BoxFuture<'_, Result<bool, StateError>> {
@@ -36,26 +44,15 @@ impl StateStore for MemoryStateStore {
         Box::pin(async { Ok(()) })
     }
 
-    fn commit(&self, expected: u64, set: Stored) -> BoxFuture<'_, Result<Commit, StateError>> {
-        Box::pin(async move {
-            if let Some(conflict) = self.holder.conflict(expected) {
-                return Ok(conflict);
-            }
-            self.holder.committed(set.generation);
-            *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(set);
-            Ok(Commit::Committed)
-        })
+    fn commit(&self, _expected: u64, _set: Stored) -> BoxFuture<'_, Result<Commit, StateError>> {
+        Box::pin(async { Ok(Commit::Committed) })
     }
 
     fn clear(&self, _generation: u64) -> BoxFuture<'_, Result<u64, StateError>> {
-        Box::pin(async move {
-            *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = None;
-            self.holder.committed(0);
-            Ok(0)
-        })
+        Box::pin(async { Ok(0) })
     }
 
     fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.holder.watch()
+        nobody_else()
     }
 }

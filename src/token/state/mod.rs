@@ -182,14 +182,20 @@ impl LocalHolder {
     }
 
     pub(crate) fn watch(&self) -> watch::Receiver<u64> {
-        NOBODY_ELSE.subscribe()
+        nobody_else()
     }
+}
+
+/// A watch on which nothing is ever sent (a single-holder store's).
+pub(crate) fn nobody_else() -> watch::Receiver<u64> {
+    NOBODY_ELSE.subscribe()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use secrecy::SecretString;
+    use std::sync::Arc;
     use std::time::SystemTime;
 
     fn set(rt: &str) -> TokenSet {
@@ -240,9 +246,27 @@ mod tests {
         assert!(!store.watch().has_changed().unwrap());
     }
 
+    /// The memory store keeps nothing (the refresher holds the tokens): it loads empty
+    /// even after a commit, grants every lease, lands every commit, and never signals.
     #[tokio::test]
-    async fn memory_store_keeps_the_contract() {
-        single_holder_contract(&MemoryStateStore::default()).await;
+    async fn memory_store_keeps_nothing_and_refuses_nothing() {
+        let store = MemoryStateStore::shared();
+        assert_eq!(store.kind(), "memory");
+        let Acquire::Acquired(lease) = store.try_acquire(7).await.unwrap() else {
+            panic!("a single holder always gets the lease")
+        };
+        assert_eq!(lease.generation, 7);
+        let stored = Stored {
+            generation: 8,
+            tokens: set("rt8"),
+        };
+        assert_eq!(store.commit(7, stored).await.unwrap(), Commit::Committed);
+        store.release(lease).await.unwrap();
+        assert!(matches!(store.load().await.unwrap(), Loaded::Empty));
+        assert_eq!(store.clear(9).await.unwrap(), 0);
+        assert!(!store.watch().has_changed().unwrap());
+        // One instance for every credential: no allocation per credential.
+        assert!(Arc::ptr_eq(&store, &MemoryStateStore::shared()));
     }
 
     #[tokio::test]
