@@ -191,7 +191,7 @@ pub fn status(c: &Credential) -> Value {
         "last_error": snap.last_error,
         "generation": snap.token.as_ref().map(|t| t.generation),
         "persisted": snap.persisted,
-        "store": c.store_kind,
+        "store": c.store_kind(),
         "lease_holder": c.holds_lease(),
     });
     // The DPoP key's public thumbprint (what providers bind tokens to, `cnf.jkt`).

@@ -8,7 +8,6 @@
 //! mark a reader makes is `reject`: "the upstream refused generation N", which the
 //! refresher then acts on.
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -20,6 +19,7 @@ use super::published::Published;
 use super::refresher::Command;
 use super::response::parse_handed_over_as;
 use super::scheduler::Wake;
+use super::state::StateStore;
 
 /// A token ready to attach, with what the refresher needs to schedule the next one.
 #[derive(Debug)]
@@ -63,7 +63,8 @@ pub struct Snapshot {
     /// The upstream rejected the current token (401): do not attach it again.
     pub invalidated: bool,
     pub phase: Phase,
-    pub last_error: Option<String>,
+    /// Boxed `str`, not `String`: 8 bytes less in every credential.
+    pub last_error: Option<Box<str>>,
     pub refreshed_at: Option<SystemTime>,
     pub refresh_count: u64,
     /// Whether the current tokens are committed to the state store (`None`: a memory
@@ -114,18 +115,18 @@ pub struct Credential {
     pub header: HeaderName,
     /// `dpop = true`: the key every request's proof is signed with (and its nonces).
     pub dpop: Option<Arc<crate::dpop::Dpop>>,
-    /// `memory`, `file` or `redis`: where this credential's tokens are committed.
-    pub store_kind: &'static str,
-    /// How long a request waits for a refresh before it gets 503.
-    pub(super) wait_timeout: Duration,
+    /// Where this credential's tokens are committed (`/tokens` shows its kind and whether
+    /// this replica holds its refresh lease).
+    pub(super) store: Arc<dyn StateStore>,
+    /// How long a request waits for a refresh before it gets 503, in milliseconds (a `u32`
+    /// holds 49 days; 8 bytes less than a `Duration` in every credential).
+    wait_timeout_ms: u32,
     /// Written by the refresher only (and `reject`'s mark).
     pub(super) snapshot: Published<Snapshot>,
     /// Wakes the refresher: a request needs a token, a 401 arrived, or a command waits.
     pub(super) wake: Wake,
     /// Installs, sign-outs and forced refreshes, for the refresher to carry out.
     commands: Mutex<Commands>,
-    /// Whether this replica holds the shared refresh lease right now (during a token call).
-    lease_holder: Box<dyn Fn() -> bool + Send + Sync>,
     /// Bounds 401-triggered refreshes, so an upstream that answers 401 for other reasons
     /// cannot make us hammer the token endpoint at request rate.
     reject_budget: Mutex<RejectBudget>,
@@ -135,22 +136,20 @@ impl Credential {
     pub(super) fn new(
         name: &str,
         header: HeaderName,
-        store_kind: &'static str,
+        store: Arc<dyn StateStore>,
         wait_timeout: Duration,
         snapshot: Snapshot,
-        lease_holder: Box<dyn Fn() -> bool + Send + Sync>,
         wake: Wake,
     ) -> Credential {
         Credential {
             name: Arc::from(name),
             header,
             dpop: None,
-            store_kind,
-            wait_timeout,
+            store,
+            wait_timeout_ms: u32::try_from(wait_timeout.as_millis()).unwrap_or(u32::MAX),
             snapshot: Published::new(snapshot),
             wake,
             commands: Mutex::default(),
-            lease_holder,
             reject_budget: Mutex::new(RejectBudget::new()),
         }
     }
@@ -161,9 +160,18 @@ impl Credential {
         self
     }
 
-    /// Whether this replica holds the shared refresh lease right now.
+    fn wait_timeout(&self) -> Duration {
+        Duration::from_millis(self.wait_timeout_ms.into())
+    }
+
+    /// Whether this replica holds the shared refresh lease right now (during a token call).
     pub fn holds_lease(&self) -> bool {
-        (self.lease_holder)()
+        self.store.holds_lease()
+    }
+
+    /// `memory`, `file` or `redis`: where this credential's tokens are committed.
+    pub fn store_kind(&self) -> &'static str {
+        self.store.kind()
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -195,7 +203,7 @@ impl Credential {
         if let Some(t) = self.current() {
             return Ok(t);
         }
-        let deadline = tokio::time::Instant::now() + self.wait_timeout;
+        let deadline = tokio::time::Instant::now() + self.wait_timeout();
         loop {
             // Read before the snapshot: a change in between only means one more look.
             let seen = self.snapshot.version();
@@ -210,8 +218,9 @@ impl Credential {
                         return Err(Unavailable {
                             reason: snap
                                 .last_error
-                                .clone()
-                                .unwrap_or_else(|| "needs re-authentication".into()),
+                                .as_deref()
+                                .unwrap_or("needs re-authentication")
+                                .to_string(),
                             retry_after: Duration::from_secs(60),
                         })
                     }
@@ -220,8 +229,9 @@ impl Credential {
                         return Err(Unavailable {
                             reason: snap
                                 .last_error
-                                .clone()
-                                .unwrap_or_else(|| "token refresh failing".into()),
+                                .as_deref()
+                                .unwrap_or("token refresh failing")
+                                .to_string(),
                             retry_after: wait.max(Duration::from_secs(1)),
                         });
                     }
@@ -320,10 +330,10 @@ impl Credential {
             if commands.queue.len() >= Commands::MAX_QUEUED {
                 return Err("too many requests for this credential in progress; try again".into());
             }
-            commands.queue.push_back(command(reply));
+            commands.queue.push(command(reply));
         }
         self.wake.wake();
-        match tokio::time::timeout(self.wait_timeout * 2, answer).await {
+        match tokio::time::timeout(self.wait_timeout() * 2, answer).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(_)) => Err(gone()),
             Err(_) => Err("timed out waiting for the token endpoint".into()),
@@ -336,7 +346,9 @@ impl Credential {
 /// rare (admin actions), while credentials may number ten thousand.
 #[derive(Default)]
 struct Commands {
-    queue: VecDeque<Command>,
+    /// A `Vec` (8 bytes less than a `VecDeque` in every credential): at most
+    /// `MAX_QUEUED` commands, so taking the first moves at most 15.
+    queue: Vec<Command>,
     /// The refresher is gone: queued commands were dropped (their askers hear so).
     closed: bool,
 }
@@ -349,7 +361,7 @@ impl Credential {
     /// The next command for the refresher, if any.
     pub(super) fn next_command(&self) -> Option<Command> {
         let mut commands = self.commands.lock().unwrap_or_else(|e| e.into_inner());
-        commands.queue.pop_front()
+        (!commands.queue.is_empty()).then(|| commands.queue.remove(0))
     }
 
     /// The refresher is gone for good: fail what is queued and whatever is asked later.

@@ -97,10 +97,10 @@ fn held_copy(store: &dyn StateStore, set: &TokenSet) -> Option<Box<TokenSet>> {
 pub struct Refresher {
     cred: Arc<Credential>,
     grant: Grant,
-    store: Arc<dyn StateStore>,
     /// Boxed: most credentials verify nothing, and a verifier is large.
     verifier: Option<Box<Verifier>>,
-    header_prefix: String,
+    /// Boxed `str`: 8 bytes less than a `String` in every credential.
+    header_prefix: Box<str>,
     refresh_before: Duration,
     metrics: Arc<Metrics>,
     /// The writer state; held by the step in flight.
@@ -186,13 +186,9 @@ pub async fn build(
         Credential::new(
             &config.name,
             config.header.clone(),
-            store.kind(),
+            store.clone(),
             config.timeout + Duration::from_secs(1),
             Snapshot::empty(persisted),
-            {
-                let store = store.clone();
-                Box::new(move || store.holds_lease())
-            },
             wake,
         )
         .with_dpop(config.dpop.clone()),
@@ -213,9 +209,8 @@ pub async fn build(
     let refresher = Refresher {
         cred: cred.clone(),
         grant,
-        store,
         verifier,
-        header_prefix: config.header_prefix.clone(),
+        header_prefix: config.header_prefix.as_str().into(),
         refresh_before: config.refresh_before,
         metrics,
         inner: tokio::sync::Mutex::new(writer),
@@ -360,7 +355,9 @@ impl Refresher {
                 let outcome = if snap.refresh_count > before {
                     Ok(())
                 } else {
-                    Err(snap.last_error.unwrap_or_else(|| "refresh failed".into()))
+                    Err(snap
+                        .last_error
+                        .map_or_else(|| "refresh failed".into(), String::from))
                 };
                 let _ = reply.send(outcome);
             }
@@ -411,11 +408,11 @@ impl Refresher {
         // `lock_ttl` (counted from its last renewal): two waits of `lock_ttl` cover both.
         let mut waits_for_holder = 0;
         let lease = loop {
-            match self.store.try_acquire(w.committed).await {
+            match self.cred.store.try_acquire(w.committed).await {
                 Ok(Acquire::Acquired(lease)) => {
                     // A lease counts between replicas; a local store's is a formality (and
                     // a series per credential would be memory for nothing).
-                    if self.store.is_shared() {
+                    if self.cred.store.is_shared() {
                         self.metrics.lease_acquired(&self.cred.name);
                     }
                     break Some(lease);
@@ -436,8 +433,12 @@ impl Refresher {
                 Ok(Acquire::Busy) if waits_for_holder < 2 => {
                     waits_for_holder += 1;
                     let before = w.committed;
-                    let mut others = self.store.watch();
-                    let wait = self.store.lease_ttl().unwrap_or(Duration::from_secs(1));
+                    let mut others = self.cred.store.watch();
+                    let wait = self
+                        .cred
+                        .store
+                        .lease_ttl()
+                        .unwrap_or(Duration::from_secs(1));
                     let _ = tokio::time::timeout(wait, others.changed()).await;
                     self.follow_store(w).await;
                     if w.committed != before {
@@ -464,7 +465,7 @@ impl Refresher {
                 }
             }
         };
-        let renew_every = self.store.lease_ttl().map(|ttl| ttl / 3);
+        let renew_every = self.cred.store.lease_ttl().map(|ttl| ttl / 3);
         let result = async {
             let fetch = self.grant.fetch(w.refresh_token.as_ref());
             let set = match (&lease, renew_every) {
@@ -472,7 +473,7 @@ impl Refresher {
                     let renew = async {
                         loop {
                             tokio::time::sleep(every).await;
-                            if !self.store.renew(lease).await.unwrap_or(false) {
+                            if !self.cred.store.renew(lease).await.unwrap_or(false) {
                                 tracing::warn!(credential = %self.cred.name, "refresh lease lost during the token call");
                             }
                         }
@@ -495,10 +496,10 @@ impl Refresher {
         }
         .await;
         if let (Err(GrantError::InvalidGrant(_)), Some(lease)) = (&result, &lease) {
-            self.store.refused(lease.generation).await;
+            self.cred.store.refused(lease.generation).await;
         }
         if let Some(lease) = lease {
-            if let Err(e) = self.store.release(lease).await {
+            if let Err(e) = self.cred.store.release(lease).await {
                 tracing::warn!(credential = %self.cred.name, error = %e, "could not release the refresh lease");
             }
         }
@@ -527,7 +528,7 @@ impl Refresher {
     /// set without calling the token endpoint, follow a sign-out, or write our newest set
     /// back to a store that lost its data (never reseed from config).
     async fn follow_store(&self, w: &mut Writer) {
-        let loaded = match self.store.load().await {
+        let loaded = match self.cred.store.load().await {
             Ok(loaded) => loaded,
             Err(e) => {
                 tracing::warn!(credential = %self.cred.name, error = %e, "could not read the state store");
@@ -538,11 +539,11 @@ impl Refresher {
             Loaded::Tokens(mut stored) if stored.generation > w.committed => {
                 let jkt = self.cred.dpop.as_ref().map(|d| d.jkt.as_str());
                 stored.tokens = fit_to_key(stored.tokens, jkt);
-                self.store.adopted(&stored).await;
+                self.cred.store.adopted(&stored).await;
                 w.committed = stored.generation;
                 w.generation = w.generation.max(stored.generation);
                 w.refresh_token = stored.tokens.refresh_token.clone();
-                w.held = held_copy(&*self.store, &stored.tokens);
+                w.held = held_copy(&*self.cred.store, &stored.tokens);
                 w.unverified = None;
                 w.unsaved = None;
                 let generation = w.generation;
@@ -608,7 +609,7 @@ impl Refresher {
         }
         self.cred.snapshot.send_modify(|s| {
             s.phase = phase;
-            s.last_error = Some(message);
+            s.last_error = Some(message.into());
         });
     }
 
@@ -682,14 +683,14 @@ impl Refresher {
         }
         w.unverified = None;
         let active = self.activate(w.generation + 1, &set)?;
-        if self.store.is_shared() {
+        if self.cred.store.is_shared() {
             // Shared: the install lands in the store first, or not at all (no replica
             // may diverge); the others pick it up from there.
             let stored = Stored {
                 generation: w.generation + 1,
                 tokens: set.clone(),
             };
-            match self.store.commit(w.committed, stored).await {
+            match self.cred.store.commit(w.committed, stored).await {
                 Ok(Commit::Committed) => {}
                 Ok(Commit::Conflict { .. }) => {
                     return Err(
@@ -702,7 +703,7 @@ impl Refresher {
             w.generation += 1;
             w.committed = w.generation;
             w.refresh_token = set.refresh_token.clone();
-            w.held = held_copy(&*self.store, &set);
+            w.held = held_copy(&*self.cred.store, &set);
             w.unsaved = None;
         } else {
             self.commit_new(w, &set).await;
@@ -714,6 +715,7 @@ impl Refresher {
     /// Sign out: forget the tokens here and in the store.
     async fn sign_out(&self, w: &mut Writer) -> Result<(), String> {
         w.committed = self
+            .cred
             .store
             .clear(w.generation + 1)
             .await
@@ -746,7 +748,7 @@ impl Refresher {
     async fn commit_new(&self, w: &mut Writer, set: &TokenSet) -> u64 {
         w.generation += 1;
         w.refresh_token = set.refresh_token.clone();
-        w.held = held_copy(&*self.store, set);
+        w.held = held_copy(&*self.cred.store, set);
         let stored = Stored {
             generation: w.generation,
             tokens: set.clone(),
@@ -757,7 +759,7 @@ impl Refresher {
 
     async fn commit(&self, w: &mut Writer, stored: Stored) {
         let generation = stored.generation;
-        let failure = match self.store.commit(w.committed, stored.clone()).await {
+        let failure = match self.cred.store.commit(w.committed, stored.clone()).await {
             Ok(Commit::Committed) => None,
             Ok(Commit::Conflict { current }) => Some(format!(
                 "the store moved to generation {current} (expected {})",
@@ -791,9 +793,9 @@ impl Refresher {
                 w.unsaved = Some(Box::new(stored));
                 self.cred.snapshot.send_modify(|s| {
                     s.persisted = Some(false);
-                    s.last_error = Some(format!(
-                        "could not save tokens to state_file (retrying): {failure}"
-                    ));
+                    s.last_error = Some(
+                        format!("could not save tokens to state_file (retrying): {failure}").into(),
+                    );
                 });
             }
         }
@@ -884,4 +886,20 @@ fn fit_to_key(mut set: TokenSet, jkt: Option<&str>) -> TokenSet {
     }
     set.expires_at = Some(set.received_at);
     set
+}
+/// Ten thousand credentials cost ten thousand of each: the `Arc` of a credential and of its
+/// refresher each fit an allocator size class (mimalloc's 320 and 256 bytes), 64 bytes
+/// below the next one up, where they were before (README "Performance", Scale).
+#[cfg(all(test, target_pointer_width = "64"))]
+mod footprint {
+    /// An `Arc`'s two counts.
+    const ARC_COUNTS: usize = 16;
+
+    #[test]
+    fn a_credential_and_its_refresher_fit_their_size_classes() {
+        let credential = std::mem::size_of::<super::Credential>() + ARC_COUNTS;
+        let refresher = std::mem::size_of::<super::Refresher>() + ARC_COUNTS;
+        assert!(credential <= 320, "Arc<Credential> is {credential} bytes");
+        assert!(refresher <= 256, "Arc<Refresher> is {refresher} bytes");
+    }
 }
