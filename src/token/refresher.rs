@@ -255,6 +255,11 @@ impl Drop for Refresher {
 }
 
 impl Refresher {
+    /// The credential's state store (kept there, not here: one pointer less per refresher).
+    fn store(&self) -> &dyn StateStore {
+        &*self.cred.store
+    }
+
     pub fn credential(&self) -> &Arc<Credential> {
         &self.cred
     }
@@ -408,11 +413,11 @@ impl Refresher {
         // `lock_ttl` (counted from its last renewal): two waits of `lock_ttl` cover both.
         let mut waits_for_holder = 0;
         let lease = loop {
-            match self.cred.store.try_acquire(w.committed).await {
+            match self.store().try_acquire(w.committed).await {
                 Ok(Acquire::Acquired(lease)) => {
                     // A lease counts between replicas; a local store's is a formality (and
                     // a series per credential would be memory for nothing).
-                    if self.cred.store.is_shared() {
+                    if self.store().is_shared() {
                         self.metrics.lease_acquired(&self.cred.name);
                     }
                     break Some(lease);
@@ -433,12 +438,8 @@ impl Refresher {
                 Ok(Acquire::Busy) if waits_for_holder < 2 => {
                     waits_for_holder += 1;
                     let before = w.committed;
-                    let mut others = self.cred.store.watch();
-                    let wait = self
-                        .cred
-                        .store
-                        .lease_ttl()
-                        .unwrap_or(Duration::from_secs(1));
+                    let mut others = self.store().watch();
+                    let wait = self.store().lease_ttl().unwrap_or(Duration::from_secs(1));
                     let _ = tokio::time::timeout(wait, others.changed()).await;
                     self.follow_store(w).await;
                     if w.committed != before {
@@ -465,7 +466,7 @@ impl Refresher {
                 }
             }
         };
-        let renew_every = self.cred.store.lease_ttl().map(|ttl| ttl / 3);
+        let renew_every = self.store().lease_ttl().map(|ttl| ttl / 3);
         let result = async {
             let fetch = self.grant.fetch(w.refresh_token.as_ref());
             let set = match (&lease, renew_every) {
@@ -473,7 +474,7 @@ impl Refresher {
                     let renew = async {
                         loop {
                             tokio::time::sleep(every).await;
-                            if !self.cred.store.renew(lease).await.unwrap_or(false) {
+                            if !self.store().renew(lease).await.unwrap_or(false) {
                                 tracing::warn!(credential = %self.cred.name, "refresh lease lost during the token call");
                             }
                         }
@@ -496,10 +497,10 @@ impl Refresher {
         }
         .await;
         if let (Err(GrantError::InvalidGrant(_)), Some(lease)) = (&result, &lease) {
-            self.cred.store.refused(lease.generation).await;
+            self.store().refused(lease.generation).await;
         }
         if let Some(lease) = lease {
-            if let Err(e) = self.cred.store.release(lease).await {
+            if let Err(e) = self.store().release(lease).await {
                 tracing::warn!(credential = %self.cred.name, error = %e, "could not release the refresh lease");
             }
         }
@@ -528,7 +529,7 @@ impl Refresher {
     /// set without calling the token endpoint, follow a sign-out, or write our newest set
     /// back to a store that lost its data (never reseed from config).
     async fn follow_store(&self, w: &mut Writer) {
-        let loaded = match self.cred.store.load().await {
+        let loaded = match self.store().load().await {
             Ok(loaded) => loaded,
             Err(e) => {
                 tracing::warn!(credential = %self.cred.name, error = %e, "could not read the state store");
@@ -539,11 +540,11 @@ impl Refresher {
             Loaded::Tokens(mut stored) if stored.generation > w.committed => {
                 let jkt = self.cred.dpop.as_ref().map(|d| d.jkt.as_str());
                 stored.tokens = fit_to_key(stored.tokens, jkt);
-                self.cred.store.adopted(&stored).await;
+                self.store().adopted(&stored).await;
                 w.committed = stored.generation;
                 w.generation = w.generation.max(stored.generation);
                 w.refresh_token = stored.tokens.refresh_token.clone();
-                w.held = held_copy(&*self.cred.store, &stored.tokens);
+                w.held = held_copy(self.store(), &stored.tokens);
                 w.unverified = None;
                 w.unsaved = None;
                 let generation = w.generation;
@@ -683,14 +684,14 @@ impl Refresher {
         }
         w.unverified = None;
         let active = self.activate(w.generation + 1, &set)?;
-        if self.cred.store.is_shared() {
+        if self.store().is_shared() {
             // Shared: the install lands in the store first, or not at all (no replica
             // may diverge); the others pick it up from there.
             let stored = Stored {
                 generation: w.generation + 1,
                 tokens: set.clone(),
             };
-            match self.cred.store.commit(w.committed, stored).await {
+            match self.store().commit(w.committed, stored).await {
                 Ok(Commit::Committed) => {}
                 Ok(Commit::Conflict { .. }) => {
                     return Err(
@@ -703,7 +704,7 @@ impl Refresher {
             w.generation += 1;
             w.committed = w.generation;
             w.refresh_token = set.refresh_token.clone();
-            w.held = held_copy(&*self.cred.store, &set);
+            w.held = held_copy(self.store(), &set);
             w.unsaved = None;
         } else {
             self.commit_new(w, &set).await;
@@ -715,8 +716,7 @@ impl Refresher {
     /// Sign out: forget the tokens here and in the store.
     async fn sign_out(&self, w: &mut Writer) -> Result<(), String> {
         w.committed = self
-            .cred
-            .store
+            .store()
             .clear(w.generation + 1)
             .await
             .map_err(|e| format!("store_unavailable: {e}"))?;
@@ -748,7 +748,7 @@ impl Refresher {
     async fn commit_new(&self, w: &mut Writer, set: &TokenSet) -> u64 {
         w.generation += 1;
         w.refresh_token = set.refresh_token.clone();
-        w.held = held_copy(&*self.cred.store, set);
+        w.held = held_copy(self.store(), set);
         let stored = Stored {
             generation: w.generation,
             tokens: set.clone(),
@@ -759,7 +759,7 @@ impl Refresher {
 
     async fn commit(&self, w: &mut Writer, stored: Stored) {
         let generation = stored.generation;
-        let failure = match self.cred.store.commit(w.committed, stored.clone()).await {
+        let failure = match self.store().commit(w.committed, stored.clone()).await {
             Ok(Commit::Committed) => None,
             Ok(Commit::Conflict { current }) => Some(format!(
                 "the store moved to generation {current} (expected {})",
@@ -887,6 +887,7 @@ fn fit_to_key(mut set: TokenSet, jkt: Option<&str>) -> TokenSet {
     set.expires_at = Some(set.received_at);
     set
 }
+
 /// Ten thousand credentials cost ten thousand of each: the `Arc` of a credential and of its
 /// refresher each fit an allocator size class (mimalloc's 320 and 256 bytes), 64 bytes
 /// below the next one up, where they were before (README "Performance", Scale).
