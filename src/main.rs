@@ -8,7 +8,9 @@ use clap::{Parser, Subcommand};
 use token_proxy::config::{fingerprint_files, Config, ConfigSource};
 use token_proxy::{App, StartError};
 
-/// mimalloc instead of glibc's malloc: see README "Performance".
+/// mimalloc instead of glibc's malloc: see README "Performance". The `system-allocator`
+/// feature leaves it out, for heap profilers that see only malloc.
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
