@@ -2,10 +2,13 @@
 //! describe token state are computed at scrape time from the store, so they are never stale.
 //! Labels carry route and credential *names* only, never token material.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{text, DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet};
+use prometheus_client::encoding::{
+    text, DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, EncodeLabelValue, LabelValueEncoder,
+};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -29,15 +32,28 @@ struct RouteLabel {
     route: String,
 }
 
+/// A series per credential (and outcome): its labels share the credential's name instead of
+/// copying it, and the outcome is a constant. At ten thousand credentials that is ~40
+/// bytes a credential less, and no allocation per refresh to look the series up.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CredentialOutcome {
-    credential: String,
-    outcome: String,
+    credential: CredentialName,
+    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CredentialLabel {
-    credential: String,
+    credential: CredentialName,
+}
+
+/// A credential's name as a label value (the library encodes `Arc<T>` only for sized `T`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct CredentialName(Arc<str>);
+
+impl EncodeLabelValue for CredentialName {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&&*self.0, encoder)
+    }
 }
 
 const LATENCY_BUCKETS: [f64; 13] = [
@@ -141,10 +157,10 @@ impl Metrics {
         }
     }
 
-    pub fn lease_acquired(&self, credential: &str) {
+    pub fn lease_acquired(&self, credential: &Arc<str>) {
         self.lease_acquired
             .get_or_create(&CredentialLabel {
-                credential: credential.into(),
+                credential: CredentialName(credential.clone()),
             })
             .inc();
     }
@@ -159,10 +175,10 @@ impl Metrics {
         self.store_up.set(i64::from(up));
     }
 
-    pub fn persist_failed(&self, credential: &str) {
+    pub fn persist_failed(&self, credential: &Arc<str>) {
         self.persist_failures
             .get_or_create(&CredentialLabel {
-                credential: credential.into(),
+                credential: CredentialName(credential.clone()),
             })
             .inc();
     }
@@ -205,12 +221,12 @@ impl Metrics {
             .inc();
     }
 
-    pub fn refresh(&self, credential: &str, ok: bool) {
+    pub fn refresh(&self, credential: &Arc<str>, ok: bool) {
         let outcome = if ok { "ok" } else { "error" };
         self.refreshes
             .get_or_create(&CredentialOutcome {
-                credential: credential.into(),
-                outcome: outcome.into(),
+                credential: CredentialName(credential.clone()),
+                outcome,
             })
             .inc();
     }
