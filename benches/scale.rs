@@ -7,7 +7,7 @@
 //!   fetched once at start. Reports resident
 //!   memory per credential (against a 1-credential baseline), the peak, and the CPU the
 //!   process uses while all 10,000 wait for their refresh time: one scheduler task keeps
-//!   one timer per credential in a timer wheel (O(1) to arm and fire), with no
+//!   each credential's due time in a binary heap under one runtime timer, with no
 //!   per-credential polling, so an idle process stays idle.
 //!
 //!   cargo bench --bench scale [-- connections credentials]

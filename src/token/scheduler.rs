@@ -1,26 +1,29 @@
-//! One task schedules every credential's refresher: a timer wheel (`DelayQueue`: O(1) to
-//! arm, move or cancel a timer) holds each refresher's next due time, and wake-ups (a
-//! request needs a token, a 401, an admin command, a shared store's commit) arrive on one
-//! channel. A refresher that has work gets a short-lived task for one [`Stepper::step`]
-//! (what is due now, then its next due time); between steps it is only a slot in a map and a timer.
+//! One task schedules every credential's refresher: a binary heap of due times (O(log n)
+//! to arm; a moved or cancelled timer is left in the heap and skipped when it comes up)
+//! under one runtime timer for the earliest, and wake-ups (a request needs a token, a 401,
+//! an admin command, a shared store's commit) arrive on one channel. A refresher that has
+//! work gets a short-lived task for one [`Stepper::step`] (what is due now, then its next
+//! due time); between steps it is only a slot in a map and 16 bytes in the heap.
 //!
-//! Ten thousand credentials therefore cost ten thousand timers, not ten thousand tasks
-//! (each with its future, its waker registrations and its cancellation token).
+//! Ten thousand credentials therefore cost ten thousand heap entries, not ten thousand
+//! tasks (each with its future, its waker registrations and its cancellation token).
+//! A heap entry is 16 bytes where a timer-wheel entry (`tokio_util`'s `DelayQueue`, used
+//! before) was ~64 plus a key in the slot: ~90 bytes a credential less at ten thousand.
 //!
 //! A step that panics is logged and the refresher is stepped again a second later, with
 //! the writer state (and so the refresh token) it held: a credential never goes quietly
 //! stale.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{FutureExt, StreamExt};
+use futures_util::FutureExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::time::{delay_queue, DelayQueue};
 
 use super::state::BoxFuture;
 
@@ -85,7 +88,9 @@ impl Wake {
 /// A scheduled refresher.
 struct Slot {
     stepper: Arc<dyn Stepper>,
-    timer: Option<delay_queue::Key>,
+    /// When it is due, in [`Clock`] ticks; `NOT_DUE`: only when woken. The heap may hold
+    /// other, stale times for it: only this one counts.
+    due: u64,
     /// Waiting in a queue for a free step.
     queued: bool,
     /// A step task is running.
@@ -131,14 +136,11 @@ async fn run(
     tx: mpsc::UnboundedSender<Message>,
     shutdown: CancellationToken,
 ) {
-    let mut state = Run {
-        slots: HashMap::new(),
-        timers: DelayQueue::new(),
-        woken: VecDeque::new(),
-        due: VecDeque::new(),
-        stepping: 0,
-        tx,
-    };
+    let mut state = Run::new(tx);
+    // One runtime timer, set to the earliest time in the heap.
+    let alarm = tokio::time::sleep_until(state.clock.instant(NOT_DUE));
+    tokio::pin!(alarm);
+    let mut alarm_at = NOT_DUE;
     loop {
         tokio::select! {
             biased;
@@ -148,22 +150,55 @@ async fn run(
                 None => return,
                 Some(message) => state.on_message(message),
             },
-            Some(expired) = state.timers.next() => {
-                let id = expired.into_inner();
-                if let Some(slot) = state.slots.get_mut(&id) {
-                    slot.timer = None;
-                    state.enqueue(id, false);
-                }
+            () = &mut alarm, if alarm_at != NOT_DUE => {
+                alarm_at = NOT_DUE;
+                state.fire_due();
             }
         }
         state.start_steps();
+        let next = state.next_due();
+        if next != alarm_at {
+            alarm_at = next;
+            alarm.as_mut().reset(state.clock.instant(next));
+        }
+    }
+}
+
+/// A due time as the scheduler keeps it: whole milliseconds since it started, rounded up
+/// (never early), so that a heap entry is two words.
+#[derive(Clone, Copy)]
+struct Clock(Instant);
+
+/// A slot's `due` when only a wake-up steps it.
+const NOT_DUE: u64 = u64::MAX;
+
+impl Clock {
+    fn ticks(self, at: Instant) -> u64 {
+        let since = at.saturating_duration_since(self.0);
+        let ms = since.as_millis() + u128::from(since.subsec_nanos() % 1_000_000 != 0);
+        u64::try_from(ms).unwrap_or(NOT_DUE - 1).min(NOT_DUE - 1)
+    }
+
+    /// Now, rounded down: a time is due once `due <= now()`.
+    fn now(self) -> u64 {
+        let ms = Instant::now().saturating_duration_since(self.0).as_millis();
+        u64::try_from(ms).unwrap_or(NOT_DUE - 1)
+    }
+
+    fn instant(self, ticks: u64) -> Instant {
+        // `NOT_DUE` (the alarm unset): a year on, far enough never to come.
+        let ticks = ticks.min(365 * 24 * 3600 * 1000);
+        self.0 + Duration::from_millis(ticks)
     }
 }
 
 /// The scheduling task's state.
 struct Run {
     slots: HashMap<u64, Slot>,
-    timers: DelayQueue<u64>,
+    clock: Clock,
+    /// (due, id), earliest first; entries whose slot now says another time (or is gone)
+    /// are stale and skipped.
+    timers: BinaryHeap<Reverse<(u64, u64)>>,
     /// Waiting for a free step: woken ones (a request may be waiting) before due ones.
     woken: VecDeque<u64>,
     due: VecDeque<u64>,
@@ -173,6 +208,18 @@ struct Run {
 }
 
 impl Run {
+    fn new(tx: mpsc::UnboundedSender<Message>) -> Run {
+        Run {
+            slots: HashMap::new(),
+            clock: Clock(Instant::now()),
+            timers: BinaryHeap::new(),
+            woken: VecDeque::new(),
+            due: VecDeque::new(),
+            stepping: 0,
+            tx,
+        }
+    }
+
     fn on_message(&mut self, message: Message) {
         match message {
             Message::Start(id, stepper) => {
@@ -181,20 +228,17 @@ impl Run {
                 stepper.wake_handle().taken();
                 let slot = Slot {
                     stepper,
-                    timer: None,
+                    due: NOT_DUE,
                     queued: false,
                     stepping: false,
                     again: false,
                 };
-                if let Some(old) = self.slots.insert(id, slot) {
-                    self.forget(old);
-                }
+                // A slot started anew (or stopped) leaves its heap entry stale: skipped.
+                self.slots.insert(id, slot);
                 self.enqueue(id, false);
             }
             Message::Stop(id) => {
-                if let Some(old) = self.slots.remove(&id) {
-                    self.forget(old);
-                }
+                self.slots.remove(&id);
             }
             Message::Wake(id) => {
                 if let Some(slot) = self.slots.get(&id) {
@@ -211,19 +255,49 @@ impl Run {
                 if std::mem::take(&mut slot.again) {
                     self.enqueue(id, true);
                 } else if let Some(at) = next {
-                    slot.timer = Some(self.timers.insert_at(id, at));
+                    slot.due = self.clock.ticks(at);
+                    self.timers.push(Reverse((slot.due, id)));
+                    self.compact();
                 }
             }
         }
     }
 
-    /// A slot leaves the schedule (stopped, or started anew): its timer goes. (A step of it
-    /// in flight ends by itself; steps of one refresher never overlap, its writer lock sees
-    /// to that.)
-    fn forget(&mut self, old: Slot) {
-        if let Some(key) = old.timer {
-            self.timers.remove(&key);
+    /// Every slot whose time has come goes to the due queue; stale entries on the way go.
+    fn fire_due(&mut self) {
+        let now = self.clock.now();
+        while let Some(&Reverse((due, id))) = self.timers.peek() {
+            if due > now {
+                return;
+            }
+            self.timers.pop();
+            if self.slots.get(&id).is_some_and(|slot| slot.due == due) {
+                self.enqueue(id, false);
+            }
         }
+    }
+
+    /// The earliest time in the heap that still counts (stale ones on top go).
+    fn next_due(&mut self) -> u64 {
+        while let Some(&Reverse((due, id))) = self.timers.peek() {
+            if self.slots.get(&id).is_some_and(|slot| slot.due == due) {
+                return due;
+            }
+            self.timers.pop();
+        }
+        NOT_DUE
+    }
+
+    /// Stale entries (a refresher woken early, stopped or restarted) stay until their time
+    /// comes; once they outnumber the live ones the heap is rebuilt without them, so it
+    /// stays within twice the credentials (amortised O(1) a push).
+    fn compact(&mut self) {
+        if self.timers.len() <= 2 * self.slots.len() + 64 {
+            return;
+        }
+        let slots = &self.slots;
+        self.timers
+            .retain(|Reverse((due, id))| slots.get(id).is_some_and(|slot| slot.due == *due));
     }
 
     /// `id` has work: step it when a step is free (again after the current one, if it is
@@ -236,9 +310,8 @@ impl Run {
             slot.again = true;
             return;
         }
-        if let Some(key) = slot.timer.take() {
-            self.timers.remove(&key);
-        }
+        // Its heap entry, if any, is stale from now on.
+        slot.due = NOT_DUE;
         if woken {
             // Also when it already waits among the due ones: the first pop steps it.
             self.woken.push_back(id);
@@ -456,6 +529,51 @@ mod tests {
         for (i, fake) in fakes.iter().enumerate() {
             assert_eq!(fake.steps(t0), [0, 100 + i as u64 % 50], "stepper {i}");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timers_moved_by_wake_ups_do_not_pile_up() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let scheduler = Scheduler {
+            tx: tx.clone(),
+            ids: AtomicU64::new(1),
+        };
+        let mut run = Run::new(tx);
+        let fake = Fake::start(&scheduler, 0, None, 0);
+        let _other = Fake::start(&scheduler, 0, None, 0);
+        while let Ok(message) = rx.try_recv() {
+            run.on_message(message);
+        }
+        run.stepping = usize::MAX / 2; // steps are not started here; Stepped counts down
+        let id = fake.wake.id;
+        let mut last = 0;
+        // Ten thousand times: due in an hour, then woken early (the timer goes stale).
+        for i in 0..10_000u64 {
+            let at = Instant::now() + Duration::from_secs(3600 + i);
+            run.on_message(Message::Stepped(id, Some(at)));
+            last = run.clock.ticks(at);
+            if i < 9_999 {
+                run.enqueue(id, true);
+            }
+        }
+        assert!(
+            run.timers.len() <= 2 * 2 + 64 + 1,
+            "{} entries",
+            run.timers.len()
+        );
+        assert_eq!(
+            run.next_due(),
+            last,
+            "the one live timer is the earliest that counts"
+        );
+        tokio::time::advance(Duration::from_secs(3600 + 9_999)).await;
+        // As if the queued wake-ups had been stepped.
+        run.woken.clear();
+        run.due.clear();
+        run.slots.get_mut(&id).unwrap().queued = false;
+        run.fire_due();
+        assert_eq!(Vec::from(run.due.clone()), [id], "fired once");
+        assert_eq!(run.next_due(), NOT_DUE);
     }
 
     #[tokio::test(start_paused = true)]
