@@ -2,12 +2,14 @@
 //! describe token state are computed at scrape time from the store, so they are never stale.
 //! Labels carry route and credential *names* only, never token material.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
     text, DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, EncodeLabelValue, LabelValueEncoder,
+    NoLabelSet,
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -17,6 +19,7 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use crate::token::credential::RefreshCounts;
 use crate::token::TokenStore;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -30,15 +33,6 @@ struct RouteStatus {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabel {
     route: String,
-}
-
-/// A series per credential (and outcome): its labels share the credential's name instead of
-/// copying it, and the outcome is a constant. At ten thousand credentials that is ~40
-/// bytes a credential less, and no allocation per refresh to look the series up.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct CredentialOutcome {
-    credential: CredentialName,
-    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -65,7 +59,9 @@ pub struct Metrics {
     requests: Family<RouteStatus, Counter>,
     duration: Family<RouteLabel, Histogram>,
     retries: Family<RouteLabel, Counter>,
-    refreshes: Family<CredentialOutcome, Counter>,
+    /// Refresh counts of credentials removed by a reload (the live ones are in their
+    /// snapshots): a counter does not vanish, and a name added again counts on from here.
+    retired_refreshes: Mutex<BTreeMap<Arc<str>, RefreshCounts>>,
     persist_failures: Family<CredentialLabel, Counter>,
     lease_acquired: Family<CredentialLabel, Counter>,
     store_errors: Family<StoreOp, Counter>,
@@ -93,7 +89,6 @@ impl Metrics {
             Histogram::new(LATENCY_BUCKETS.iter().copied())
         });
         let retries = Family::<RouteLabel, Counter>::default();
-        let refreshes = Family::<CredentialOutcome, Counter>::default();
         let persist_failures = Family::<CredentialLabel, Counter>::default();
         let lease_acquired = Family::<CredentialLabel, Counter>::default();
         let store_errors = Family::<StoreOp, Counter>::default();
@@ -135,11 +130,6 @@ impl Metrics {
             retries.clone(),
         );
         registry.register(
-            "token_proxy_token_refresh",
-            "Token fetches by credential and outcome (ok | error)",
-            refreshes.clone(),
-        );
-        registry.register(
             "token_proxy_build",
             "Build information",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
@@ -149,7 +139,7 @@ impl Metrics {
             requests,
             duration,
             retries,
-            refreshes,
+            retired_refreshes: Mutex::default(),
             persist_failures,
             lease_acquired,
             store_errors,
@@ -221,19 +211,36 @@ impl Metrics {
             .inc();
     }
 
-    pub fn refresh(&self, credential: &Arc<str>, ok: bool) {
-        let outcome = if ok { "ok" } else { "error" };
-        self.refreshes
-            .get_or_create(&CredentialOutcome {
-                credential: CredentialName(credential.clone()),
-                outcome,
-            })
-            .inc();
+    /// A credential leaves: keep what it counted.
+    pub fn retire_refreshes(&self, credential: &Arc<str>, counts: RefreshCounts) {
+        let mut retired = self
+            .retired_refreshes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let total = retired.entry(credential.clone()).or_default();
+        *total = total.plus(counts);
     }
 
-    /// Prometheus text exposition, with token gauges computed from `store` now.
+    /// A credential of this name comes (back): it counts on from what its namesake counted.
+    pub fn take_retired_refreshes(&self, credential: &str) -> RefreshCounts {
+        let mut retired = self
+            .retired_refreshes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        retired.remove(credential).unwrap_or_default()
+    }
+
+    /// Prometheus text exposition, with token gauges and refresh counts read from `store`
+    /// now.
     pub fn encode(&self, store: &TokenStore) -> String {
-        let gauges = token_gauges(store);
+        let retired: Vec<(Arc<str>, RefreshCounts)> = self
+            .retired_refreshes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(name, counts)| (name.clone(), *counts))
+            .collect();
+        let gauges = token_gauges(store, retired);
         let mut out = String::new();
         let encoded = text::encode_registry(&mut out, &self.registry)
             .and_then(|()| text::encode_registry(&mut out, &gauges))
@@ -245,10 +252,10 @@ impl Metrics {
     }
 }
 
-/// The token gauges, read from `store` for one scrape and encoded straight into the
-/// exposition: nothing is kept per credential between scrapes, and a credential removed by
-/// a reload leaves no stale series behind.
-fn token_gauges(store: &TokenStore) -> Registry {
+/// The token gauges and refresh counters, read from `store` for one scrape and encoded
+/// straight into the exposition: nothing is kept per credential between scrapes, and a
+/// credential removed by a reload leaves no stale gauge behind (its counter stays).
+fn token_gauges(store: &TokenStore, retired: Vec<(Arc<str>, RefreshCounts)>) -> Registry {
     let now = SystemTime::now();
     let rows = store
         .all()
@@ -270,12 +277,13 @@ fn token_gauges(store: &TokenStore) -> Registry {
                     .map(|at| now.duration_since(at).unwrap_or_default().as_secs_f64()),
                 persisted: snap.persisted.map(i64::from),
                 state: snap.state_name(now),
+                counts: snap.counts(),
                 name: cred.name.clone(),
             }
         })
         .collect();
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(TokenGauges(rows)));
+    registry.register_collector(Box::new(TokenGauges { rows, retired }));
     registry
 }
 
@@ -287,14 +295,38 @@ struct TokenRow {
     since_refresh: Option<f64>,
     persisted: Option<i64>,
     state: &'static str,
+    counts: RefreshCounts,
 }
 
 #[derive(Debug)]
-struct TokenGauges(Vec<TokenRow>);
+struct TokenGauges {
+    rows: Vec<TokenRow>,
+    /// Removed credentials' refresh counts.
+    retired: Vec<(Arc<str>, RefreshCounts)>,
+}
 
 impl Collector for TokenGauges {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let rows = &self.0;
+        let rows = &self.rows;
+        let mut metric = encoder.encode_descriptor(
+            "token_proxy_token_refresh",
+            "Token fetches by credential and outcome (ok | error)",
+            None,
+            MetricType::Counter,
+        )?;
+        let live = rows.iter().map(|r| (&*r.name, r.counts));
+        let retired = self.retired.iter().map(|(name, counts)| (&**name, *counts));
+        for (name, counts) in live.chain(retired) {
+            // A series appears with its first count, as a counter created on use would.
+            for (outcome, n) in [("ok", counts.ok), ("error", counts.error)] {
+                if n > 0 {
+                    let labels = [("credential", name), ("outcome", outcome)];
+                    metric
+                        .encode_family(&labels)?
+                        .encode_counter::<NoLabelSet, _, u64>(&u64::from(n), None)?;
+                }
+            }
+        }
         gauges(
             &mut encoder,
             rows,

@@ -126,7 +126,7 @@ async fn a_new_refresh_token_in_a_watched_secret_file_revives_the_credential() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_removed_credential_leaves_no_metric_series_behind() {
+async fn a_removed_credential_leaves_only_its_refresh_counter_which_counts_on_when_it_returns() {
     let world = World::new(Duration::from_secs(300)).await;
     let base = world.config_rt("", "");
     let spare = format!(
@@ -166,6 +166,30 @@ async fn a_removed_credential_leaves_no_metric_series_behind() {
     );
     assert_eq!(left.len(), 1, "{left:?}");
     assert!(series(&after, "main") >= 6, "{after}");
+
+    // Added again, and then rebuilt with a changed config: the counter counts on from what
+    // its namesake counted (a counter never goes back), one fetch each time.
+    let fetches = |text: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with("token_proxy_token_refresh_total{credential=\"spare\""))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    };
+    assert_eq!(fetches(&after), 1, "{after}");
+    let spare = spare.replace(
+        "refresh_token = ",
+        &format!("refresh_token = \"{}\"\n#", world.auth.new_refresh_token()),
+    );
+    for (round, extra) in [(2, ""), (3, "scope = \"more\"\n")] {
+        let config = Config::parse(&format!("{base}{spare}{extra}"), &|_| None).expect("valid");
+        app.reload(config).await.expect("reload");
+        wait_for(
+            "spare's next fetch counted",
+            Duration::from_secs(10),
+            || async { fetches(&get(&admin(&app, "/metrics")).await.text()) == round },
+        )
+        .await;
+    }
     app.stop().await;
 }
 

@@ -20,7 +20,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
-use super::credential::{ActiveToken, Credential, Phase, Snapshot};
+use super::credential::{ActiveToken, Credential, Phase, RefreshCounts, Snapshot};
 use super::grant::{Endpoints, Grant, GrantError};
 use super::response::{parse_handed_over_as, TokenSet};
 use super::schedule::{self, Action};
@@ -61,6 +61,8 @@ pub struct Start {
     /// The configured refresh token (or initial tokens) changed: the operator installed a
     /// new one, so it wins over the state store.
     pub prefer_config: bool,
+    /// The fetches counted under this name so far (by a predecessor, or before a removal).
+    pub counts: RefreshCounts,
 }
 
 /// The writer's own state.
@@ -188,7 +190,7 @@ pub async fn build(
             config.header.clone(),
             store.clone(),
             config.timeout + Duration::from_secs(1),
-            Snapshot::empty(persisted),
+            Snapshot::empty(persisted, start.counts),
             wake,
         )
         .with_dpop(config.dpop.clone()),
@@ -577,7 +579,6 @@ impl Refresher {
 
     /// Publish a failed fetch or install: backoff for transient errors, else needs_reauth.
     fn record_failure(&self, w: &mut Writer, e: GrantError) {
-        self.metrics.refresh(&self.cred.name, false);
         let message = e.to_string();
         let phase = match &e {
             GrantError::Transient { retry_after, .. } => {
@@ -611,6 +612,7 @@ impl Refresher {
         self.cred.snapshot.send_modify(|s| {
             s.phase = phase;
             s.last_error = Some(message.into());
+            s.failure_count = s.failure_count.saturating_add(1);
         });
     }
 
@@ -822,9 +824,8 @@ impl Refresher {
                 s.last_error = None; // else keep the save failure commit() reported
             }
             s.refreshed_at = Some(now);
-            s.refresh_count += 1;
+            s.refresh_count = s.refresh_count.saturating_add(1);
         });
-        self.metrics.refresh(&self.cred.name, true);
         tracing::info!(
             credential = %self.cred.name,
             outcome = "ok",

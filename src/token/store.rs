@@ -154,6 +154,8 @@ impl TokenStore {
         for name in old_names.iter().filter(|n| !new.contains_key(&***n)) {
             self.stop_refresher(name).await;
             if let Some((_, entry)) = self.entries.remove(name) {
+                let counts = entry.credential.snapshot().counts();
+                self.metrics.retire_refreshes(name, counts);
                 Self::retire(entry.running);
             }
             report.removed.push(name.to_string());
@@ -173,14 +175,28 @@ impl TokenStore {
                         (true, Some(previous)) => previous.refresh_token().await,
                         _ => None,
                     };
+                    let counts = self
+                        .entries
+                        .get(name.as_str())
+                        .map(|e| e.credential.snapshot().counts())
+                        .unwrap_or_default();
                     let start = Start {
                         carried_refresh_token: carried,
                         prefer_config: !same_start,
+                        counts,
                     };
                     (start, previous)
                 }
-                None => (Start::default(), None),
+                None => {
+                    let counts = self.metrics.take_retired_refreshes(name);
+                    let start = Start {
+                        counts,
+                        ..Start::default()
+                    };
+                    (start, None)
+                }
             };
+            let counts = start.counts;
             match self.build(config, start, &mut endpoints).await {
                 Ok(running) => {
                     let entry = Entry::new(running, built);
@@ -195,8 +211,12 @@ impl TokenStore {
                     }
                 }
                 Err(e) => {
-                    if let Some(previous) = previous {
-                        self.start_refresher(previous);
+                    match previous {
+                        Some(previous) => self.start_refresher(previous),
+                        // Not built: what its namesake counted stays retired.
+                        None => self
+                            .metrics
+                            .retire_refreshes(&Arc::from(name.as_str()), counts),
                     }
                     report.failed.push((name.clone(), e));
                 }
