@@ -54,13 +54,15 @@ fn main() -> ExitCode {
     });
     log_panics();
     // The main runtime runs what is not a proxied request (refreshers, the admin API,
-    // reloads): one worker thread is plenty, and keeps a credential's allocations and frees
-    // on one thread's heap. With a worker per core, ten thousand credentials fetched at start
-    // left 0.3-0.5 KiB each more resident (`cargo bench --bench scale`): blocks freed on one
-    // thread into another's pages stay unreturned while that thread idles. Proxied requests
-    // have `server.workers` threads of their own (src/workers.rs).
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+    // reloads) on the main thread alone: that is plenty, and keeps a credential's
+    // allocations and frees on one thread's heap. Each thread that allocates during the
+    // start's burst of token fetches is left with partly used pages per size class
+    // (`cargo bench --bench scale`, ten thousand credentials: a worker per core left
+    // 0.3-0.5 KiB each more resident than one worker, and one worker beside the main thread
+    // 0.3 KiB more than the main thread alone). Proxied requests have `server.workers`
+    // threads of their own (src/workers.rs); config files are read and parsed on a blocking
+    // thread at reload, so a large config does not stall the refreshers.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -348,7 +350,14 @@ async fn run(source: ConfigSource) -> ExitCode {
                 "a watched file changed"
             }
         };
-        match source.load() {
+        let loading = source.clone();
+        let loaded = match tokio::task::spawn_blocking(move || loading.load()).await {
+            Ok(loaded) => loaded,
+            Err(e) => Err(token_proxy::config::ConfigError(format!(
+                "reading the config failed: {e}"
+            ))),
+        };
+        match loaded {
             Err(e) => {
                 tracing::error!(cause, error = %e, "reload rejected; the running config stays in force")
             }
