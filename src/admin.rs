@@ -187,7 +187,7 @@ pub fn status(c: &Credential) -> Value {
         "state": snap.state_name(now),
         "expires_in_s": expires_in_s,
         "refreshed_at": snap.refreshed_at.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
-        "refresh_count": snap.refresh_count,
+        "refresh_count": snap.refreshes.ok,
         "last_error": snap.last_error,
         "generation": snap.token.as_ref().map(|t| t.generation),
         "persisted": snap.persisted,

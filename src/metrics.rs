@@ -277,7 +277,7 @@ fn token_gauges(store: &TokenStore, retired: Vec<(Arc<str>, RefreshCounts)>) -> 
                     .map(|at| now.duration_since(at).unwrap_or_default().as_secs_f64()),
                 persisted: snap.persisted.map(i64::from),
                 state: snap.state_name(now),
-                counts: snap.counts(),
+                counts: snap.refreshes,
                 name: cred.name.clone(),
             }
         })

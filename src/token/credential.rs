@@ -86,8 +86,7 @@ pub struct Snapshot {
     pub refreshed_at: Option<SystemTime>,
     /// Fetches and installs so far, for `/tokens` and the refresh counter in `/metrics`
     /// (kept here rather than in a metric series of its own: ~100 bytes a credential less).
-    pub refresh_count: u32,
-    pub failure_count: u32,
+    pub refreshes: RefreshCounts,
     /// Whether the current tokens are committed to the state store (`None`: a memory
     /// store). `false` after a failed write: a restart would present a rotated-away token.
     pub persisted: Option<bool>,
@@ -101,16 +100,8 @@ impl Snapshot {
             phase: Phase::Idle,
             last_error: None,
             refreshed_at: None,
-            refresh_count: counts.ok,
-            failure_count: counts.error,
+            refreshes: counts,
             persisted,
-        }
-    }
-
-    pub fn counts(&self) -> RefreshCounts {
-        RefreshCounts {
-            ok: self.refresh_count,
-            error: self.failure_count,
         }
     }
 

@@ -356,10 +356,10 @@ impl Refresher {
                 let _ = reply.send(self.sign_out(w).await);
             }
             Command::Refresh { reply } => {
-                let before = self.cred.snapshot().refresh_count;
+                let before = self.cred.snapshot().refreshes.ok;
                 self.attempt(w, false).await;
                 let snap = self.cred.snapshot();
-                let outcome = if snap.refresh_count > before {
+                let outcome = if snap.refreshes.ok > before {
                     Ok(())
                 } else {
                     Err(snap
@@ -612,7 +612,7 @@ impl Refresher {
         self.cred.snapshot.send_modify(|s| {
             s.phase = phase;
             s.last_error = Some(message.into());
-            s.failure_count = s.failure_count.saturating_add(1);
+            s.refreshes.error = s.refreshes.error.saturating_add(1);
         });
     }
 
@@ -824,7 +824,7 @@ impl Refresher {
                 s.last_error = None; // else keep the save failure commit() reported
             }
             s.refreshed_at = Some(now);
-            s.refresh_count = s.refresh_count.saturating_add(1);
+            s.refreshes.ok = s.refreshes.ok.saturating_add(1);
         });
         tracing::info!(
             credential = %self.cred.name,

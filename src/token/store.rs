@@ -154,7 +154,7 @@ impl TokenStore {
         for name in old_names.iter().filter(|n| !new.contains_key(&***n)) {
             self.stop_refresher(name).await;
             if let Some((_, entry)) = self.entries.remove(name) {
-                let counts = entry.credential.snapshot().counts();
+                let counts = entry.credential.snapshot().refreshes;
                 self.metrics.retire_refreshes(name, counts);
                 Self::retire(entry.running);
             }
@@ -178,7 +178,7 @@ impl TokenStore {
                     let counts = self
                         .entries
                         .get(name.as_str())
-                        .map(|e| e.credential.snapshot().counts())
+                        .map(|e| e.credential.snapshot().refreshes)
                         .unwrap_or_default();
                     let start = Start {
                         carried_refresh_token: carried,
