@@ -84,7 +84,7 @@ fn hot_path(c: &mut Criterion) {
             let cred = store.get(route.credential.as_deref().unwrap()).unwrap();
             let token = cred.current().unwrap();
             let mut headers = template.clone();
-            rewrite_request_headers(&mut headers, Some((&cred.header, &token.header_value)));
+            rewrite_request_headers(&mut headers, Some((cred.header(), &token.header_value)));
             headers
         })
     });

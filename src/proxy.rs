@@ -394,7 +394,7 @@ impl ReplayCopy {
         *req.uri_mut() = self.uri.clone();
         *req.headers_mut() = self.headers.clone();
         req.headers_mut()
-            .insert(credential.header.clone(), token.header_value.clone());
+            .insert(credential.header().clone(), token.header_value.clone());
         add_dpop_proof(
             credential,
             token,
@@ -445,7 +445,7 @@ impl Resend {
                 let mut parts = std::mem::replace(parts, Request::new(()).into_parts().0);
                 parts
                     .headers
-                    .insert(credential.header.clone(), token.header_value.clone());
+                    .insert(credential.header().clone(), token.header_value.clone());
                 add_dpop_proof(
                     credential,
                     token,
@@ -512,7 +512,7 @@ fn header_of<'a>(
     lease: &'a Option<Arc<ActiveToken>>,
 ) -> Option<(&'a HeaderName, &'a HeaderValue)> {
     match (credential, lease) {
-        (Some(c), Some(l)) => Some((&c.header, &l.header_value)),
+        (Some(c), Some(l)) => Some((c.header(), &l.header_value)),
         _ => None,
     }
 }

@@ -8,7 +8,8 @@
 //! mark a reader makes is `reject`: "the upstream refused generation N", which the
 //! refresher then acts on.
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use http::header::{HeaderName, HeaderValue};
@@ -31,15 +32,31 @@ pub struct ActiveToken {
     /// DPoP: the token's hash for the proofs' `ath` claim, computed once per token.
     pub ath: Option<Box<str>>,
     pub expires_at: Option<SystemTime>,
-    /// Never attach after this (a margin before `expires_at` for clock skew and transit).
-    pub(super) usable_until: Option<SystemTime>,
-    /// When the background refresh is due.
-    pub refresh_at: Option<SystemTime>,
+    /// Not attached within this many milliseconds of `expires_at` (clock skew and transit;
+    /// at most 2 s). Offsets, not two more `SystemTime`s: 24 bytes less, which keeps the
+    /// `Arc` in mimalloc's 112-byte size class (one per credential).
+    pub(super) margin_ms: u32,
+    /// The background refresh is due this many milliseconds before `expires_at`.
+    pub(super) lead_ms: u64,
 }
 
 impl ActiveToken {
+    /// Never attach after this (`None`: no expiry known).
+    pub(super) fn usable_until(&self) -> Option<SystemTime> {
+        let margin = Duration::from_millis(self.margin_ms.into());
+        self.expires_at
+            .map(|exp| exp.checked_sub(margin).unwrap_or(exp))
+    }
+
+    /// When the background refresh is due (`None`: only when a 401 says so).
+    pub fn refresh_at(&self) -> Option<SystemTime> {
+        let lead = Duration::from_millis(self.lead_ms);
+        self.expires_at
+            .map(|exp| exp.checked_sub(lead).unwrap_or(exp))
+    }
+
     fn usable(&self, now: SystemTime) -> bool {
-        self.usable_until.is_none_or(|u| now < u)
+        self.usable_until().is_none_or(|u| now < u)
     }
 }
 
@@ -130,9 +147,16 @@ pub struct Unavailable {
     pub retry_after: Duration,
 }
 
+/// The header nearly every credential's tokens go in.
+static AUTHORIZATION: HeaderName = http::header::AUTHORIZATION;
+
+/// Ten thousand credentials cost ten thousand of these: `Arc<Credential>` is kept in
+/// mimalloc's 256-byte size class (a unit test in `refresher` checks it).
 pub struct Credential {
     pub name: Arc<str>,
-    pub header: HeaderName,
+    /// The header tokens go in; `None`: `Authorization` (24 bytes less than a `HeaderName`
+    /// in nearly every credential). Read it with [`Credential::header`].
+    header: Option<Box<HeaderName>>,
     /// `dpop = true`: the key every request's proof is signed with (and its nonces).
     pub dpop: Option<Arc<crate::dpop::Dpop>>,
     /// Where this credential's tokens are committed (`/tokens` shows its kind and whether
@@ -149,7 +173,7 @@ pub struct Credential {
     commands: Mutex<Commands>,
     /// Bounds 401-triggered refreshes, so an upstream that answers 401 for other reasons
     /// cannot make us hammer the token endpoint at request rate.
-    reject_budget: Mutex<RejectBudget>,
+    reject_budget: RejectBudget,
 }
 
 impl Credential {
@@ -163,14 +187,14 @@ impl Credential {
     ) -> Credential {
         Credential {
             name: Arc::from(name),
-            header,
+            header: (header != AUTHORIZATION).then(|| Box::new(header)),
             dpop: None,
             store,
             wait_timeout_ms: u32::try_from(wait_timeout.as_millis()).unwrap_or(u32::MAX),
             snapshot: Published::new(snapshot),
             wake,
             commands: Mutex::default(),
-            reject_budget: Mutex::new(RejectBudget::new()),
+            reject_budget: RejectBudget::new(),
         }
     }
 
@@ -178,6 +202,11 @@ impl Credential {
     pub(super) fn with_dpop(mut self, dpop: Option<Arc<crate::dpop::Dpop>>) -> Credential {
         self.dpop = dpop;
         self
+    }
+
+    /// The header this credential's tokens go in.
+    pub fn header(&self) -> &HeaderName {
+        self.header.as_deref().unwrap_or(&AUTHORIZATION)
     }
 
     fn wait_timeout(&self) -> Duration {
@@ -286,7 +315,7 @@ impl Credential {
                 newer_coming = true;
                 return false;
             }
-            if !self.reject_budget.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            if !self.reject_budget.take() {
                 tracing::warn!(credential = %self.name, "upstream keeps answering 401 to fresh tokens; not refreshing again yet");
                 return false;
             }
@@ -347,10 +376,11 @@ impl Credential {
             if commands.closed {
                 return Err(gone());
             }
-            if commands.queue.len() >= Commands::MAX_QUEUED {
+            let queue = commands.queue.get_or_insert_with(Box::default);
+            if queue.len() >= Commands::MAX_QUEUED {
                 return Err("too many requests for this credential in progress; try again".into());
             }
-            commands.queue.push(command(reply));
+            queue.push(command(reply));
         }
         self.wake.wake();
         match tokio::time::timeout(self.wait_timeout() * 2, answer).await {
@@ -366,9 +396,11 @@ impl Credential {
 /// rare (admin actions), while credentials may number ten thousand.
 #[derive(Default)]
 struct Commands {
-    /// A `Vec` (8 bytes less than a `VecDeque` in every credential): at most
-    /// `MAX_QUEUED` commands, so taking the first moves at most 15.
-    queue: Vec<Command>,
+    /// At most `MAX_QUEUED` commands, so taking the first moves at most 15. Boxed, made by
+    /// the first command and dropped when emptied: most credentials never get one, and
+    /// `None` is 16 bytes less than an empty `Vec` in every credential.
+    #[allow(clippy::box_collection)] // the point: a pointer, not a `Vec`'s three words
+    queue: Option<Box<Vec<Command>>>,
     /// The refresher is gone: queued commands were dropped (their askers hear so).
     closed: bool,
 }
@@ -381,44 +413,94 @@ impl Credential {
     /// The next command for the refresher, if any.
     pub(super) fn next_command(&self) -> Option<Command> {
         let mut commands = self.commands.lock().unwrap_or_else(|e| e.into_inner());
-        (!commands.queue.is_empty()).then(|| commands.queue.remove(0))
+        let queue = commands.queue.as_mut().filter(|q| !q.is_empty())?;
+        let next = queue.remove(0);
+        if queue.is_empty() {
+            commands.queue = None;
+        }
+        Some(next)
     }
 
     /// The refresher is gone for good: fail what is queued and whatever is asked later.
     pub(super) fn close_commands(&self) {
         let mut commands = self.commands.lock().unwrap_or_else(|e| e.into_inner());
         commands.closed = true;
-        commands.queue.clear();
+        commands.queue = None;
     }
 }
 
-/// A small token bucket: 10 rejections at once, then one per second.
-struct RejectBudget {
-    tokens: f64,
-    at: Instant,
-}
+/// A small token bucket: 10 rejections at once, then one per second. One atomic word
+/// (the second of the last refill since the process started, and the tokens left), not a
+/// mutex around a float and an `Instant`: 24 bytes less in every credential. Refilled by
+/// whole seconds, one token each second boundary crossed: one a second, as before.
+struct RejectBudget(AtomicU64);
 
 impl RejectBudget {
-    const BURST: f64 = 10.0;
-    const PER_SECOND: f64 = 1.0;
+    const BURST: u32 = 10;
 
     fn new() -> Self {
-        RejectBudget {
-            tokens: Self::BURST,
-            at: Instant::now(),
-        }
+        RejectBudget(AtomicU64::new(Self::pack(Self::second_now(), Self::BURST)))
     }
 
-    fn take(&mut self) -> bool {
-        let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * Self::PER_SECOND)
+    fn pack(second: u32, tokens: u32) -> u64 {
+        (u64::from(second) << 32) | u64::from(tokens)
+    }
+
+    /// Whole seconds since the first budget was made (136 years fit a `u32`).
+    fn second_now() -> u32 {
+        static EPOCH: OnceLock<Instant> = OnceLock::new();
+        let since = EPOCH.get_or_init(Instant::now).elapsed().as_secs();
+        u32::try_from(since).unwrap_or(u32::MAX)
+    }
+
+    fn take(&self) -> bool {
+        let now = Self::second_now();
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |packed| {
+                Self::taken(packed, now)
+            })
+            .is_ok()
+    }
+
+    /// The budget after taking one at second `now`, or `None` when none is left.
+    fn taken(packed: u64, now: u32) -> Option<u64> {
+        let (at, tokens) = ((packed >> 32) as u32, packed as u32);
+        let tokens = tokens
+            .saturating_add(now.saturating_sub(at))
             .min(Self::BURST);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
+        (tokens >= 1).then(|| Self::pack(now.max(at), tokens - 1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RejectBudget;
+
+    #[test]
+    fn the_reject_budget_allows_a_burst_of_ten_then_one_a_second() {
+        let mut budget = RejectBudget::pack(100, RejectBudget::BURST);
+        for _ in 0..10 {
+            budget = RejectBudget::taken(budget, 100).expect("within the burst");
         }
+        assert_eq!(RejectBudget::taken(budget, 100), None, "burst spent");
+        budget = RejectBudget::taken(budget, 101).expect("a second later, one more");
+        assert_eq!(RejectBudget::taken(budget, 101), None);
+        // Three seconds: three; an hour refills only the burst.
+        for _ in 0..3 {
+            budget = RejectBudget::taken(budget, 104).expect("refilled by three");
+        }
+        assert_eq!(RejectBudget::taken(budget, 104), None);
+        for _ in 0..10 {
+            budget = RejectBudget::taken(budget, 3704).expect("full again");
+        }
+        assert_eq!(
+            RejectBudget::taken(budget, 3704),
+            None,
+            "never more than the burst"
+        );
+        // The real one starts full (one more only if a second boundary passes meanwhile).
+        let real = RejectBudget::new();
+        let took = (0..12).filter(|_| real.take()).count();
+        assert!((10..=11).contains(&took), "took {took}");
     }
 }

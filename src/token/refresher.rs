@@ -77,17 +77,24 @@ struct Writer {
     /// `kid` not yet refetchable): verified again on the next attempt instead of fetching
     /// (and rotating) anew.
     unverified: Option<Box<TokenSet>>,
-    /// A set whose commit failed; committed again (`save_retry_at`) until it lands.
-    unsaved: Option<Box<Stored>>,
+    /// A set whose commit failed; committed again until it lands.
+    unsaved: Option<Box<Unsaved>>,
     /// The newest set this writer holds, to write back to a shared store that lost it. Kept
     /// only for a shared store (a local one cannot lose what it committed): boxed, and
     /// `None`, for the others.
     held: Option<Box<TokenSet>>,
-    save_failures: u32,
-    save_retry_at: Option<Instant>,
     next_file_poll: Instant,
     /// Generations committed by other holders (a shared store).
     others: watch::Receiver<u64>,
+}
+
+/// A set whose commit failed, and when to try again (its retry state lives with it: 20
+/// bytes less in a writer that has nothing to retry, which is nearly every one).
+struct Unsaved {
+    stored: Stored,
+    /// Commits failed in a row (the backoff grows with them).
+    failures: u32,
+    retry_at: Instant,
 }
 
 /// What the writer keeps of `set` as the newest set it holds ([`Writer::held`]): a copy
@@ -103,7 +110,10 @@ pub struct Refresher {
     verifier: Option<Box<Verifier>>,
     /// Boxed `str`: 8 bytes less than a `String` in every credential.
     header_prefix: Box<str>,
-    refresh_before: Duration,
+    /// `refresh_before` in milliseconds (a `u32` holds 49 days; longer saturates): with
+    /// the writer's retry state boxed, this keeps `Arc<Refresher>` in mimalloc's 224-byte
+    /// size class.
+    refresh_before_ms: u32,
     metrics: Arc<Metrics>,
     /// The writer state; held by the step in flight.
     inner: tokio::sync::Mutex<Writer>,
@@ -203,8 +213,6 @@ pub async fn build(
         unverified: None,
         unsaved: None,
         held: initial.as_ref().and_then(|set| held_copy(&*store, set)),
-        save_failures: 0,
-        save_retry_at: None,
         next_file_poll: Instant::now() + FILE_POLL,
         others: store.watch(),
     };
@@ -213,7 +221,7 @@ pub async fn build(
         grant,
         verifier,
         header_prefix: config.header_prefix.as_str().into(),
-        refresh_before: config.refresh_before,
+        refresh_before_ms: u32::try_from(config.refresh_before.as_millis()).unwrap_or(u32::MAX),
         metrics,
         inner: tokio::sync::Mutex::new(writer),
         stopped: AtomicBool::new(false),
@@ -335,13 +343,13 @@ impl Refresher {
         schedule::State {
             has_token: snap.token.is_some(),
             invalidated: snap.invalidated,
-            refresh_at: snap.token.as_ref().and_then(|t| t.refresh_at).map(at),
+            refresh_at: snap.token.as_ref().and_then(|t| t.refresh_at()).map(at),
             backoff_until: match snap.phase {
                 Phase::Backoff { until } => Some(at(until)),
                 _ => None,
             },
             parked: snap.phase == Phase::NeedsReauth,
-            save_retry_at: w.unsaved.as_ref().and(w.save_retry_at),
+            save_retry_at: w.unsaved.as_ref().map(|u| u.retry_at),
             file_poll_at: self.polls_file().then_some(w.next_file_poll),
         }
     }
@@ -775,8 +783,6 @@ impl Refresher {
                 if w.unsaved.take().is_some() {
                     tracing::info!(credential = %self.cred.name, "tokens saved again");
                 }
-                w.save_failures = 0;
-                w.save_retry_at = None;
                 self.cred.snapshot.send_modify(|s| {
                     s.persisted = s.persisted.map(|_| true);
                     if s.last_error
@@ -790,9 +796,12 @@ impl Refresher {
             Some(failure) => {
                 self.metrics.persist_failed(&self.cred.name);
                 tracing::error!(credential = %self.cred.name, error = %failure, "could not save tokens to the state store; retrying; a restart now would need a new login");
-                w.save_failures += 1;
-                w.save_retry_at = Some(Instant::now() + schedule::backoff(w.save_failures));
-                w.unsaved = Some(Box::new(stored));
+                let failures = w.unsaved.as_ref().map_or(0, |u| u.failures) + 1;
+                w.unsaved = Some(Box::new(Unsaved {
+                    stored,
+                    failures,
+                    retry_at: Instant::now() + schedule::backoff(failures),
+                }));
                 self.cred.snapshot.send_modify(|s| {
                     s.persisted = Some(false);
                     s.last_error = Some(
@@ -805,8 +814,8 @@ impl Refresher {
 
     /// Commit the set whose commit failed, again.
     async fn save_again(&self, w: &mut Writer) {
-        if let Some(stored) = w.unsaved.clone() {
-            self.commit(w, *stored).await;
+        if let Some(stored) = w.unsaved.as_ref().map(|u| u.stored.clone()) {
+            self.commit(w, stored).await;
         }
     }
 
@@ -814,7 +823,7 @@ impl Refresher {
     fn publish(&self, w: &mut Writer, set: &TokenSet, active: ActiveToken) {
         w.consecutive_failures = 0;
         let now = SystemTime::now();
-        let next = active.refresh_at;
+        let next = active.refresh_at();
         let persisted = w.unsaved.is_none();
         self.cred.snapshot.send_modify(|s| {
             s.token = Some(Arc::new(active));
@@ -848,13 +857,17 @@ impl Refresher {
 
     fn activate(&self, generation: u64, set: &TokenSet) -> Result<ActiveToken, String> {
         let header_value = self.header_value(set)?;
-        let (usable_until, refresh_at) = match set.expires_at {
+        let (margin_ms, lead_ms) = match set.expires_at {
             Some(exp) => {
                 let lifetime = exp.duration_since(set.received_at).unwrap_or_default();
-                let (margin, lead) = schedule::schedule(lifetime, self.refresh_before);
-                (Some(exp - margin), Some(exp - lead))
+                let (margin, lead) = schedule::schedule(
+                    lifetime,
+                    Duration::from_millis(self.refresh_before_ms.into()),
+                );
+                let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+                (u32::try_from(ms(margin)).unwrap_or(u32::MAX), ms(lead))
             }
-            None => (None, None),
+            None => (0, 0),
         };
         let ath = self
             .cred
@@ -866,8 +879,8 @@ impl Refresher {
             header_value,
             ath,
             expires_at: set.expires_at,
-            usable_until,
-            refresh_at,
+            margin_ms,
+            lead_ms,
         })
     }
 }
@@ -889,19 +902,22 @@ fn fit_to_key(mut set: TokenSet, jkt: Option<&str>) -> TokenSet {
     set
 }
 
-/// Ten thousand credentials cost ten thousand of each: the `Arc` of a credential and of its
-/// refresher each fit an allocator size class (mimalloc's 320 and 256 bytes), 64 bytes
-/// below the next one up, where they were before (README "Performance", Scale).
+/// Ten thousand credentials cost ten thousand of each: the `Arc` of a credential, of its
+/// refresher and of its published token each fit an allocator size class (mimalloc's 256,
+/// 224 and 112 bytes; they were 320, 256 and 128 before session 14), README
+/// "Performance", Scale.
 #[cfg(all(test, target_pointer_width = "64"))]
 mod footprint {
     /// An `Arc`'s two counts.
     const ARC_COUNTS: usize = 16;
 
     #[test]
-    fn a_credential_and_its_refresher_fit_their_size_classes() {
+    fn a_credential_its_refresher_and_its_token_fit_their_size_classes() {
         let credential = std::mem::size_of::<super::Credential>() + ARC_COUNTS;
         let refresher = std::mem::size_of::<super::Refresher>() + ARC_COUNTS;
-        assert!(credential <= 320, "Arc<Credential> is {credential} bytes");
-        assert!(refresher <= 256, "Arc<Refresher> is {refresher} bytes");
+        let token = std::mem::size_of::<super::ActiveToken>() + ARC_COUNTS;
+        assert!(credential <= 256, "Arc<Credential> is {credential} bytes");
+        assert!(refresher <= 224, "Arc<Refresher> is {refresher} bytes");
+        assert!(token <= 112, "Arc<ActiveToken> is {token} bytes");
     }
 }
