@@ -5,7 +5,8 @@
 # 128) setting a static Authorization header; token-proxy holds a client_credentials token
 # (from a token endpoint that nginx also serves). wrk -t1, rounds alternating between the
 # contenders. Per contender: requests/s, p50, p99, non-2xx, and CPU time per request
-# (utime+stime of the proxy's own processes, from /proc, over the run / requests served).
+# (utime+stime of the proxy's own processes, from /proc, over the run / requests served),
+# also split into user and system (kernel) time.
 #
 #   bash benches/compare_nginx.sh [seconds-per-round] [rounds]
 #
@@ -127,26 +128,28 @@ procs_of() {
     $OURS_LOG) echo "$ours_log_pid" ;;
   esac
 }
-# utime+stime in clock ticks, summed over processes (all threads: /proc/PID/stat).
+# "utime stime" in clock ticks, summed over processes (all threads: /proc/PID/stat).
 cpu_ticks() {
-  local total=0 p
+  local user=0 sys=0 p
   for p in $1; do
-    total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+    read -r u s < <(awk '{print $14, $15}' "/proc/$p/stat")
+    user=$((user + u)) sys=$((sys + s))
   done
-  echo "$total"
+  echo "$user $sys"
 }
 hz=$(getconf CLK_TCK)
 
-# One wrk run against a port: appends "rps p50_us p99_us non2xx errors cpu_us_per_req".
+# One wrk run against a port: appends "rps p50_us p99_us non2xx errors cpu_us_per_req
+# user_us_per_req sys_us_per_req".
 measure() { # port conns
   local before after out
-  before=$(cpu_ticks "$(procs_of "$1")")
+  read -r ub sb < <(cpu_ticks "$(procs_of "$1")")
   # Direct calls carry the bearer the upstream wants (the proxies add theirs).
   local auth=()
   [ "$1" = "$UP" ] && auth=(-H "Authorization: Bearer direct-token")
   out=$(wrk -t1 -c"$2" -d"${secs}s" --latency "${auth[@]}" "http://127.0.0.1:$1/v1/x")
-  after=$(cpu_ticks "$(procs_of "$1")")
-  echo "$out" | awk -v ticks=$((after - before)) -v hz="$hz" '
+  read -r ua sa < <(cpu_ticks "$(procs_of "$1")")
+  echo "$out" | awk -v uticks=$((ua - ub)) -v sticks=$((sa - sb)) -v hz="$hz" '
     function us(v) { if (v ~ /us$/) return v + 0; if (v ~ /ms$/) return v * 1000; if (v ~ /s$/) return v * 1000000; return v }
     /Requests\/sec/ { rps = $2 }
     /^ +50%/ { p50 = us($2) }
@@ -154,7 +157,10 @@ measure() { # port conns
     /requests in/ { n = $1 }
     /Non-2xx/ { non2xx = $5 }
     /Socket errors/ { gsub(",", ""); errors = $4 + $6 + $8 + $10 }
-    END { printf "%s %.0f %.0f %d %d %.1f\n", rps, p50, p99, non2xx, errors, (n > 0 ? ticks * 1000000 / hz / n : 0) }'
+    END {
+      per = (n > 0 ? 1000000 / hz / n : 0)
+      printf "%s %.0f %.0f %d %d %.1f %.1f %.1f\n", rps, p50, p99, non2xx, errors, (uticks + sticks) * per, uticks * per, sticks * per
+    }'
 }
 
 # Alternate rounds between contenders; print the median round per contender.
@@ -167,11 +173,11 @@ scenario() { # title conns label:port...
     done
   done
   echo "== $title: $conns connections, wrk -t1, ${secs}s x $rounds rounds (median round by requests/s)"
-  printf '  %-28s %10s %9s %9s %7s %7s %12s\n' contender req/s p50_us p99_us non2xx errors cpu_us/req
+  printf '  %-28s %10s %9s %9s %7s %7s %12s %8s %8s\n' contender req/s p50_us p99_us non2xx errors cpu_us/req user_us sys_us
   for c in "$@"; do
     local label=${c%%:*}
     printf '%s' "${results[$label]}" | sort -n | awk -v l="$label" -v r="$rounds" \
-      'NR == int((r + 1) / 2) { printf "  %-28s %10.0f %9d %9d %7d %7d %12.1f\n", l, $1, $2, $3, $4, $5, $6 }' \
+      'NR == int((r + 1) / 2) { printf "  %-28s %10.0f %9d %9d %7d %7d %12.1f %8.1f %8.1f\n", l, $1, $2, $3, $4, $5, $6, $7, $8 }' \
       | tee -a "$work/summary"
   done
 }
@@ -190,7 +196,7 @@ awk '
   $1 == "direct" { dd[++di] = $0 }
   END {
     split(n[1], a); split(t[1], b);
-    printf "  64 conns, logs off: req/s %.2fx, p99 %.2fx, cpu/req %.2fx\n", b[2] / a[2], b[4] / a[4], b[7] / a[7]
+    printf "  64 conns, logs off: req/s %.2fx, p99 %.2fx, cpu/req %.2fx (user %.2fx, system %.2fx; system is %.0f%% of nginx'"'"'s cpu/req)\n", b[2] / a[2], b[4] / a[4], b[7] / a[7], b[8] / a[8], b[9] / a[9], 100 * a[9] / a[7]
     split(nl, a); split(tl, b);
     printf "  64 conns, logs on:  req/s %.2fx, cpu/req %.2fx\n", b[2] / a[2], b[7] / a[7]
     split(dd[2], d); split(n[2], a); split(t[2], b);
