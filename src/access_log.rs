@@ -2,7 +2,7 @@
 //! gives every other line (text or JSON), straight into the same non-blocking writer.
 //!
 //! Why: through `tracing` the line cost about 15,000 instructions per request (a third of
-//! the whole request path; measured with callgrind, README "Performance"): field visitors,
+//! the whole request path; measured with callgrind, benches/HISTORY.md): field visitors,
 //! `Debug` formatting, the timestamp. Here it is a few hundred. When the binary has not
 //! installed a writer (the library in tests, or an ANSI terminal where looks matter more
 //! than speed), the caller falls back to an ordinary `tracing` event.
@@ -115,7 +115,7 @@ impl AccessLog {
 /// From now on, this thread's request lines are batched until [`flush_thread`]. For the
 /// proxy workers: handing each line to the writer thread on its own cost a channel message
 /// and, as often as not, a wake-up of that thread per request, which at tens of thousands
-/// of requests a second was most of what the request log cost (README "Performance").
+/// of requests a second was most of what the request log cost (benches/HISTORY.md).
 /// Lines reach the writer in order for each worker: at 16 KiB, at most [`FLUSH_AFTER`]
 /// after the worker's event loop runs out of work ([`flush_soon`]), and as it ends.
 pub fn batch_this_thread() {

@@ -6,7 +6,7 @@
 //! holds none), a request head is parsed straight into an `http::Request` that shares the
 //! buffer's bytes, and the response head goes out in one write with the body bytes that
 //! are ready. (It also runs fewer instructions per request than hyper's dispatcher, though
-//! not enough to show in CPU time: README "Performance".)
+//! not enough to show in CPU time: benches/HISTORY.md.)
 //!
 //! Requests [`app_wire::classify`](super::app_wire::classify) does not call plain (and
 //! anything malformed) are not ours: the connection is handed to hyper's server with

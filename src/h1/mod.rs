@@ -4,7 +4,7 @@
 //! hyper's client drives each upstream connection from a task of its own: a request goes
 //! there through a channel, and the response body comes back through another. On this
 //! hop that machinery was most of the CPU that token-proxy spent beyond nginx
-//! (`benches/floor`, README "Performance"). Here the request's task writes the request,
+//! (`benches/floor`, benches/HISTORY.md). Here the request's task writes the request,
 //! reads the response head, and the app connection's task reads the body straight off the
 //! socket as it sends it on; the connection then goes back to a per-worker pool.
 //!

@@ -1,6 +1,6 @@
 //! An experiment, not product code: how much CPU per request a forwarding hop costs on
 //! tokio when it is built three ways, to tell where token-proxy's gap to nginx lies
-//! (README "Performance", issue 9). Each mode is the same server side (httparse, one task
+//! (benches/HISTORY.md, issue 9). Each mode is the same server side (httparse, one task
 //! per app connection, the response head written by hand) with a different upstream side:
 //!
 //! - `raw`: one upstream connection pinned per app connection, the request head written and
