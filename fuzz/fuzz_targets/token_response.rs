@@ -6,7 +6,6 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use libfuzzer_sys::fuzz_target;
-use secrecy::ExposeSecret;
 use token_proxy::token::response::{jwt_expiry, parse_handed_over, parse_token_response};
 
 fuzz_target!(|data: &[u8]| {
