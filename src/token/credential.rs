@@ -43,16 +43,17 @@ pub struct ActiveToken {
 impl ActiveToken {
     /// Never attach after this (`None`: no expiry known).
     pub(super) fn usable_until(&self) -> Option<SystemTime> {
-        let margin = Duration::from_millis(self.margin_ms.into());
-        self.expires_at
-            .map(|exp| exp.checked_sub(margin).unwrap_or(exp))
+        self.before_expiry(self.margin_ms.into())
     }
 
     /// When the background refresh is due (`None`: only when a 401 says so).
     pub fn refresh_at(&self) -> Option<SystemTime> {
-        let lead = Duration::from_millis(self.lead_ms);
-        self.expires_at
-            .map(|exp| exp.checked_sub(lead).unwrap_or(exp))
+        self.before_expiry(self.lead_ms)
+    }
+
+    fn before_expiry(&self, ms: u64) -> Option<SystemTime> {
+        let exp = self.expires_at?;
+        Some(exp.checked_sub(Duration::from_millis(ms)).unwrap_or(exp))
     }
 
     fn usable(&self, now: SystemTime) -> bool {

@@ -864,7 +864,10 @@ impl Refresher {
                     lifetime,
                     Duration::from_millis(self.refresh_before_ms.into()),
                 );
-                let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+                // Rounded up: never attached inside the margin, never refreshed late.
+                let ms = |d: Duration| {
+                    u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
+                };
                 (u32::try_from(ms(margin)).unwrap_or(u32::MAX), ms(lead))
             }
             None => (0, 0),
